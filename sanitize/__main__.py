@@ -1,0 +1,3 @@
+from sanitize.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The records that cross the seam between the formats layer and the rest.
+
+Glossary (used everywhere): a *sample* is one input image with its given
+*label*; its *key* is a name safe in a file system and in a tar archive; its
+*source* says where it came from (``shard.tar:member`` or a path relative to the
+input root). Nothing here imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One readable input sample. ``data`` holds the original bytes, never re-encoded."""
+
+    key: str
+    source: str
+    label: int
+    ext: str  # original image extension without the dot, lower case ("jpg")
+    sha256: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An input we could not use, and why. Counted in ``total``, never silently lost."""
+
+    key: str
+    source: str
+    error: str
+
+
+@dataclass
+class Ingested:
+    """Everything read from the input.
+
+    ``images`` is uint8 ``[N, H, W, 3]`` RGB, row ``i`` belongs to ``samples[i]``.
+    """
+
+    path: str
+    format: str  # "webdataset" | "imagefolder"
+    classes: list[str]
+    samples: list[Sample]
+    images: np.ndarray
+    unreadable: list[Unreadable]
+    fingerprint: str
+    image_size: tuple[int, int]
+    size_rule: str
+    skipped: dict[str, int] = field(default_factory=dict)  # e.g. {"hidden": 2, "not_image": 5}
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.fromiter((s.label for s in self.samples), dtype=np.int64, count=len(self.samples))
+
+    @property
+    def total(self) -> int:
+        return len(self.samples) + len(self.unreadable)
+
+
+class InputError(Exception):
+    """A problem with the user's input or options: reported as one line, non-zero exit."""

@@ -1,0 +1,192 @@
+"""Training, unlearning and evaluation loops shared by the methods.
+
+Every loop draws its batches from the on-device :class:`~sanitize.data.Bank` by
+index, augments on the device, and runs under bf16 autocast with channels_last
+on CUDA (float32 on CPU). Nothing here knows about files.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from sanitize.data import Bank, augment, make_generator, to_float
+from sanitize.formats.records import InputError
+
+Progress = Callable[[int, int], None]  # (done, total) per step
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present. Asking for CUDA without it is the user's error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA GPU is available (try --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise InputError(f"unknown device {name!r}: {error}") from None
+
+
+def configure_determinism() -> None:
+    # Same device + seed -> same manifest: fixed cuDNN algorithms, no autotuning.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _layout(images: torch.Tensor) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if images.is_cuda else images
+
+
+def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator | None,
+            drop_last: bool = False) -> Iterator[torch.Tensor]:
+    """Index batches over ``indices``, shuffled when a generator is given."""
+    if generator is not None:
+        indices = indices[torch.randperm(len(indices), generator=generator, device=generator.device)
+                          .to(indices.device)]
+    stop = len(indices) - (len(indices) % batch_size if drop_last and len(indices) >= batch_size else 0)
+    for start in range(0, stop, batch_size):
+        yield indices[start:start + batch_size]
+
+
+def steps_per_epoch(count: int, batch_size: int) -> int:
+    return max(1, count // batch_size) if count >= batch_size else 1
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def warmup_linear(total_steps: int, warmup_fraction: float = 0.15) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up, then linear decay to zero (one-cycle shape)."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def all_indices(bank: Bank) -> torch.Tensor:
+    return torch.arange(bank.n, device=bank.device)
+
+
+def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None, epochs: int = 20, batch_size: int = 512,
+                     lr: float = 0.2, weight_decay: float = 5e-4, seed: int = 0,
+                     progress: Progress | None = None) -> dict:
+    """Cross-entropy training with augmentation on ``indices`` (default: all samples).
+
+    ``labels`` [N] overrides the bank's given labels (used for relabeled fine-tuning).
+    Returns ``{"loss": last-epoch mean loss, "steps": n}``.
+    """
+    indices = all_indices(bank) if indices is None else indices.to(bank.device)
+    labels = bank.labels if labels is None else labels.to(bank.device)
+    if len(indices) == 0 or epochs <= 0:
+        return {"loss": float("nan"), "steps": 0}
+    generator = make_generator(seed, bank.device)
+    drop_last = len(indices) >= 2 * batch_size  # avoids a 1-sample BatchNorm batch
+    total = epochs * math.ceil(len(indices) / batch_size)
+    optimizer = make_optimizer(model, lr, weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total))
+    model.train()
+    step, loss_sum, count = 0, torch.zeros((), device=bank.device), 0
+    for _ in range(epochs):
+        loss_sum.zero_()
+        count = 0
+        for batch in batches(indices, batch_size, generator, drop_last):
+            inputs = _layout(augment(bank.images[batch], generator))
+            with autocast(bank.device):
+                loss = F.cross_entropy(model(inputs), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach().float()
+            count += 1
+            step += 1
+            if progress:
+                progress(step, total)
+    return {"loss": float(loss_sum / max(1, count)), "steps": step}
+
+
+def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bounded unlearning: minimise -log(1 - p_y), i.e. drive the given label's probability to 0.
+
+    Plain gradient ascent on cross-entropy is unbounded and blows the network up in a
+    few steps; this loss reaches the same goal and is 0 once the label is unlearned.
+    """
+    log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
+    return -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)).mean()
+
+
+def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor, relearn: torch.Tensor,
+                    epochs: int = 1, batch_size: int = 512, lr: float = 0.01, unlearn_weight: float = 1.0,
+                    weight_decay: float = 5e-4, seed: int = 0, progress: Progress | None = None) -> dict:
+    """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``.
+
+    The unlearn batch is drawn with replacement at the same relative size, so a small
+    unlearn set is seen many times per epoch: it is the signal the enhancement amplifies.
+    """
+    generator = make_generator(seed, bank.device)
+    optimizer = make_optimizer(model, lr, weight_decay)
+    unlearn_batch = max(1, round(batch_size * len(unlearn) / max(1, len(relearn) + len(unlearn))))
+    unlearn_batch = max(unlearn_batch, batch_size // 8)
+    total = epochs * math.ceil(len(relearn) / batch_size)
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        for batch in batches(relearn, batch_size, generator, drop_last=len(relearn) >= 2 * batch_size):
+            pick = torch.randint(0, len(unlearn), (unlearn_batch,), generator=generator, device=bank.device)
+            forget = unlearn[pick]
+            inputs = _layout(augment(bank.images[torch.cat([batch, forget])], generator))
+            with autocast(bank.device):
+                logits = model(inputs)
+            learn_loss = F.cross_entropy(logits[:len(batch)].float(), bank.labels[batch])
+            forget_loss = unlearning_loss(logits[len(batch):], bank.labels[forget])
+            loss = learn_loss + unlearn_weight * forget_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if progress:
+                progress(step, total)
+    return {"learn_loss": float(learn_loss.detach()), "forget_loss": float(forget_loss.detach()), "steps": step}
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits float32 [N, K] for uint8 [N, 3, H, W] images, no augmentation."""
+    model.eval()
+    outputs = []
+    for start in range(0, images.shape[0], batch_size):
+        inputs = _layout(to_float(images[start:start + batch_size]))
+        with autocast(images.device):
+            outputs.append(model(inputs).float())
+    return torch.cat(outputs) if outputs else torch.zeros(0, 0, device=images.device)
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent (0-100) on uint8 images."""
+    if images.shape[0] == 0:
+        return float("nan")
+    predictions = predict_logits(model, images, batch_size).argmax(1)
+    return float((predictions == labels.to(predictions.device)).float().mean() * 100)

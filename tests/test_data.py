@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from sanitize.data import Bank, augment, channel_stats, make_generator, random_crop_flip
+
+
+def test_bank_keeps_uint8_rows_in_order(cifar_arrays, cifar_classes):
+    images, labels = cifar_arrays
+    bank = Bank.from_arrays(images, labels, cifar_classes)
+    assert bank.images.dtype == torch.uint8 and bank.images.shape == (len(images), 3, 32, 32)
+    assert bank.n == len(images) and bank.num_classes == 10 and bank.image_size == (32, 32)
+    assert np.array_equal(bank.images[7].permute(1, 2, 0).numpy(), images[7])
+    assert bank.labels.tolist() == labels.tolist()
+
+
+def test_bank_rejects_wrong_layout(cifar_arrays, cifar_classes):
+    images, labels = cifar_arrays
+    with pytest.raises(ValueError, match="uint8"):
+        Bank.from_arrays(images.astype(np.float32), labels, cifar_classes)
+
+
+def test_channel_stats_match_numpy(cifar_arrays):
+    images, _ = cifar_arrays
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    mean, std = channel_stats(tensor, chunk=64)  # several chunks
+    scaled = images.astype(np.float64) / 255
+    assert np.allclose(mean, scaled.mean((0, 1, 2)), atol=1e-9)
+    assert np.allclose(std, scaled.std((0, 1, 2)), atol=1e-9)
+
+
+def test_crop_flip_is_drawn_per_sample():
+    # 64 copies of one image: a per-batch draw would give 64 identical outputs.
+    image = torch.arange(3 * 16 * 16, dtype=torch.float32).view(1, 3, 16, 16) % 251
+    out = random_crop_flip(image.repeat(64, 1, 1, 1), make_generator(0, "cpu"), pad=2)
+    distinct = {tuple(row.flatten().tolist()) for row in out}
+    assert len(distinct) > 10
+    assert out.shape == (64, 3, 16, 16)
+
+
+def test_crop_flip_is_a_shifted_view_of_the_padded_image():
+    image = torch.rand(1, 3, 8, 8)
+    out = random_crop_flip(image.repeat(32, 1, 1, 1), make_generator(1, "cpu"), pad=1)
+    padded = torch.nn.functional.pad(image, (1,) * 4, mode="reflect")[0]
+    for row in out:
+        windows = [padded[:, y:y + 8, x:x + 8] for y in range(3) for x in range(3)]
+        assert any(torch.equal(row, w) or torch.equal(row, w.flip(-1)) for w in windows)
+
+
+def test_augment_is_seeded_and_in_unit_range(cifar_arrays, cifar_classes):
+    bank = Bank.from_arrays(*cifar_arrays, cifar_classes)
+    first = augment(bank.images[:32], make_generator(3, "cpu"))
+    again = augment(bank.images[:32], make_generator(3, "cpu"))
+    assert torch.equal(first, again)
+    assert first.dtype == torch.float32 and 0 <= first.min() and first.max() <= 1

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from sanitize.models import ARCHS, build_model
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("side", [32, 96])
+def test_every_arch_gives_logits_and_features(arch, side):
+    model = build_model(arch, num_classes=7, image_size=side).eval()
+    with torch.no_grad():
+        inputs = torch.rand(2, 3, side, side)
+        logits = model(inputs)
+        features = model.features(inputs)
+    assert logits.shape == (2, 7)
+    assert features.shape == (2, model.feature_dim)
+
+
+def test_small_input_uses_cifar_stem():
+    assert build_model("resnet18", 10, 32).backbone.conv1.stride == (1, 1)
+    assert build_model("resnet18", 10, 224).backbone.conv1.stride == (2, 2)
+
+
+def test_normalisation_is_inside_the_model():
+    model = build_model("small", 3, 32, mean=(0.2, 0.4, 0.6), std=(0.5, 0.5, 0.5))
+    x = torch.full((1, 3, 4, 4), 0.4)
+    assert torch.allclose(model.normalize(x)[0, :, 0, 0], torch.tensor([0.4, 0.0, -0.4]))
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
+        build_model("vgg", 10, 32)
