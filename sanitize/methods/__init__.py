@@ -1,0 +1,75 @@
+"""Methods by name. Adding a method means adding one module here and one line below.
+
+Each method module defines an options dataclass (fields with defaults, ``seed`` and
+``quick`` among them) and ``run(bank, options, progress=None) -> MethodResult``.
+Options resolve as defaults < ``--config FILE.toml`` < explicit keywords/flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import tomllib
+from pathlib import Path
+
+from sanitize.formats.records import InputError
+
+# name -> (module, options class)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "advrbd": ("sanitize.methods.advrbd", "AdvrbdOptions"),
+    "dbd": ("sanitize.methods.dbd", "DbdOptions"),
+}
+
+
+def load(name: str):
+    """(module, options class) of method ``name``."""
+    if name not in REGISTRY:
+        raise InputError(f"unknown method {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    module_name, options_name = REGISTRY[name]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, options_name)
+
+
+def resolve_options(name: str, config: str | Path | None = None, **overrides):
+    """The method's options: dataclass defaults < the ``[<name>]`` table (or top level) of a TOML file < overrides.
+
+    Unknown keys are a user error, reported with the valid ones.
+    """
+    _, options_class = load(name)
+    values: dict = {}
+    if config is not None:
+        values.update(_read_config(Path(config), name))
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    known = {f.name: f for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    for key, value in values.items():
+        values[key] = _coerce(key, value, type(getattr(options_class(), key)))
+    return options_class(**values)
+
+
+def _read_config(path: Path, name: str) -> dict:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"config file {path} is not valid TOML: {error}") from None
+    table = data.get(name, {k: v for k, v in data.items() if not isinstance(v, dict)})
+    if not isinstance(table, dict):
+        raise InputError(f"config file {path}: [{name}] must be a table")
+    return table
+
+
+def _coerce(key: str, value, kind: type):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"option {key} must be true or false, got {value!r}")
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"option {key} must be {kind.__name__}, got {value!r}") from None
+    if kind is int and converted != float(value):  # 0.5 must not silently become 0
+        raise InputError(f"option {key} must be a whole number, got {value!r}")
+    return converted
