@@ -32,6 +32,10 @@ from sanitize.models import build_model
 from sanitize import train
 
 
+# Stage names as reported to progress and in ``timings_s``, in run order.
+STAGES = ("warmup", "score", "enhance", "split", "clean_train", "relearn")
+
+
 @dataclass
 class AdvrbdOptions:
     """One set of defaults for every dataset and attack (the paper's point)."""
@@ -107,7 +111,7 @@ def robustness_kl(model, bank: Bank, indices: torch.Tensor, opts: AdvrbdOptions,
     """
     model.eval()
     generator = make_generator(seed, bank.device)
-    step_size = 2.5 * opts.epsilon / opts.pgd_steps
+    step_size = 2.5 * opts.epsilon / max(1, opts.pgd_steps)
     scores = []
     for batch in train.batches(indices, opts.batch_size * 2, None):
         inputs = to_float(bank.images[batch])
@@ -207,6 +211,7 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
                                seed=opts.seed + 1)
     with clock("relearn"):
         relabel = torch.where(suspected, train.predict_logits(clean_model, bank.images).argmax(1), bank.labels)
+        finetune_label = relabel
         keep = keep_for_finetune(suspected, relabel, bank.labels)
         train.train_supervised(clean_model, bank, indices=everything[keep], labels=relabel,
                                epochs=opts.finetune_epochs, batch_size=opts.batch_size, lr=opts.finetune_lr,
@@ -220,7 +225,8 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
                         relabel=relabel.cpu().numpy().astype(np.int64), model=clean_model,
                         timings_s=clock.timings_s, metrics=metrics,
                         details={"warmup_kl": warmup_kl.cpu().numpy(), "unlearn": unlearn.cpu().numpy(),
-                                 "finetune_kept": keep.cpu().numpy()})
+                                 "finetune_kept": keep.cpu().numpy(),
+                                 "finetune_label": finetune_label.cpu().numpy()})
 
 
 def fresh_model(opts: AdvrbdOptions, bank: Bank, seed_offset: int):

@@ -1,0 +1,106 @@
+"""AdvrBD stage contracts on real CIFAR-10 images with a planted BadNets-style patch."""
+import numpy as np
+import pytest
+import torch
+
+from sanitize.data import Bank, make_generator
+from sanitize.methods import advrbd
+from sanitize.models import build_model
+
+TARGET = 0
+
+
+def plant_patch(images: np.ndarray, labels: np.ndarray, rate: float, seed: int = 0):
+    """A 3x3 checkerboard in the bottom-right corner and the target label on ``rate`` of the non-target samples."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(np.flatnonzero(labels != TARGET), round(rate * len(labels)), replace=False)
+    images, labels = images.copy(), labels.copy()
+    checker = (np.indices((3, 3)).sum(0) % 2 * 255).astype(np.uint8)[..., None]
+    images[chosen, -4:-1, -4:-1] = checker
+    labels[chosen] = TARGET
+    poisoned = np.zeros(len(labels), dtype=bool)
+    poisoned[chosen] = True
+    return images, labels, poisoned
+
+
+@pytest.fixture(scope="module")
+def poisoned_bank(cifar_arrays, cifar_classes):
+    images, labels, poisoned = plant_patch(*cifar_arrays, rate=0.1)
+    return Bank.from_arrays(images, labels, cifar_classes), poisoned
+
+
+@pytest.fixture(scope="module")
+def result(poisoned_bank):
+    bank, _ = poisoned_bank
+    return advrbd.run(bank, advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64))
+
+
+def auroc(score, positive):
+    order = np.argsort(score)
+    ranks = np.empty(len(score))
+    ranks[order] = np.arange(1, len(score) + 1)
+    n_pos = positive.sum()
+    return (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (~positive).sum())
+
+
+def test_patch_masks_are_squares_of_the_given_fraction():
+    masks = advrbd.patch_masks(50, (32, 32), 0.5, make_generator(0, "cpu"))
+    assert masks.shape == (50, 1, 32, 32)
+    assert (masks.sum((1, 2, 3)) == 16 * 16).all()
+    corners = {tuple(torch.nonzero(m[0])[0].tolist()) for m in masks}
+    assert len(corners) > 10  # drawn per sample
+
+
+def test_pgd_finds_a_larger_kl_than_random_noise_and_none_without_a_budget(poisoned_bank):
+    bank, _ = poisoned_bank
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+    indices = torch.arange(32)
+
+    def kl(**options):
+        return advrbd.robustness_kl(model, bank, indices, advrbd.AdvrbdOptions(batch_size=16, **options), seed=0)
+
+    none, noise, pgd = kl(epsilon=0.0), kl(pgd_steps=0), kl(pgd_steps=5)
+    assert none.shape == (32,) and torch.allclose(none, torch.zeros(32), atol=1e-6)
+    assert (pgd >= -1e-6).all() and pgd.mean() > 3 * noise.mean()
+
+
+def test_grow_unlearn_set_takes_the_least_robust_of_the_rest():
+    unlearn = torch.tensor([True, False, False, False, False])
+    rest = torch.tensor([1, 2, 3, 4])
+    grown = advrbd.grow_unlearn_set(unlearn, torch.tensor([0.1, 0.9, 0.5, 0.7]), rest, 2)
+    assert grown.tolist() == [True, False, True, False, True]
+
+
+def test_clean_label_rule_keeps_relabel_equals_given_suspects_out():
+    suspected = torch.tensor([True, True, False, False])
+    given = torch.tensor([0, 0, 0, 3])
+    relabel = torch.tensor([0, 5, 0, 1])
+    assert advrbd.keep_for_finetune(suspected, relabel, given).tolist() == [False, True, True, True]
+
+
+def test_scores_rank_planted_poisons_above_clean_samples(poisoned_bank, result):
+    _, poisoned = poisoned_bank
+    assert auroc(result.score, poisoned) > 0.85
+    assert result.suspected[poisoned].mean() > 0.7
+
+
+def test_result_honours_the_seam(poisoned_bank, result):
+    bank, _ = poisoned_bank
+    assert result.score.shape == (bank.n,) and result.score.dtype == np.float64
+    assert result.suspected.dtype == bool and result.relabel.dtype == np.int64
+    assert set(result.timings_s) == set(advrbd.STAGES)
+    assert not result.model.training
+
+
+def test_split_is_consistent_with_the_scores(result):
+    margin = advrbd.AdvrbdOptions().split_margin
+    assert np.array_equal(result.suspected, result.score > margin)
+
+
+def test_fine_tuning_obeyed_the_clean_label_rule(poisoned_bank, result):
+    bank, _ = poisoned_bank
+    kept, label = result.details["finetune_kept"], result.details["finetune_label"]
+    excluded = result.suspected & (label == bank.labels.numpy())
+    assert np.array_equal(kept, ~excluded)
+    assert result.metrics["finetune_excluded"] == int(excluded.sum())
