@@ -31,6 +31,7 @@ class Unreadable:
     key: str
     source: str
     error: str
+    sha256: str = ""  # of the bytes we got, when there were any; feeds the input fingerprint
 
 
 @dataclass
@@ -59,6 +60,26 @@ class Ingested:
     @property
     def total(self) -> int:
         return len(self.samples) + len(self.unreadable)
+
+
+@dataclass
+class Listing:
+    """What a reader found, before decoding: records (Sample | Unreadable) in input order."""
+
+    records: list = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        if count:
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def extend(self, other: Listing) -> None:
+        """Append what ``other`` found after what this one found."""
+        self.records += other.records
+        for reason, count in other.skipped.items():
+            self.skip(reason, count)
+        self.warnings += other.warnings
 
 
 class InputError(Exception):

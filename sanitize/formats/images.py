@@ -1,0 +1,212 @@
+"""The one place that opens images: bytes -> RGB uint8 arrays at the working size.
+
+Hostile bytes are expected. ``open_image`` only lets through the formats a
+classification set uses (so a ``.jpg`` that is really EPS never reaches
+Ghostscript), refuses decompression bombs before any pixel is decoded, and
+every failure of Pillow on bad data becomes a reason string, never a crash.
+
+Working-size rule (``working_size``): an explicit ``image_size`` wins (an int
+means square); otherwise, if at least half of the readable images share one
+size whose longer side is <= 64 pixels, that size is kept and the others are
+resized to it; otherwise every image is resized so that its shorter side is
+224 and center-cropped to 224x224. Resizing always covers the target and
+center-crops, so the aspect ratio is never distorted.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import struct
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from sanitize.formats.workers import Workers
+
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")  # JPEG also opens MPO (camera) files
+# 40 megapixels is a 6300x6300 photo; anything larger in a classification set is an attack.
+MAX_PIXELS = 40_000_000
+SMALL_SIDE = 64
+DEFAULT_SIDE = 224
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, the usual viewer convention
+POOL_MIN_SAMPLES = 2000  # below this, starting worker processes costs more than it saves
+CHUNK = 256
+# What Pillow raises on bad bytes (fuzzing finds all of these); anything else is our bug and propagates.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
+                Image.DecompressionBombError, Image.DecompressionBombWarning)
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_ORIENTATION = 0x0112
+_OBJECT_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # Pillow names the BytesIO; reasons must be reproducible
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open (header only) and refuse bombs; call inside ``bomb_guard``. Raises one of IMAGE_ERRORS."""
+    image = Image.open(io.BytesIO(data), formats=FORMATS)
+    if image.width * image.height > MAX_PIXELS:
+        raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels exceeds the {MAX_PIXELS} cap")
+    return image
+
+
+@contextlib.contextmanager
+def bomb_guard():
+    """Pillow only *warns* about images a little over its own limit; make that an error too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(H, W) as shown, i.e. after the EXIF orientation is applied; nothing is decoded."""
+    width, height = image.size
+    if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # the transposing orientations
+        width, height = height, width
+    return height, width
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> RGB: alpha composited on BACKGROUND, 16-bit and float scaled (not clipped) to 8-bit."""
+    if image.mode in _WIDE_MODES:
+        return Image.fromarray(wide_to_uint8(np.asarray(image)), "L").convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def wide_to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit and float grey levels -> uint8, by scaling, never by clipping.
+
+    Integers within [0, 65535] are 16-bit (Pillow opens many 16-bit files as
+    32-bit "I"): x * 255 / 65535. Floats within [0, 1] are scaled by 255.
+    Anything else is stretched from its own min..max.
+    """
+    low, high = float(values.min()), float(values.max())
+    if values.dtype.kind == "f" and 0 <= low and high <= 1:
+        scaled = values * 255.0
+    elif values.dtype.kind in "iu" and 0 <= low and high <= 65535:
+        scaled = values * (255 / 65535)
+    else:
+        scaled = (values - low) * (255 / max(high - low, 1e-12))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def resize_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale so the image covers (H, W), then center-crop to it, in one resampling step."""
+    height, width = size
+    if (image.height, image.width) == size:
+        return image
+    scale = max(width / image.width, height / image.height)
+    crop_w, crop_h = width / scale, height / scale
+    left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
+    return image.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+
+
+def decode(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Bytes -> uint8 [H, W, 3] RGB, EXIF-rotated, resized to ``size`` (H, W) if given. Raises IMAGE_ERRORS."""
+    with bomb_guard():
+        return _pixels(open_image(data), size)
+
+
+def _pixels(image: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
+    if size is not None:
+        image.draft(None, (max(size), max(size)))  # JPEG: decode at 1/2..1/8 scale when that still covers size
+    image = to_rgb(ImageOps.exif_transpose(image))
+    if size is not None:
+        image = resize_cover(image, size)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def probe(data: bytes) -> np.ndarray | tuple[int, int]:
+    """Small images (longer side <= SMALL_SIDE) decoded at their own size; larger ones only measured (H, W)."""
+    with bomb_guard():
+        image = open_image(data)
+        shown = oriented_size(image)
+        return _pixels(image, None) if max(shown) <= SMALL_SIDE else shown
+
+
+def _each(function, datas: list[bytes]) -> list:
+    """Apply ``function`` to each item; a failure on bad bytes becomes its reason string."""
+    results = []
+    for data in datas:
+        try:
+            results.append(function(data))
+        except IMAGE_ERRORS as error:
+            results.append(f"cannot decode image: {type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}")
+    return results
+
+
+def map_chunks(function, datas: list[bytes], workers: Workers) -> Iterator:
+    """Yield ``_each(function)`` results in input order: inline for small inputs, else chunked over the pool."""
+    if len(datas) < POOL_MIN_SAMPLES:
+        yield from _each(function, datas)
+        return
+    chunks = [datas[start:start + CHUNK] for start in range(0, len(datas), CHUNK)]
+    for part in workers.map(partial(_each, function), chunks):
+        yield from part
+
+
+@dataclass
+class Decoded:
+    """``images`` uint8 [M, H, W, 3] for the inputs not in ``errors``, in input order; ``errors`` maps index -> reason."""
+
+    images: np.ndarray
+    errors: dict[int, str]
+    image_size: tuple[int, int]
+    size_rule: str
+
+
+def decode_images(datas: list[bytes], workers: Workers, *, image_size=None) -> Decoded:
+    """Decode every input at one working size (see the module docstring for the rule).
+
+    Without ``image_size`` a first pass measures every image and already keeps
+    the small ones decoded, so a CIFAR-like set is decoded once.
+    """
+    probed = [] if image_size is not None else list(map_chunks(probe, datas, workers))
+    errors = {index: result for index, result in enumerate(probed) if isinstance(result, str)}
+    size, rule = working_size([_size_of(result) for result in probed if not isinstance(result, str)], image_size)
+    images = np.empty((len(datas), *size, 3), dtype=np.uint8)
+    todo = []
+    for index in range(len(datas)):
+        result = probed[index] if probed else None
+        if isinstance(result, np.ndarray) and result.shape[:2] == size:
+            images[index] = result
+        elif index not in errors:
+            todo.append(index)
+    del probed
+    for index, result in zip(todo, map_chunks(partial(decode, size=size), [datas[i] for i in todo], workers)):
+        if isinstance(result, str):
+            errors[index] = result
+        else:
+            images[index] = result
+    if errors:
+        images = images[[index for index in range(len(datas)) if index not in errors]]
+    return Decoded(images, errors, size, rule)
+
+
+def _size_of(result) -> tuple[int, int]:
+    return tuple(result.shape[:2]) if isinstance(result, np.ndarray) else result
+
+
+def working_size(sizes: list[tuple[int, int]], requested=None) -> tuple[tuple[int, int], str]:
+    """The (H, W) every image is brought to, and a one-line account of why."""
+    if requested is not None:
+        size = (requested, requested) if isinstance(requested, int) else tuple(int(side) for side in requested)
+        return size, f"{size[0]}x{size[1]} (HxW) as requested; other sizes resized to cover it and center-cropped"
+    if not sizes:
+        return (DEFAULT_SIDE, DEFAULT_SIDE), "no readable image; default 224x224"
+    common, count = Counter(sizes).most_common(1)[0]
+    described = f"most common size {common[0]}x{common[1]} (HxW) in {count} of {len(sizes)} images"
+    if 2 * count >= len(sizes) and max(common) <= SMALL_SIDE:
+        return common, f"kept the {described}; {len(sizes) - count} others resized to cover it and center-cropped"
+    return (DEFAULT_SIDE, DEFAULT_SIDE), (
+        f"{described} is not a small (longer side <= {SMALL_SIDE}) majority: "
+        f"shorter side resized to {DEFAULT_SIDE}, center crop {DEFAULT_SIDE}x{DEFAULT_SIDE}")

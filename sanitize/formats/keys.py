@@ -1,0 +1,74 @@
+"""Sample keys that are safe as file names, tar member names and WebDataset keys.
+
+A key is made of ``/``-separated components. A component never holds ``.``
+(WebDataset splits a member name into key and field at the first dot of its
+base name), ``/`` or ``\\``, ``~`` (reserved for the suffix that tells
+duplicate keys apart), control characters or characters Windows refuses in
+file names; it is never empty, ``..`` or hidden, and never longer than
+``MAX_COMPONENT`` characters. The original name always stays in ``source``.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+MAX_COMPONENT = 120
+_UNSAFE = re.compile(r'[.~<>:"|?*\x00-\x1f\x7f]')
+_SEPARATOR = re.compile(r"[/\\]")
+
+
+def safe_component(part: str) -> str:
+    """One path component made safe; long ones are cut and keep a hash of the whole so they stay distinct."""
+    safe = _UNSAFE.sub("_", unicodedata.normalize("NFC", part))
+    safe = "".join("_" if unicodedata.category(char).startswith("C") else char for char in safe)
+    if len(safe) > MAX_COMPONENT:
+        digest = hashlib.sha256(part.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        safe = f"{safe[:MAX_COMPONENT - 13]}-{digest}"
+    return safe or "_"
+
+
+def safe_key(name: str) -> str:
+    """A safe key for ``name``: separators unified, empty/``.``/``..`` components and absolute roots dropped."""
+    parts = [part for part in _SEPARATOR.split(name) if part not in ("", ".", "..")]
+    return "/".join(safe_component(part) for part in parts) or "_"
+
+
+def is_safe_key(key: str) -> bool:
+    """Whether ``key`` is what ``safe_key`` makes, allowing the ``~n`` suffixes of ``dedupe_keys``."""
+    plain = key.replace("~", "_")
+    return safe_key(plain) == plain
+
+
+def dedupe_keys(keys: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Make keys unique in order: the first keeps its key, later ones become ``key~1``, ``key~2`` ...
+
+    Returns the unique keys and the (original, renamed) pairs. Safe keys never
+    hold ``~``, so a renamed key cannot collide with an original one.
+    """
+    seen: set[str] = set()
+    unique, renamed = [], []
+    for key in keys:
+        candidate, count = key, 0
+        while candidate in seen:
+            count += 1
+            candidate = f"{key}~{count}"
+        seen.add(candidate)
+        unique.append(candidate)
+        if candidate != key:
+            renamed.append((key, candidate))
+    return unique, renamed
+
+
+def class_dir_names(classes: list[str]) -> list[str]:
+    """Directory names for an ImageFolder copy whose sorted order gives back each class's index.
+
+    torchvision numbers ImageFolder classes by sorted directory name, so the
+    class names are used as they are only when they are safe, unique and
+    already sorted; otherwise every directory is prefixed with its index.
+    """
+    safe = [safe_component(name) for name in classes]
+    if safe == classes and sorted(safe) == safe and len(set(safe)) == len(safe):
+        return safe
+    width = len(str(len(classes) - 1))
+    return [f"{index:0{width}d}-{name}" for index, name in enumerate(safe)]

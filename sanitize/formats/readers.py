@@ -1,0 +1,231 @@
+"""``read_dataset``: an ImageFolder tree or WebDataset shards -> :class:`Ingested`.
+
+Bad *data* never stops a run: every sample is either readable or recorded as
+Unreadable with its reason, and anything that is not a sample is counted in
+``skipped``. Bad *input* (nothing there, no usable classes) is an InputError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from sanitize.formats.folder_reader import class_dirs, list_class
+from sanitize.formats.images import decode_images
+from sanitize.formats.keys import dedupe_keys
+from sanitize.formats.records import Ingested, InputError, Listing, Sample, Unreadable
+from sanitize.formats.shard_reader import list_shard
+from sanitize.formats.workers import Workers
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MAX_INFERRED_CLASSES = 100_000  # without a class list, a label of 10**9 must not make 10**9 classes
+MAX_SHARDS = 1_000_000
+MAX_WARNINGS = 20  # per kind; a set with 50,000 duplicate keys needs one line, not 50,000
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+
+
+def read_dataset(path, *, classes_file=None, image_size=None, workers=None) -> Ingested:
+    """Read every sample under ``path`` and decode it at one working size.
+
+    path: an ImageFolder root, a directory of WebDataset shards, one shard, or a
+    brace pattern such as ``part-{000000..000009}.tar`` (.tar, .tar.gz, .tgz).
+    classes_file: JSON (a list, or ``{"classes": [...]}``) or text (one name a
+    line); for shards it overrides ``classes.json`` beside them, for an
+    ImageFolder it orders the class directories.
+    image_size: int or (H, W). Working-size rule: ``image_size`` if given;
+    else, if at least half of the readable images share one size whose longer
+    side is <= 64, that size (the others are resized to it); else 224x224.
+    Resizing scales the image to cover the target and center-crops it.
+    workers: processes that read shards or class directories in parallel and
+    decode large inputs (> 2,000 samples) in chunks; default ``os.cpu_count()``.
+
+    Returns Ingested with ``images`` uint8 [N, H, W, 3], row i = ``samples[i]``.
+    Raises InputError when the path is missing, holds no samples, fewer than two
+    classes, or no readable sample.
+    """
+    requested = _requested_size(image_size)
+    with Workers(workers) as pool:
+        return _read(path, classes_file, requested, pool)
+
+
+def _read(path, classes_file, requested, pool: Workers) -> Ingested:
+    fmt, classes, listing = _list(str(path), classes_file, pool)
+    if not listing.records:
+        raise InputError(f"{path}: no image samples found (skipped: {listing.skipped or 'nothing'})")
+    if len(classes) < 2:
+        raise InputError(f"{path}: found {len(classes)} class(es) {classes[:1]}; need at least two")
+    records = _unique_keys(listing)
+    datas = [record.data for record in records if isinstance(record, Sample)]
+    decoded = decode_images(datas, pool, image_size=requested)
+    records = _apply_decoding(records, decoded.errors)
+    samples = [record for record in records if isinstance(record, Sample)]
+    unreadable = [record for record in records if isinstance(record, Unreadable)]
+    _require_readable(path, samples, unreadable)
+    return Ingested(os.path.abspath(str(path)), fmt, classes, samples, decoded.images, unreadable,
+                    fingerprint(records), decoded.image_size, decoded.size_rule, dict(sorted(listing.skipped.items())),
+                    listing.warnings)
+
+
+def fingerprint(records) -> str:
+    """sha256 of the sorted input listing: one ``source<TAB>sha256`` line per sample, readable or not."""
+    lines = sorted(f"{record.source}\t{record.sha256}\n" for record in records)
+    return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _requested_size(image_size) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(side, int) and 0 < side <= 4096 for side in size):
+        raise InputError(f"image_size must be an int or (H, W) between 1 and 4096, got {image_size!r}")
+    return size
+
+
+def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
+    """Detect the format and list the input: (format, classes, listing)."""
+    if _BRACE.search(path):
+        shards = [Path(name) for name in expand_braces(path)]
+        missing = [str(shard) for shard in shards if not shard.is_file()]
+        if missing:
+            raise InputError(f"{len(missing)} shard(s) of {path} not found, first: {missing[0]}")
+        return _list_shards(shards, Path(os.path.dirname(path[:path.index("{")]) or "."), classes_file, pool)
+    location = Path(path)
+    if not location.exists():
+        raise InputError(f"input not found: {path}")
+    if location.is_file():
+        if not is_shard_name(location.name):
+            raise InputError(f"{path}: neither a directory nor a .tar/.tar.gz/.tgz shard")
+        return _list_shards([location], location.parent, classes_file, pool)
+    shards = sorted(entry for entry in location.iterdir()
+                    if is_shard_name(entry.name) and not entry.name.startswith(".") and entry.is_file())
+    if shards:
+        return _list_shards(shards, location, classes_file, pool)
+    return _list_folder(location, classes_file, pool)
+
+
+def is_shard_name(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{00..02}-{x,y}.tar`` -> the 6 names, in order; numeric ranges keep the zero padding of the first bound."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [name for item in _brace_items(match.group(1)) for name in expand_braces(head + item + tail)]
+
+
+def _brace_items(body: str) -> list[str]:
+    numeric = _RANGE.fullmatch(body)
+    if numeric is None:
+        return body.split(",")
+    first, last = numeric.groups()
+    if int(last) - int(first) >= MAX_SHARDS:
+        raise InputError(f"brace range {{{body}}} names more than {MAX_SHARDS} shards")
+    width = len(first) if first.startswith("0") else 0
+    return [f"{number:0{width}d}" for number in range(int(first), int(last) + 1)]
+
+
+def _list_shards(shards: list[Path], root: Path, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
+    listing = Listing()
+    names = [shard.relative_to(root).as_posix() if shard.is_relative_to(root) else str(shard) for shard in shards]
+    for part in pool.map(list_shard, shards, names, parallel=len(shards) > 1):
+        listing.extend(part)
+    beside = root / "classes.json"
+    names = load_classes(classes_file or beside) if classes_file or beside.is_file() else None
+    classes = names if names is not None else _inferred_classes(listing.records)
+    listing.records = [_check_label(record, len(classes)) for record in listing.records]
+    return "webdataset", classes, listing
+
+
+def _inferred_classes(records) -> list[str]:
+    """Classes "0".."K-1" from the largest plausible label, when there is no class list."""
+    labels = [record.label for record in records if isinstance(record, Sample) and record.label < MAX_INFERRED_CLASSES]
+    return [str(index) for index in range(max(labels, default=-1) + 1)]
+
+
+def _check_label(record, num_classes: int):
+    if isinstance(record, Sample) and not 0 <= record.label < num_classes:
+        return _as_unreadable(record, f"label {record.label} is outside the {num_classes} classes")
+    return record
+
+
+def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
+    listing = Listing()
+    dirs = class_dirs(root, listing)
+    classes = dirs if classes_file is None else load_classes(classes_file)
+    unknown = sorted(set(dirs) - set(classes))
+    if unknown:
+        raise InputError(f"{root}: class directories not in {classes_file}: {', '.join(unknown[:5])}")
+    labels = [classes.index(directory) for directory in dirs]
+    for part in pool.map(list_class, [root] * len(dirs), dirs, labels, parallel=len(dirs) > 1):
+        listing.extend(part)
+    return "imagefolder", classes, listing
+
+
+def load_classes(path) -> list[str]:
+    """Class names from JSON (a list or ``{"classes": [...]}``) or text (one a line). Raises InputError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read class list {path}: {error}") from None
+    names = _parse_classes(text, path)
+    if not all(isinstance(name, str) and name for name in names) or len(set(names)) != len(names):
+        raise InputError(f"{path}: class names must be unique non-empty strings")
+    return names
+
+
+def _parse_classes(text: str, path) -> list:
+    if not str(path).lower().endswith(".json"):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise InputError(f"{path}: not valid JSON: {error}") from None
+    names = value.get("classes") if isinstance(value, dict) else value
+    if not isinstance(names, list):
+        raise InputError(f'{path}: expected a list of class names or {{"classes": [...]}}')
+    return names
+
+
+def _as_unreadable(sample: Sample, error: str) -> Unreadable:
+    return Unreadable(sample.key, sample.source, error, sample.sha256)
+
+
+def _unique_keys(listing: Listing) -> list:
+    """Records with unique keys (``key~1`` ...); each renaming is reported in the warnings."""
+    keys, _ = dedupe_keys([record.key for record in listing.records])
+    records, notes = [], []
+    for record, key in zip(listing.records, keys):
+        if key != record.key:
+            notes.append(f"duplicate key {record.key!r}: {record.source} renamed to {key!r}")
+            record = dataclasses.replace(record, key=key)
+        records.append(record)
+    listing.warnings.extend(notes[:MAX_WARNINGS])
+    if len(notes) > MAX_WARNINGS:
+        listing.warnings.append(f"... and {len(notes) - MAX_WARNINGS} more duplicate keys renamed")
+    return records
+
+
+def _apply_decoding(records: list, errors: dict[int, str]) -> list:
+    """Samples the decoder refused (``errors`` is indexed over samples only) become Unreadable, in place."""
+    result, index = [], 0
+    for record in records:
+        if isinstance(record, Sample):
+            record = _as_unreadable(record, errors[index]) if index in errors else record
+            index += 1
+        result.append(record)
+    return result
+
+
+def _require_readable(path, samples: list[Sample], unreadable: list[Unreadable]) -> None:
+    if not samples:
+        raise InputError(f"{path}: none of the {len(unreadable)} samples is readable; first: "
+                         f"{unreadable[0].source}: {unreadable[0].error}")
+    if len({sample.label for sample in samples}) < 2:
+        raise InputError(f"{path}: every readable sample has the same label ({samples[0].label}); need two classes")

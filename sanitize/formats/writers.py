@@ -1,0 +1,262 @@
+"""Outputs: staged output directories, clean/relabeled shards, ImageFolder copies, scores.csv.
+
+Image bytes are always copied, never re-encoded. Shards are reproducible: the
+same input and verdicts give byte-identical tar files (fixed member order,
+mtime, owner and mode).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
+from sanitize.formats.readers import expand_braces
+from sanitize.formats.records import Ingested, InputError, Sample
+
+SCORES_HEADER = ("key", "source", "label", "score", "suspected", "relabel")
+FORMATS = ("webdataset", "imagefolder")
+TAR_OWNER = "sanitize"
+TAR_MTIME = 0  # a fixed timestamp is what makes the same shard byte-identical on every run
+
+
+@contextlib.contextmanager
+def staged_output(out, input_path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh hidden directory beside ``out``; move it into place as ``out`` on success.
+
+    The directory is named ``.<out>.sanitize-tmp-<pid>-<random>``, so what a
+    killed run leaves behind is hidden and never looks like a result. On an
+    exception it is deleted and the exception re-raised. Raises InputError
+    before anything is written if ``out`` is, is inside, or contains the input
+    (``input_path`` None skips that check), or exists non-empty without ``overwrite``.
+    """
+    target = Path(out).resolve()
+    if input_path is not None:
+        _refuse_overlap(target, input_path)
+    _refuse_existing(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.sanitize-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        yield staging
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _input_locations(input_path) -> list[Path]:
+    names = expand_braces(str(input_path)) if "{" in str(input_path) else [str(input_path)]
+    return [Path(name).resolve() for name in names]
+
+
+def _refuse_overlap(target: Path, input_path) -> None:
+    for location in _input_locations(input_path):
+        if target == location or target.is_relative_to(location) or location.is_relative_to(target):
+            raise InputError(f"output {target} overlaps the input {location}; choose an OUT outside it")
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise InputError(f"output {target} exists and is not a directory")
+    if any(target.iterdir()) and not overwrite:
+        raise InputError(f"output {target} exists and is not empty (use --overwrite to replace it)")
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Swap ``staging`` in as ``target``; an old ``target`` is renamed aside first and removed last."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = target.parent / f".{target.name}.sanitize-old-{os.getpid()}-{secrets.token_hex(4)}"
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except OSError:
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired)
+
+
+def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_size: int = 10000,
+                  relabeled_format: str = "webdataset") -> dict[str, str]:
+    """Write the clean shards, the relabeled set and scores.csv under ``tmp``.
+
+    score float [N] (higher = more likely poisoned), suspected bool [N] and
+    relabel int [N] are aligned with ``ingested.samples``. Returns the relative
+    paths written: {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}.
+    """
+    score, suspected, relabel = check_verdicts(ingested, score, suspected, relabel)
+    if relabeled_format not in FORMATS:
+        raise InputError(f"relabeled format must be one of {', '.join(FORMATS)}, got {relabeled_format!r}")
+    tmp = Path(tmp)
+    samples = ingested.samples
+    clean = [index for index in range(len(samples)) if not suspected[index]]
+    write_shards(tmp / "clean", "clean", (_clean_fields(samples[i], float(score[i])) for i in clean), shard_size)
+    _write_classes(tmp / "clean", ingested.classes)
+    _write_relabeled(tmp / "relabeled", ingested, score, suspected, relabel, shard_size, relabeled_format)
+    write_scores(tmp / "scores.csv", samples, score, suspected, relabel)
+    return {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}
+
+
+def check_verdicts(ingested: Ingested, score, suspected, relabel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """score float64, suspected bool, relabel int64 arrays, checked: a mismatch is a bug in the method, not bad data."""
+    score = np.asarray(score, dtype=np.float64)
+    suspected = np.asarray(suspected, dtype=bool)
+    relabel = np.asarray(relabel, dtype=np.int64)
+    count = len(ingested.samples)
+    if not score.shape == suspected.shape == relabel.shape == (count,):
+        raise ValueError(f"score/suspected/relabel must be [{count}], got {score.shape} {suspected.shape} "
+                         f"{relabel.shape}")
+    if not np.isfinite(score).all():
+        raise ValueError("score holds NaN or infinity")
+    if count and not (0 <= relabel.min() and relabel.max() < len(ingested.classes)):
+        raise ValueError(f"relabel outside 0..{len(ingested.classes) - 1}")
+    return score, suspected, relabel
+
+
+def _clean_fields(sample: Sample, score: float) -> dict:
+    meta = {"key": sample.key, "source": sample.source, "label": sample.label, "score": score}
+    return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(sample.label), "json": _json(meta)}
+
+
+def _write_relabeled(directory: Path, ingested: Ingested, score, suspected, relabel, shard_size, fmt) -> None:
+    samples = ingested.samples
+    if fmt == "imagefolder":
+        write_folder(directory, samples, relabel.tolist(), ingested.classes)
+        return
+    write_shards(directory, "relabeled", (_relabeled_fields(sample, float(score[i]), bool(suspected[i]),
+                                                            int(relabel[i])) for i, sample in enumerate(samples)),
+                 shard_size)
+    _write_classes(directory, ingested.classes)
+
+
+def _relabeled_fields(sample: Sample, score: float, suspected: bool, relabel: int) -> dict:
+    meta = {"original_label": sample.label, "relabel": relabel, "suspected": suspected, "score": score}
+    return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(relabel), "json": _json(meta)}
+
+
+def _cls(label: int) -> bytes:
+    return str(int(label)).encode("ascii")
+
+
+def _json(value: dict) -> bytes:
+    return json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")
+
+
+def write_shards(directory: Path, prefix: str, samples: Iterable[dict], shard_size: int) -> list[str]:
+    """WebDataset shards ``<prefix>-%06d.tar`` of ``shard_size`` samples each; returns their names.
+
+    ``samples`` are dicts of ``__key__`` and field -> bytes. No shard is
+    written for no samples.
+    """
+    # webdataset imports torch (a second or more); importing it here keeps reading and its workers light.
+    from webdataset import TarWriter
+
+    if shard_size < 1:
+        raise InputError(f"shard size must be at least 1, got {shard_size}")
+    directory.mkdir(parents=True, exist_ok=True)
+    names, writer, file = [], None, None
+    try:
+        for index, sample in enumerate(samples):
+            if index % shard_size == 0:
+                _close(writer, file)
+                names.append(f"{prefix}-{len(names):06d}.tar")
+                file = open(directory / names[-1], "wb")
+                writer = TarWriter(file, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, compress=False,
+                                   encoder=False, mtime=TAR_MTIME, format="PAX_FORMAT")
+            writer.write(sample)
+    finally:
+        _close(writer, file)
+    return names
+
+
+def _close(writer, file) -> None:
+    if writer is not None:
+        writer.close()
+        file.close()
+
+
+def _write_classes(directory: Path, classes: list[str]) -> None:
+    """classes.json beside shards, so that ``read_dataset`` of the directory gets the class names back."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "classes.json").write_text(json.dumps({"classes": classes}, indent=1) + "\n", encoding="utf-8")
+
+
+def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: list[str]) -> list[str]:
+    """An ImageFolder tree that ``torchvision.datasets.ImageFolder`` and ``read_dataset`` load back.
+
+    A sample goes to ``<class dir>/<key>.<ext>``, or to ``<key>.<ext>`` when its
+    key already starts with its class directory (as ImageFolder keys do), so
+    that reading the copy gives the same keys. Every class gets a directory,
+    even an empty one, because ImageFolder numbers classes by directory.
+    See ``class_dir_names`` for how the directories are named. Returns the
+    relative paths written, in sample order.
+    """
+    _require_safe_keys(samples)
+    dirs = class_dir_names(classes)
+    for name in dirs:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    stems = [_placement(sample.key, dirs[label]) for sample, label in zip(samples, labels)]
+    written = [f"{stem}.{sample.ext}" for stem, sample in zip(dedupe_keys(stems)[0], samples)]
+    for relative, sample in zip(written, samples):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(sample.data)
+    return written
+
+
+def _require_safe_keys(samples: list[Sample]) -> None:
+    """Keys become paths: one that is not safe (``..``, absolute, dots) is a bug in the caller."""
+    unsafe = [sample.key for sample in samples if not is_safe_key(sample.key)]
+    if unsafe:
+        raise ValueError(f"unsafe sample keys (make them with keys.safe_key): {unsafe[:3]}")
+
+
+def _placement(key: str, class_dir: str) -> str:
+    return key if key.startswith(f"{class_dir}/") else f"{class_dir}/{key}"
+
+
+def write_scores(path: Path, samples: list[Sample], score, suspected, relabel) -> None:
+    """scores.csv: one row per readable sample in input order; suspected is ``true``/``false``."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(SCORES_HEADER)
+        for index, sample in enumerate(samples):
+            writer.writerow((sample.key, sample.source, sample.label, repr(float(score[index])),
+                             "true" if suspected[index] else "false", int(relabel[index])))
+
+
+def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = "webdataset",
+                  shard_size: int = 10000, overwrite: bool = False) -> Path:
+    """Write a copy of ``samples`` (bytes as they are, ``sample.label`` as label) to ``out``, atomically.
+
+    ``fmt="webdataset"``: shards ``part-%06d.tar`` (``<key>.<ext>``, ``<key>.cls``)
+    plus classes.json. ``fmt="imagefolder"``: ``<out>/<class>/<key>.<ext>`` (see
+    ``write_folder``). Reading ``out`` back with ``read_dataset`` gives the same
+    keys, labels and bytes. Returns ``Path(out)``.
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"dataset format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if len({sample.key for sample in samples}) != len(samples):
+        raise ValueError("sample keys must be unique")
+    _require_safe_keys(samples)
+    if any(not 0 <= sample.label < len(classes) for sample in samples):
+        raise ValueError(f"a sample label is outside 0..{len(classes) - 1}")
+    with staged_output(out, None, overwrite=overwrite) as staging:
+        if fmt == "imagefolder":
+            write_folder(staging, samples, [sample.label for sample in samples], classes)
+        else:
+            fields = ({"__key__": s.key, s.ext: s.data, "cls": _cls(s.label)} for s in samples)
+            write_shards(staging, "part", fields, shard_size)
+            _write_classes(staging, classes)
+    return Path(out)

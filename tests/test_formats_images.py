@@ -1,0 +1,168 @@
+"""images.py: odd but valid images decode correctly; hostile bytes become reasons, never crashes."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sanitize.formats.images import (DEFAULT_SIDE, IMAGE_ERRORS, MAX_PIXELS, _each, decode, decode_images, probe,
+                                     working_size)
+from sanitize.formats.workers import Workers
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def gradient(height: int = 24, width: int = 32) -> np.ndarray:
+    """A uint8 [H, W, 3] image that tells every row, column and channel apart."""
+    rows = np.linspace(0, 255, height)[:, None]
+    cols = np.linspace(0, 255, width)[None, :]
+    return np.stack([rows + 0 * cols, 0 * rows + cols, 255 - (rows + cols) / 2], axis=-1).round().astype(np.uint8)
+
+
+def test_rgb_png_is_lossless():
+    pixels = gradient()
+    assert np.array_equal(decode(encode(Image.fromarray(pixels), "PNG")), pixels)
+
+
+def test_grayscale_becomes_three_equal_channels():
+    grey = gradient()[..., 0]
+    decoded = decode(encode(Image.fromarray(grey, "L"), "PNG"))
+    assert decoded.shape == (24, 32, 3)
+    assert all(np.array_equal(decoded[..., channel], grey) for channel in range(3))
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    image.putpixel((0, 0), 1)
+    decoded = decode(encode(image, "PNG", transparency=0))
+    assert decoded[0, 0].tolist() == [0, 0, 255]
+    assert decoded[1, 1].tolist() == [255, 255, 255]  # the transparent red is not shown
+
+
+def test_rgba_half_transparent_is_blended():
+    image = Image.new("RGBA", (2, 2), (0, 0, 0, 128))
+    value = decode(encode(image, "PNG"))[0, 0]
+    assert np.all(np.abs(value.astype(int) - 127) <= 1)
+
+
+def test_la_is_composited():
+    image = Image.new("LA", (2, 2), (0, 0))
+    assert decode(encode(image, "PNG"))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_cmyk_jpeg():
+    image = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    red, green, blue = decode(encode(image, "JPEG", quality=95))[8, 8].astype(int)
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    values = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
+    decoded = decode(encode(Image.fromarray(values), "PNG"))[..., 0]
+    assert decoded.tolist() == [[0, 4, 128, 255]]
+
+
+def test_float_tiff_in_unit_range_is_scaled():
+    values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    decoded = decode(encode(Image.fromarray(values, "F"), "TIFF"))[..., 0]
+    assert decoded.tolist() == [[0, 128, 255]]
+
+
+def test_exif_rotation_is_applied():
+    pixels = gradient(20, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = encode(Image.fromarray(pixels), "PNG", exif=exif)
+    decoded = decode(data)
+    assert decoded.shape == (40, 20, 3)
+    assert np.array_equal(decoded, np.rot90(pixels, k=-1))
+    assert probe(data).shape == (40, 20, 3)
+
+
+def test_webp_lossless():
+    pixels = gradient()
+    assert np.array_equal(decode(encode(Image.fromarray(pixels), "WEBP", lossless=True)), pixels)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF", "JPEG"])
+def test_other_formats_decode(fmt):
+    assert decode(encode(Image.fromarray(gradient()), fmt)).shape == (24, 32, 3)
+
+
+def test_large_jpeg_is_resized_to_cover_and_center_cropped():
+    pixels = np.zeros((1500, 3000, 3), dtype=np.uint8)
+    pixels[:, 1000:2000] = 255  # a white square in the middle third
+    decoded = decode(encode(Image.fromarray(pixels), "JPEG", quality=90), (224, 224))
+    assert decoded.shape == (224, 224, 3)
+    assert decoded[112, 112].min() > 240  # the center survives the crop...
+    assert decoded[112, 2].max() < 15 and decoded[112, 221].max() < 15  # ...with black on both sides
+
+
+def test_probe_measures_large_images_without_decoding():
+    data = encode(Image.new("RGB", (300, 100)), "PNG")
+    assert probe(data) == (100, 300)
+
+
+@pytest.mark.parametrize("bad", [
+    b"",
+    b"not an image at all",
+    encode(Image.new("RGB", (64, 64), "red"), "PNG")[:120],  # truncated
+    encode(Image.new("RGB", (64, 64), "red"), "JPEG")[:-300],  # truncated
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",  # EPS would run Ghostscript
+], ids=["zero-bytes", "text", "truncated-png", "truncated-jpeg", "eps"])
+def test_bad_bytes_become_reasons(bad):
+    [reason] = _each(decode, [bad])
+    assert isinstance(reason, str) and reason.startswith("cannot decode image")
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
+    data = bytearray(encode(Image.new("1", (8, 8)), "PNG"))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("pixels", [MAX_PIXELS + 1, 200_000 * 200_000])
+def test_decompression_bomb_is_refused_before_decoding(pixels):
+    side = int(pixels ** 0.5) + 1
+    with pytest.raises(Image.DecompressionBombError):
+        decode(bomb_png(side, side))
+    [reason] = _each(probe, [bomb_png(side, side)])
+    assert "DecompressionBomb" in reason
+
+
+def test_image_errors_do_not_swallow_our_bugs():
+    assert not issubclass(TypeError, IMAGE_ERRORS) and not issubclass(AttributeError, IMAGE_ERRORS)
+
+
+def test_working_size_rule():
+    assert working_size([(32, 32)] * 3 + [(40, 40)])[0] == (32, 32)
+    assert working_size([(32, 32)] * 3, 48)[0] == (48, 48)
+    assert working_size([(32, 32)] * 3, (40, 50))[0] == (40, 50)
+    assert working_size([(32, 32), (100, 80), (90, 90)])[0] == (DEFAULT_SIDE, DEFAULT_SIDE)
+    assert working_size([(128, 128)] * 5)[0] == (DEFAULT_SIDE, DEFAULT_SIDE)
+    size, rule = working_size([(28, 28)] * 2 + [(32, 32)] * 2)
+    assert size in {(28, 28), (32, 32)} and "2 of 4" in rule
+
+
+def test_decode_images_keeps_order_and_reports_failures():
+    good = [encode(Image.fromarray(gradient(32, 32) // (i + 1)), "PNG") for i in range(3)]
+    odd = encode(Image.fromarray(gradient(40, 60)), "PNG")
+    with Workers(1) as workers:
+        decoded = decode_images([good[0], b"junk", good[1], odd, good[2]], workers)
+    assert decoded.image_size == (32, 32)
+    assert sorted(decoded.errors) == [1]
+    assert decoded.images.shape == (4, 32, 32, 3)
+    assert np.array_equal(decoded.images[1], gradient(32, 32) // 2)
+    assert decoded.images[2].shape == (32, 32, 3)  # the 40x60 one, resized to the common size

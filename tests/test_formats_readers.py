@@ -1,0 +1,414 @@
+"""read_dataset: real CIFAR data laid out as shards and folders, plus every hostile input we promise to survive."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision
+from PIL import Image
+
+from conftest import decode_jpegs, write_shard
+from sanitize.formats import InputError, read_dataset
+from sanitize.formats import images as images_module
+
+
+def members_of(samples, label_ext="cls"):
+    """(name, bytes) tar members for CIFAR (key, jpg, label) samples."""
+    members = []
+    for key, jpg, label in samples:
+        members += [(f"{key}.jpg", jpg), (f"{key}.{label_ext}", str(label).encode())]
+    return members
+
+
+def data_offset(path: Path, name: str) -> int:
+    with tarfile.open(path) as tar:
+        return tar.getmember(name).offset_data
+
+
+def two_labels(samples):
+    """The first two samples with different labels (a dataset needs two classes)."""
+    first = samples[0]
+    return first, next(sample for sample in samples if sample[2] != first[2])
+
+
+def unreadable_by_key(ingested) -> dict[str, str]:
+    return {item.key: item.error for item in ingested.unreadable}
+
+
+# --- WebDataset: layouts ---------------------------------------------------------------------------------------
+
+
+def test_shard_directory_reads_every_sample_with_its_bytes_label_and_pixels(make_shards, cifar_samples, cifar_classes):
+    ingested = read_dataset(make_shards(200, 80), workers=1)
+    assert ingested.format == "webdataset" and ingested.classes == cifar_classes
+    assert [s.key for s in ingested.samples] == [key for key, _, _ in cifar_samples[:200]]
+    assert [s.data for s in ingested.samples] == [jpg for _, jpg, _ in cifar_samples[:200]]
+    assert ingested.labels.tolist() == [label for _, _, label in cifar_samples[:200]]
+    expected, _ = decode_jpegs(cifar_samples[:200])
+    assert np.array_equal(ingested.images, expected)
+    assert ingested.image_size == (32, 32) and "32x32" in ingested.size_rule
+    assert ingested.samples[80].source == f"part-000001.tar:{cifar_samples[80][0]}.jpg"
+    assert ingested.samples[0].ext == "jpg" and len(ingested.samples[0].sha256) == 64
+    assert ingested.unreadable == [] and ingested.warnings == [] and ingested.skipped == {}
+
+
+def test_single_shard_gzip_shard_and_brace_pattern(make_shards, tmp_path, cifar_samples):
+    root = make_shards(90, 30)
+    gz = tmp_path / "one.tar.gz"
+    gz.write_bytes(gzip.compress((root / "part-000000.tar").read_bytes()))
+    keys = [key for key, _, _ in cifar_samples[:90]]
+    assert [s.key for s in read_dataset(root / "part-000001.tar", workers=1).samples] == keys[30:60]
+    assert [s.key for s in read_dataset(gz, workers=1).samples] == keys[:30]
+    pattern = read_dataset(f"{root}/part-{{000000..000002}}.tar", workers=1)
+    assert [s.key for s in pattern.samples] == keys
+    assert pattern.samples[31].source == f"part-000001.tar:{keys[31]}.jpg"
+
+
+def test_brace_pattern_naming_a_missing_shard_is_an_input_error(make_shards):
+    root = make_shards(60, 30)
+    with pytest.raises(InputError, match="not found"):
+        read_dataset(f"{root}/part-{{000000..000005}}.tar", workers=1)
+
+
+def test_classes_file_json_label_and_inferred_classes(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    picked = [(key, jpg, label % 3) for key, jpg, label in cifar_samples[:30]]
+    members = []
+    for key, jpg, label in picked:
+        members += [(f"{key}.jpg", jpg), (f"{key}.json", json.dumps({"label": label, "note": "x"}).encode())]
+    write_shard(root / "a.tar", members)
+    inferred = read_dataset(root, workers=1)
+    assert inferred.classes == ["0", "1", "2"] and inferred.labels.tolist() == [label for _, _, label in picked]
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\nbird\nfish\n")
+    assert read_dataset(root, classes_file=names, workers=1).classes == ["cat", "dog", "bird", "fish"]
+    (root / "classes.json").write_text(json.dumps(["x", "y", "z"]))
+    assert read_dataset(root, workers=1).classes == ["x", "y", "z"]
+
+
+# --- WebDataset: hostile members ------------------------------------------------------------------------------
+
+
+def test_bad_labels_are_unreadable_with_reasons_and_the_rest_is_read(make_shards, cifar_samples):
+    root = make_shards(40, 40)
+    (key_a, jpg_a, _), (key_b, jpg_b, _) = cifar_samples[40:42]
+    extra = [
+        ("nolabel.jpg", jpg_a),
+        ("word.jpg", jpg_a), ("word.cls", b"cat"),
+        ("big.jpg", jpg_b), ("big.cls", b"10"),
+        ("neg.jpg", jpg_b), ("neg.cls", b"-1"),
+        ("jsonless.jpg", jpg_a), ("jsonless.json", b'{"class": 3}'),
+        ("badjson.jpg", jpg_a), ("badjson.json", b"[[[[" * 10),
+        ("boolean.jpg", jpg_a), ("boolean.json", b'{"label": true}'),
+        ("onlylabel.cls", b"3"),
+    ]
+    write_shard(root / "part-000001.tar", extra)
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 40 and ingested.total == 48
+    errors = unreadable_by_key(ingested)
+    assert "no label" in errors["nolabel"]
+    assert "not an integer" in errors["word"]
+    assert "outside the 10 classes" in errors["big"] and "outside" in errors["neg"]
+    assert 'no integer "label"' in errors["jsonless"] and 'no integer "label"' in errors["boolean"]
+    assert "not valid JSON" in errors["badjson"]
+    assert "no image member" in errors["onlylabel"]
+    assert all(item.sha256 for item in ingested.unreadable if item.key != "onlylabel")
+
+
+def test_shard_cut_mid_member_keeps_what_came_before_and_reads_other_shards(make_shards, cifar_samples):
+    root = make_shards(90, 30)
+    middle = root / "part-000001.tar"
+    cut_key = cifar_samples[40][0]
+    middle.write_bytes(middle.read_bytes()[:data_offset(middle, f"{cut_key}.jpg") + 100])
+    ingested = read_dataset(root, workers=1)
+    keys = [s.key for s in ingested.samples]
+    assert keys == [key for key, _, _ in cifar_samples[:40]] + [key for key, _, _ in cifar_samples[60:90]]
+    assert list(unreadable_by_key(ingested)) == [cut_key]
+    assert "damaged inside member" in ingested.unreadable[0].error
+    assert ingested.unreadable[0].source == f"part-000001.tar:{cut_key}.jpg"
+    assert any("part-000001.tar: damaged" in warning for warning in ingested.warnings)
+
+
+def test_shard_cut_inside_a_label_member_makes_that_sample_unreadable(make_shards, cifar_samples):
+    root = make_shards(30, 30)
+    shard = root / "part-000000.tar"
+    cut_key = cifar_samples[10][0]
+    shard.write_bytes(shard.read_bytes()[:data_offset(shard, f"{cut_key}.cls")])
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 10 and list(unreadable_by_key(ingested)) == [cut_key]
+
+
+def test_shard_cut_at_a_member_boundary_is_kept_but_flagged(make_shards, cifar_samples):
+    root = make_shards(30, 30)
+    shard = root / "part-000000.tar"
+    with tarfile.open(shard) as tar:
+        end = tar.getmember(f"{cifar_samples[19][0]}.cls").offset_data + 512
+    shard.write_bytes(shard.read_bytes()[:end])
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 20 and ingested.unreadable == []
+    assert any("possibly truncated" in warning for warning in ingested.warnings)
+
+
+@pytest.mark.parametrize("damage", ["header-cut", "garbage-header"])
+def test_damaged_header_is_reported(make_shards, damage):
+    root = make_shards(30, 30)
+    shard = root / "part-000000.tar"
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        start = tar.getmembers()[20].offset  # the header of sample 10's image
+    broken = data[:start + 100] if damage == "header-cut" else data[:start] + b"\x07" * 512 + data[start + 512:]
+    shard.write_bytes(broken)
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 10
+    assert any("damaged" in warning and "header" in warning for warning in ingested.warnings)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "not-gzip-at-all"])
+def test_broken_gzip_shard_is_reported_not_a_crash(make_shards, tmp_path, damage):
+    root = make_shards(60, 30)
+    packed = bytearray(gzip.compress((root / "part-000001.tar").read_bytes(), mtime=0))
+    (root / "part-000001.tar").unlink()
+    if damage == "corrupt":
+        packed[len(packed) // 2:len(packed) // 2 + 64] = bytes(64)
+    elif damage == "truncated":
+        del packed[len(packed) // 2:]
+    else:
+        packed = bytearray(b"\x1f\x8b" + b"garbage" * 10)
+    (root / "part-000001.tar.gz").write_bytes(bytes(packed))
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) >= 30  # all of part-000000, and whatever came before the damage
+    assert any("part-000001.tar.gz: damaged" in warning for warning in ingested.warnings)
+
+
+def test_duplicate_keys_are_kept_renamed_and_reported(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    (ka, ja, la), (kb, jb, lb) = two_labels(cifar_samples)
+    write_shard(root / "a.tar", members_of([("same", ja, la), ("other", jb, lb), ("same", jb, lb)]))
+    write_shard(root / "b.tar", members_of([("same", ja, la)]) + members_of([(kb, jb, lb)]))
+    ingested = read_dataset(root, workers=1)
+    assert [s.key for s in ingested.samples] == ["same", "other", "same~1", "same~2", kb]
+    assert [s.source for s in ingested.samples][2:4] == ["a.tar:same.jpg", "b.tar:same.jpg"]
+    assert sum("duplicate key 'same'" in warning for warning in ingested.warnings) == 2
+
+
+def test_hostile_member_names_get_safe_keys_and_keep_their_source(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    (_, jpg, label), (_, jpg2, label2) = two_labels(cifar_samples)
+    names = ["../../etc/evil", "/abs/path/x", "./dots/a", "sp ace:|*"]
+    members = []
+    for name in names:
+        members += [(f"{name}.jpg", jpg), (f"{name}.cls", str(label).encode())]
+    members += [("multi.part.name.JPG", jpg2), ("multi.part.name.cls", str(label2).encode())]
+    write_shard(root / "a.tar", members)
+    ingested = read_dataset(root, workers=1)
+    assert [s.key for s in ingested.samples] == ["etc/evil", "abs/path/x", "dots/a", "sp ace___", "multi"]
+    assert ingested.samples[0].source == "a.tar:../../etc/evil.jpg"
+    assert ingested.samples[4].ext == "jpg" and ingested.samples[4].label == label2
+
+
+def test_pickled_members_are_never_unpickled(tmp_path, cifar_samples):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    members = members_of(cifar_samples[:20])
+    payload = pickle.dumps(Exploit())
+    key = cifar_samples[0][0]
+    members[2:2] = [(f"{key}.pyd", payload), (f"{key}.pickle", payload), (f"{key}.pth", payload)]
+    write_shard(root / "a.tar", members)
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 20 and not marker.exists()
+
+
+def test_links_and_hidden_members_in_a_shard_are_skipped(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members_of(cifar_samples[:20]) + [("._hidden.jpg", b"x"), ("README", b"hi")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    (root / "a.tar").write_bytes(buffer.getvalue())
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 20
+    assert ingested.skipped == {"hidden": 1, "no_key": 1, "not_regular_file": 1}
+
+
+def test_corrupt_images_are_unreadable_and_the_run_goes_on(make_shards, cifar_samples):
+    root = make_shards(30, 30)
+    _, jpg, _ = cifar_samples[0]
+    write_shard(root / "part-000001.tar", [
+        ("zero.jpg", b""), ("zero.cls", b"1"),
+        ("cut.jpg", jpg[:len(jpg) // 2]), ("cut.cls", b"1"),
+        ("text.png", b"hello"), ("text.cls", b"1"),
+    ])
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 30
+    assert sorted(unreadable_by_key(ingested)) == ["cut", "text", "zero"]
+    assert all(error.startswith("cannot decode image") for error in unreadable_by_key(ingested).values())
+
+
+# --- ImageFolder ------------------------------------------------------------------------------------------------
+
+
+def add_odd_files(root: Path, jpg: bytes) -> None:
+    """Files an ImageFolder reader must skip, count, or read despite odd names."""
+    (root / "cat" / ".hidden.jpg").write_bytes(jpg)
+    (root / "cat" / ".cache").mkdir()
+    (root / "cat" / ".cache" / "x.jpg").write_bytes(jpg)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / "UPPER.JPG").write_bytes(jpg)
+    (root / "cat" / "a.b.c.jpeg").write_bytes(jpg)
+    (root / "cat" / "nested").mkdir()
+    (root / "cat" / "nested" / "deep.jpg").write_bytes(jpg)
+    (root / "cat" / "nested.jpg").write_bytes(jpg)
+    (root / "README.md").write_text("at the root, outside any class")
+
+
+def test_imagefolder_matches_torchvision_order_and_labels(make_imagefolder, cifar_samples):
+    root = make_imagefolder(100)
+    add_odd_files(root, cifar_samples[0][1])
+    reference = torchvision.datasets.ImageFolder(root)
+    (root / ".git").mkdir()  # torchvision would make this a class; a hidden directory is not one
+    ingested = read_dataset(root, workers=1)
+    expected = [(Path(path).relative_to(root).as_posix(), label) for path, label in reference.samples
+                if not Path(path).name.startswith(".") and ".cache" not in path]
+    assert [(s.source, s.label) for s in ingested.samples] == expected
+    assert ingested.classes == reference.classes and ingested.format == "imagefolder"
+    assert ingested.skipped == {"hidden": 3, "not_image": 1, "outside_class_dir": 1}
+
+
+def test_imagefolder_keys_are_relative_paths_without_extension(make_imagefolder, cifar_samples):
+    root = make_imagefolder(40)
+    add_odd_files(root, cifar_samples[0][1])
+    by_source = {s.source: s for s in read_dataset(root, workers=1).samples}
+    assert by_source["cat/a.b.c.jpeg"].key == "cat/a_b_c" and by_source["cat/a.b.c.jpeg"].ext == "jpeg"
+    assert by_source["cat/UPPER.JPG"].key == "cat/UPPER" and by_source["cat/UPPER.JPG"].ext == "jpg"
+    assert by_source["cat/nested/deep.jpg"].key == "cat/nested/deep"
+    key, jpg, label = cifar_samples[0]
+    assert by_source[f"airplane/{key}.jpg" if label == 0 else f"{read_classes()[label]}/{key}.jpg"].data == jpg
+
+
+def read_classes() -> list[str]:
+    from conftest import CIFAR
+
+    return json.loads((CIFAR / "classes.json").read_text())["classes"]
+
+
+def test_imagefolder_same_stem_different_extension_is_deduplicated(make_imagefolder, cifar_samples):
+    root = make_imagefolder(20)
+    (root / "cat" / "twin.jpg").write_bytes(cifar_samples[0][1])
+    Image.new("RGB", (32, 32)).save(root / "cat" / "twin.png")
+    keys = [s.key for s in read_dataset(root, workers=1).samples]
+    assert "cat/twin" in keys and "cat/twin~1" in keys
+
+
+def test_imagefolder_skips_fifos_and_symlinked_directories_without_hanging(make_imagefolder):
+    root = make_imagefolder(20)
+    os.mkfifo(root / "cat" / "pipe.jpg")
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    ingested = read_dataset(root, workers=1)
+    assert ingested.skipped == {"not_regular_file": 1, "symlinked_dir": 1}
+
+
+def test_imagefolder_corrupt_file_is_unreadable(make_imagefolder):
+    root = make_imagefolder(20)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 20 and list(unreadable_by_key(ingested)) == ["cat/broken"]
+
+
+def test_imagefolder_classes_file_orders_classes_and_rejects_unknown_dirs(make_imagefolder, tmp_path, cifar_classes):
+    root = make_imagefolder(100)
+    reordered = tmp_path / "classes.json"
+    reordered.write_text(json.dumps({"classes": cifar_classes[::-1]}))
+    ingested = read_dataset(root, classes_file=reordered, workers=1)
+    assert ingested.classes == cifar_classes[::-1]
+    assert all(ingested.classes[s.label] == s.source.split("/")[0] for s in ingested.samples)
+    reordered.write_text(json.dumps(cifar_classes[1:]))
+    with pytest.raises(InputError, match="not in"):
+        read_dataset(root, classes_file=reordered, workers=1)
+
+
+# --- working size, workers, fingerprint, input errors ---------------------------------------------------------------
+
+
+def test_mixed_sizes_follow_the_working_size_rule(tmp_path):
+    root = tmp_path / "folder"
+    for label, (size, count) in enumerate([((32, 32), 6), ((40, 30), 2)]):
+        (root / f"c{label}").mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", size, (index * 20, 0, 0)).save(root / f"c{label}" / f"{index}.png")
+    kept = read_dataset(root, workers=1)
+    assert kept.image_size == (32, 32) and kept.images.shape == (8, 32, 32, 3)
+    Image.new("RGB", (500, 400)).save(root / "c0" / "big.png")
+    for index in range(6):
+        Image.new("RGB", (300, 200)).save(root / "c1" / f"big{index}.png")
+    assert read_dataset(root, workers=1).images.shape == (15, 224, 224, 3)
+    assert read_dataset(root, image_size=(20, 24), workers=1).images.shape == (15, 20, 24, 3)
+    with pytest.raises(InputError, match="image_size"):
+        read_dataset(root, image_size=0, workers=1)
+
+
+def test_process_pool_gives_the_same_result_as_inline(make_shards, cifar_samples, monkeypatch):
+    root = make_shards(120, 40)
+    write_shard(root / "part-000003.tar", [("bad.jpg", b"junk"), ("bad.cls", b"1")])
+    inline = read_dataset(root, workers=1)
+    monkeypatch.setattr(images_module, "POOL_MIN_SAMPLES", 10)
+    monkeypatch.setattr(images_module, "CHUNK", 16)
+    pooled = read_dataset(root, workers=2)
+    assert np.array_equal(pooled.images, inline.images)
+    assert pooled.samples == inline.samples and pooled.unreadable == inline.unreadable
+
+
+def test_fingerprint_follows_content(make_shards, tmp_path):
+    root = make_shards(40, 20)
+    first = read_dataset(root, workers=1).fingerprint
+    assert read_dataset(root, workers=1).fingerprint == first
+    write_shard(root / "part-000001.tar", [("x.jpg", b"junk"), ("x.cls", b"1")])
+    assert read_dataset(root, workers=1).fingerprint != first
+
+
+def test_input_errors(tmp_path, make_imagefolder, cifar_samples):
+    with pytest.raises(InputError, match="not found"):
+        read_dataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image samples"):
+        read_dataset(tmp_path / "empty")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(InputError, match="neither a directory nor"):
+        read_dataset(tmp_path / "file.txt")
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    (one / "only" / "a.jpg").write_bytes(cifar_samples[0][1])
+    with pytest.raises(InputError, match="need at least two"):
+        read_dataset(one)
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    write_shard(unlabeled / "a.tar", [("a.jpg", cifar_samples[0][1]), ("a.cls", b"cat")])
+    with pytest.raises(InputError, match="found 0 class"):
+        read_dataset(unlabeled)
+    broken = tmp_path / "broken"
+    for name in ("a", "b"):
+        (broken / name).mkdir(parents=True)
+        (broken / name / "x.jpg").write_bytes(b"junk")
+    with pytest.raises(InputError, match="none of the 2 samples is readable"):
+        read_dataset(broken)
