@@ -57,6 +57,7 @@ class Attack:
     def poison(self, images: np.ndarray, labels: np.ndarray, *, rate: float, target: int, seed: int,
                num_classes: int) -> Poisoned:
         """Poison ``round(rate * N)`` samples (capped by the eligible pool, with a warning)."""
+        labels = np.asarray(labels)
         _check_inputs(images, labels, rate, target, num_classes)
         self.check_target(target, num_classes)
         rng = np.random.default_rng(seed)

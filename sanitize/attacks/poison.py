@@ -1,0 +1,130 @@
+"""Poison a dataset on disk: read it, run an attack, write a poisoned copy and its ground truth.
+
+``OUT`` gets the copy in the input's format (or ``fmt``) plus ``truth.json``.
+Untouched samples keep their original bytes; stamped ones (poisoned or cover)
+are re-encoded as PNG, lossless, so the trigger survives exactly. The input is
+never modified, and ``OUT`` is staged beside itself and moved into place only
+when complete.
+
+Keys in truth.json are the keys of the copy, so a defense run on it can be
+scored directly. They equal the input keys except in an ImageFolder copy,
+where a key is the file's path and so starts with the directory of the
+sample's label: a relabeled poison ``cat/0042`` becomes ``dog/cat/0042``
+(listed under ``renamed``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sanitize.attacks import make_attack
+from sanitize.attacks.base import Attack, Poisoned
+from sanitize.formats import read_dataset, staged_output, write_dataset
+from sanitize.formats.keys import class_dir_names, dedupe_keys
+from sanitize.formats.records import Ingested, InputError, Sample
+from sanitize.formats.writers import FORMATS
+
+TRUTH_FILE = "truth.json"
+
+
+def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0, fmt: str | None = None,
+                   overwrite: bool = False, **params) -> dict:
+    """Write a poisoned copy of the dataset at ``data`` to ``out``; return the truth dict (also in truth.json).
+
+    ``target`` is a class index or name; ``fmt`` "webdataset" or "imagefolder" (default: the
+    input's); ``params`` are the attack's parameters. Raises InputError for bad options, an
+    ``out`` that overlaps the input, or an existing non-empty ``out`` without ``overwrite``.
+    """
+    attacker = make_attack(attack, **params)
+    if fmt is not None and fmt not in FORMATS:
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    with staged_output(out, data, overwrite=overwrite) as staging:
+        ingested = read_dataset(data)
+        target_index = target_class(target, ingested.classes)
+        result = attacker.poison(ingested.images, ingested.labels, rate=rate, target=target_index, seed=seed,
+                                 num_classes=len(ingested.classes))
+        fmt = fmt or ingested.format
+        samples = poisoned_samples(ingested, result, fmt)
+        truth = build_truth(attacker, ingested, result, samples, rate=rate, target=target_index, seed=seed, fmt=fmt)
+        write_dataset(staging, samples, ingested.classes, fmt=fmt)
+        (staging / TRUTH_FILE).write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
+    return truth
+
+
+def target_class(target, classes: list[str]) -> int:
+    """A class index from an index or a class name (CLI values arrive as strings)."""
+    if isinstance(target, str) and target in classes:
+        return classes.index(target)
+    try:
+        index = int(target)
+    except ValueError:
+        raise InputError(f"unknown target class {target!r}; classes are {', '.join(classes)}") from None
+    if not 0 <= index < len(classes):
+        raise InputError(f"target class {index} is outside 0..{len(classes) - 1}")
+    return index
+
+
+def poisoned_samples(ingested: Ingested, result: Poisoned, fmt: str) -> list[Sample]:
+    """The copy's samples, row-aligned with the input: stamped ones re-encoded, labels as given after
+    poisoning, keys as they will read back from the copy."""
+    stamped = result.poisoned | result.cover
+    labels = result.labels.tolist()
+    keys = copy_keys(ingested.samples, labels, ingested.classes, fmt)
+    samples = []
+    for row, sample in enumerate(ingested.samples):
+        sample = dataclasses.replace(sample, key=keys[row], label=labels[row])
+        samples.append(reencoded(sample, result.images[row]) if stamped[row] else sample)
+    return samples
+
+
+def copy_keys(samples: list[Sample], labels: list[int], classes: list[str], fmt: str) -> list[str]:
+    """WebDataset keys are kept; an ImageFolder key must start with its label's directory, as the
+    writer places it, so the keys we record are the ones read back."""
+    if fmt != "imagefolder":
+        return [sample.key for sample in samples]
+    dirs = class_dir_names(classes)
+    placed = [sample.key if sample.key.startswith(f"{dirs[label]}/") else f"{dirs[label]}/{sample.key}"
+              for sample, label in zip(samples, labels)]
+    return dedupe_keys(placed)[0]
+
+
+def reencoded(sample: Sample, pixels: np.ndarray) -> Sample:
+    data = encode_png(pixels)
+    return dataclasses.replace(sample, ext="png", sha256=hashlib.sha256(data).hexdigest(), data=data)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes (lossless, and the same bytes for the same pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_truth(attacker: Attack, ingested: Ingested, result: Poisoned, samples: list[Sample], *, rate: float,
+                target: int, seed: int, fmt: str) -> dict:
+    keys = [sample.key for sample in samples]
+    poisoned_rows = np.flatnonzero(result.poisoned)
+    return {
+        "attack": attacker.name,
+        "params": attacker.params,
+        "rate": rate,
+        "target": target,
+        "target_class": ingested.classes[target],
+        "seed": seed,
+        "format": fmt,
+        "input": {"path": ingested.path, "format": ingested.format, "fingerprint": ingested.fingerprint},
+        "classes": ingested.classes,
+        "counts": {"total": ingested.total, "readable": len(samples), "unreadable": len(ingested.unreadable),
+                   "poisoned": len(poisoned_rows), "cover": int(result.cover.sum())},
+        "poisoned": [keys[row] for row in poisoned_rows],
+        "cover": [keys[row] for row in np.flatnonzero(result.cover)],
+        "true_labels": {keys[row]: int(result.true_labels[row]) for row in poisoned_rows},
+        "renamed": {new.key: old.key for new, old in zip(samples, ingested.samples) if new.key != old.key},
+        "warnings": result.warnings,
+    }

@@ -1,0 +1,97 @@
+"""``poison_dataset`` on real shards and ImageFolder trees: the copy reads back, matches truth.json, and the input is untouched."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sanitize.attacks.poison import TRUTH_FILE, poison_dataset
+from sanitize.formats import read_dataset
+from sanitize.formats.records import InputError
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def check_copy(data: Path, out: Path, truth: dict, *, target: int) -> None:
+    """The copy holds every input sample once: untouched ones byte-identical, stamped ones PNG, labels per truth."""
+    before, after = read_dataset(data), read_dataset(out)
+    assert json.loads((out / TRUTH_FILE).read_text()) == truth
+    renamed = truth["renamed"]
+    originals = {sample.key: sample for sample in before.samples}
+    copies = {sample.key: sample for sample in after.samples}
+    assert len(copies) == len(originals) == truth["counts"]["readable"]
+    stamped = set(truth["poisoned"]) | set(truth["cover"])
+    for key, copy in copies.items():
+        original = originals[renamed.get(key, key)]
+        if key in stamped:
+            assert copy.ext == "png" and copy.sha256 != original.sha256
+        else:
+            assert copy.data == original.data and copy.label == original.label
+        if key in truth["poisoned"]:
+            assert truth["true_labels"][key] == original.label
+            assert copy.label == target
+        elif key in truth["cover"]:
+            assert copy.label == original.label
+
+
+def test_poison_shards_round_trip(make_shards, tmp_path):
+    data = make_shards(120, per_shard=50)
+    hashes = tree_hashes(data)
+    truth = poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", seed=2)
+    assert tree_hashes(data) == hashes, "the input was modified"
+    assert truth["counts"]["poisoned"] == 12 and truth["format"] == "webdataset" and not truth["renamed"]
+    check_copy(data, tmp_path / "out", truth, target=1)
+    copy = read_dataset(tmp_path / "out")
+    rows = [index for index, sample in enumerate(copy.samples) if sample.key in truth["poisoned"]]
+    assert (copy.images[rows][:, -3:, -3:] == 255).all(), "the patch survives encoding"
+
+
+def test_poison_imagefolder_round_trip_with_cover_samples(make_imagefolder, tmp_path):
+    data = make_imagefolder(120)
+    hashes = tree_hashes(data)
+    truth = poison_dataset(data, attack="tact", rate=0.05, target="automobile", out=tmp_path / "out",
+                           cover_rate="0.05")
+    assert tree_hashes(data) == hashes
+    assert truth["target"] == 1 and truth["params"]["cover_rate"] == 0.05
+    assert truth["counts"]["poisoned"] == 6 and truth["counts"]["cover"] == 6
+    assert all(key.startswith("automobile/airplane/") for key in truth["poisoned"]), "poisons move to the target"
+    check_copy(data, tmp_path / "out", truth, target=1)
+
+
+def test_poison_converts_formats(make_imagefolder, tmp_path):
+    data = make_imagefolder(60)
+    truth = poison_dataset(data, attack="sig", rate=0.05, target=1, out=tmp_path / "out", fmt="webdataset")
+    assert truth["format"] == "webdataset" and read_dataset(tmp_path / "out").format == "webdataset"
+    check_copy(data, tmp_path / "out", truth, target=1)
+
+
+def test_poison_refuses_overlap_and_existing_output(make_shards, tmp_path):
+    data = make_shards(40, per_shard=40)
+    with pytest.raises(InputError, match="overlaps"):
+        poison_dataset(data, attack="badnets", rate=0.1, target=1, out=data / "inside")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out")
+    poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / TRUTH_FILE).is_file()
+    with pytest.raises(InputError, match="unknown attack"):
+        poison_dataset(data, attack="nope", rate=0.1, target=1, out=tmp_path / "other")
+    with pytest.raises(InputError, match="unknown target class"):
+        poison_dataset(data, attack="badnets", rate=0.1, target="unicorn", out=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_poison_is_deterministic(make_shards, tmp_path):
+    data = make_shards(60, per_shard=60)
+    first = poison_dataset(data, attack="blend", rate=0.1, target=0, out=tmp_path / "a", seed=5)
+    second = poison_dataset(data, attack="blend", rate=0.1, target=0, out=tmp_path / "b", seed=5)
+    assert first == second
+    assert tree_hashes(tmp_path / "a") == tree_hashes(tmp_path / "b")
+    assert np.array_equal(read_dataset(tmp_path / "a").images, read_dataset(tmp_path / "b").images)
