@@ -14,7 +14,7 @@ import re
 import unicodedata
 
 MAX_COMPONENT = 120
-_UNSAFE = re.compile(r'[.~<>:"|?*\x00-\x1f\x7f]')
+_UNSAFE = re.compile(r'[/\\.~<>:"|?*\x00-\x1f\x7f]')
 _SEPARATOR = re.compile(r"[/\\]")
 
 

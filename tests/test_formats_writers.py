@@ -1,0 +1,250 @@
+"""writers.py: staged OUT directories, clean/relabeled sets read back by webdataset and torchvision, dataset copies."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision
+import webdataset
+
+from sanitize.formats import InputError, read_dataset, staged_output, write_dataset, write_outputs
+from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key, safe_key
+from sanitize.formats.records import Sample
+
+
+def verdicts(ingested, seed: int = 0):
+    """Deterministic score/suspected/relabel: every fifth sample suspected and moved to class 0."""
+    count = len(ingested.samples)
+    score = np.random.default_rng(seed).random(count)
+    suspected = np.arange(count) % 5 == 0
+    relabel = np.where(suspected, 0, ingested.labels)
+    return score, suspected, relabel
+
+
+def shard_paths(directory: Path) -> list[str]:
+    return sorted(str(path) for path in directory.glob("*.tar"))
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --- staged_output -----------------------------------------------------------------------------------------------
+
+
+def test_staged_output_moves_a_hidden_temporary_directory_into_place(tmp_path):
+    out = tmp_path / "out"
+    with staged_output(out, tmp_path / "input") as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".out.sanitize-tmp-")
+        (staging / "result.txt").write_text("done")
+        assert not out.exists()
+    assert (out / "result.txt").read_text() == "done" and not staging.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_staged_output_removes_its_directory_on_error(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_output(tmp_path / "out", tmp_path / "input") as staging:
+            (staging / "half.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_output_refuses_an_out_that_overlaps_the_input(tmp_path):
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(data, target_is_directory=True)
+    for out in (data, data / "clean", link / "cat" / "out", tmp_path):
+        with pytest.raises(InputError, match="overlaps the input"):
+            with staged_output(out, data, overwrite=True):
+                pass
+    with pytest.raises(InputError, match="overlaps the input"):
+        with staged_output(tmp_path / "part-000001.tar", f"{tmp_path}/part-{{000000..000002}}.tar"):
+            pass
+
+
+def test_staged_output_replaces_only_with_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(InputError, match="not empty"):
+        with staged_output(out, tmp_path / "input"):
+            pass
+    with staged_output(out, tmp_path / "input", overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        with staged_output(tmp_path / "file", tmp_path / "input", overwrite=True):
+            pass
+
+
+def test_staged_output_accepts_an_existing_empty_directory(tmp_path):
+    (tmp_path / "out").mkdir()
+    with staged_output(tmp_path / "out", tmp_path / "input") as staging:
+        (staging / "a").write_text("a")
+    assert (tmp_path / "out" / "a").exists()
+
+
+# --- write_outputs -----------------------------------------------------------------------------------------------
+
+
+def test_clean_and_relabeled_shards_read_back_with_webdataset(make_shards, tmp_path, cifar_samples):
+    ingested = read_dataset(make_shards(120, 50), workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    written = write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
+                            shard_size=40)
+    assert written == {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}
+    clean = list(webdataset.WebDataset(shard_paths(tmp_path / "out" / "clean"), shardshuffle=False))
+    expected = [sample for sample, flagged in zip(cifar_samples[:120], suspected) if not flagged]
+    assert [s["__key__"] for s in clean] == [key for key, _, _ in expected]
+    assert [s["jpg"] for s in clean] == [jpg for _, jpg, _ in expected]
+    assert [int(s["cls"]) for s in clean] == [label for _, _, label in expected]
+    meta = json.loads(clean[0]["json"])
+    assert meta == {"key": expected[0][0], "source": f"part-000000.tar:{expected[0][0]}.jpg",
+                    "label": expected[0][2], "score": score[1]}
+    relabeled = list(webdataset.WebDataset(shard_paths(tmp_path / "out" / "relabeled"), shardshuffle=False))
+    assert len(relabeled) == 120 and [int(s["cls"]) for s in relabeled] == relabel.tolist()
+    assert json.loads(relabeled[0]["json"]) == {"original_label": cifar_samples[0][2], "relabel": 0,
+                                                "suspected": True, "score": score[0]}
+    assert len(shard_paths(tmp_path / "out" / "relabeled")) == 3
+
+
+def test_outputs_read_back_through_read_dataset(make_shards, tmp_path):
+    ingested = read_dataset(make_shards(100, 50), workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel)
+    clean = read_dataset(tmp_path / "out" / "clean", workers=1)
+    assert clean.classes == ingested.classes and len(clean.samples) == int((~suspected).sum())
+    relabeled = read_dataset(tmp_path / "out" / "relabeled", workers=1)
+    assert [s.data for s in relabeled.samples] == [s.data for s in ingested.samples]
+    assert relabeled.labels.tolist() == relabel.tolist()
+
+
+def test_shards_are_byte_identical_on_a_second_write(make_shards, tmp_path):
+    ingested = read_dataset(make_shards(100, 50), workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    for name in ("first", "second"):
+        write_outputs(tmp_path / name, ingested, score=score, suspected=suspected, relabel=relabel, shard_size=30)
+    assert digests(tmp_path / "first") == digests(tmp_path / "second")
+    with tarfile.open(tmp_path / "first" / "clean" / "clean-000000.tar") as tar:
+        info = tar.getmembers()[0]
+    assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == (0, 0, 0, "sanitize", "sanitize",
+                                                                                    0o444)
+
+
+def test_scores_csv_has_one_row_per_readable_sample_in_input_order(make_shards, tmp_path):
+    root = make_shards(60, 30)
+    (root / "part-000002.tar").write_bytes(b"not a tar")
+    ingested = read_dataset(root, workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel)
+    with open(tmp_path / "out" / "scores.csv", newline="") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == ["key", "source", "label", "score", "suspected", "relabel"]
+    assert [row[0] for row in rows[1:]] == [s.key for s in ingested.samples]
+    assert [float(row[3]) for row in rows[1:]] == score.tolist()
+    assert rows[1][4:] == ["true", "0"] and rows[2][4] == "false"
+
+
+def test_relabeled_imagefolder_loads_with_torchvision(make_imagefolder, tmp_path, cifar_samples):
+    ingested = read_dataset(make_imagefolder(80), workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
+                  relabeled_format="imagefolder")
+    root = tmp_path / "out" / "relabeled"
+    folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    assert folder.classes == ingested.classes
+    by_path = {Path(path).relative_to(root).as_posix(): label for path, label in folder.samples}
+    assert sorted(by_path.values()) == sorted(relabel.tolist())
+    kept = ingested.samples[1]  # not suspected: same class directory, so the same path and key
+    assert by_path[kept.source] == kept.label and (root / kept.source).read_bytes() == kept.data
+    moved = next(s for s, flagged in zip(ingested.samples, suspected) if flagged and s.label != 0)
+    assert by_path[f"{ingested.classes[0]}/{moved.key}.jpg"] == 0  # relabeled to class 0: nested under it
+    assert len(list(webdataset.WebDataset(shard_paths(tmp_path / "out" / "clean"), shardshuffle=False))) == 64
+
+
+def test_verdicts_that_do_not_fit_are_a_bug_not_bad_data(make_shards, tmp_path):
+    ingested = read_dataset(make_shards(30, 30), workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    with pytest.raises(ValueError, match="must be"):
+        write_outputs(tmp_path / "a", ingested, score=score[:-1], suspected=suspected, relabel=relabel)
+    with pytest.raises(ValueError, match="NaN"):
+        write_outputs(tmp_path / "b", ingested, score=score * np.nan, suspected=suspected, relabel=relabel)
+    with pytest.raises(ValueError, match="relabel outside"):
+        write_outputs(tmp_path / "c", ingested, score=score, suspected=suspected, relabel=relabel + 10)
+
+
+# --- write_dataset -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["shards", "folder"])
+def test_write_dataset_round_trips_keys_labels_and_bytes(layout, make_shards, make_imagefolder, tmp_path):
+    source = make_shards(90, 40) if layout == "shards" else make_imagefolder(90)
+    ingested = read_dataset(source, workers=1)
+    out = write_dataset(tmp_path / "copy", ingested.samples, ingested.classes, fmt=ingested.format, shard_size=25)
+    back = read_dataset(out, workers=1)
+    assert back.format == ingested.format and back.classes == ingested.classes
+    assert [(s.key, s.label, s.data) for s in back.samples] == [(s.key, s.label, s.data)
+                                                                for s in ingested.samples]
+    assert not any(p.name.startswith(".copy") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
+def test_write_dataset_across_formats_keeps_labels_and_bytes(fmt, make_shards, make_imagefolder, tmp_path):
+    """An ImageFolder key is its path, so shards -> folder gains a class directory; folder -> shards keeps it."""
+    ingested = read_dataset(make_shards(60, 40) if fmt == "imagefolder" else make_imagefolder(60), workers=1)
+    back = read_dataset(write_dataset(tmp_path / "copy", ingested.samples, ingested.classes, fmt=fmt), workers=1)
+    prefix = (lambda s: f"{ingested.classes[s.label]}/") if fmt == "imagefolder" else (lambda s: "")
+    assert sorted((s.key, s.label, s.data) for s in back.samples) == sorted(
+        (prefix(s) + s.key, s.label, s.data) for s in ingested.samples)
+
+
+def test_write_dataset_refuses_unsafe_or_duplicate_keys_and_existing_output(tmp_path, cifar_samples):
+    key, jpg, label = cifar_samples[0]
+    sample = Sample(key, "x", label, "jpg", hashlib.sha256(jpg).hexdigest(), jpg)
+    classes = [str(i) for i in range(10)]
+    evil = Sample("../escape", "x", label, "jpg", sample.sha256, jpg)
+    with pytest.raises(ValueError, match="unsafe"):
+        write_dataset(tmp_path / "a", [evil], classes, fmt="imagefolder")
+    with pytest.raises(ValueError, match="unique"):
+        write_dataset(tmp_path / "b", [sample, sample], classes)
+    write_dataset(tmp_path / "c", [sample], classes)
+    with pytest.raises(InputError, match="not empty"):
+        write_dataset(tmp_path / "c", [sample], classes)
+    write_dataset(tmp_path / "c", [sample], classes, overwrite=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "escape.jpg").exists()
+
+
+# --- keys --------------------------------------------------------------------------------------------------------
+
+
+def test_safe_keys():
+    assert safe_key("../../etc/passwd") == "etc/passwd"
+    assert safe_key("/abs//x/./y") == "abs/x/y"
+    assert safe_key("a.b\\c~d") == "a_b/c_d"
+    assert safe_key("") == safe_key("..") == "_"
+    assert safe_key("tab\there\x00") == "tab_here_"
+    long = safe_key("x" * 500)
+    assert len(long) <= 120 and long != safe_key("x" * 499)
+    assert all(is_safe_key(key) for key in ["a/b", "a~1", "é/猫"]) and not is_safe_key("a.b")
+
+
+def test_dedupe_keys_in_order():
+    assert dedupe_keys(["a", "b", "a", "a", "b"])[0] == ["a", "b", "a~1", "a~2", "b~1"]
+
+
+def test_class_dir_names_keep_torchvision_numbering():
+    assert class_dir_names(["cat", "dog"]) == ["cat", "dog"]
+    assert class_dir_names(["dog", "cat"]) == ["0-dog", "1-cat"]
+    assert class_dir_names(["a/b", "c"]) == ["0-a_b", "1-c"]
+    names = class_dir_names([f"c{i}" for i in range(12)][::-1])
+    assert sorted(names) == names
