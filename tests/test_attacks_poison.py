@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sanitize.attacks.poison import TRUTH_FILE, poison_dataset
+from sanitize.attacks import poison_dataset
+from sanitize.attacks.poison import TRUTH_FILE
 from sanitize.formats import read_dataset
 from sanitize.formats.records import InputError
 

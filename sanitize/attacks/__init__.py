@@ -2,56 +2,11 @@
 
 ``make_attack(name, **params)`` builds one; ``attack.poison(...)`` returns a
 :class:`Poisoned` copy with its ground truth; ``attack.trigger(...)`` stamps test
-images to measure the attack success rate. ``poison.poison_dataset`` does the
-same on a dataset on disk.
+images to measure the attack success rate. ``poison_dataset`` does the same on a
+dataset on disk and writes the copy plus truth.json.
 """
-from __future__ import annotations
-
-import dataclasses
-
-from sanitize.attacks.adaptive import AdaptiveBlend, AdaptivePatch
-from sanitize.attacks.badnets import BadNets
 from sanitize.attacks.base import Attack, Poisoned
-from sanitize.attacks.blend import Blend
-from sanitize.attacks.label_consistent import LabelConsistent
-from sanitize.attacks.physicalba import PhysicalBA
-from sanitize.attacks.sig import SIG
-from sanitize.attacks.tact import TaCT
-from sanitize.attacks.wanet import WaNet
-from sanitize.formats.records import InputError
+from sanitize.attacks.poison import poison_dataset
+from sanitize.attacks.registry import REGISTRY, make_attack
 
-REGISTRY: dict[str, type[Attack]] = {attack.name: attack for attack in (
-    BadNets, Blend, SIG, WaNet, PhysicalBA, TaCT, AdaptiveBlend, AdaptivePatch, LabelConsistent)}
-
-__all__ = ["REGISTRY", "Attack", "Poisoned", "make_attack"]
-
-
-def make_attack(name: str, **params) -> Attack:
-    """The attack ``name`` with ``params`` over its defaults. Values may be strings (from a
-    command line); they are converted to the type of the default."""
-    if name not in REGISTRY:
-        raise InputError(f"unknown attack {name!r}; choose one of {', '.join(REGISTRY)}")
-    attack_class = REGISTRY[name]
-    defaults = {f.name: f.default for f in dataclasses.fields(attack_class)}
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise InputError(f"unknown parameter(s) for {name}: {', '.join(unknown)}; "
-                         f"valid: {', '.join(defaults)}")
-    return attack_class(**{key: _coerce(name, key, value, defaults[key]) for key, value in params.items()})
-
-
-def _coerce(attack: str, key: str, value, default):
-    """``value`` as the type of ``default``; a tuple accepts a list or a comma-separated string."""
-    kind = type(default)
-    try:
-        if isinstance(default, tuple):
-            items = value.split(",") if isinstance(value, str) else value
-            item_kind = type(default[0]) if default else int
-            return tuple(item_kind(item) for item in items if str(item).strip())
-        converted = kind(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{attack} parameter {key} must be {kind.__name__}, got {value!r}") from None
-    if kind is int and converted != float(value):  # 2.5 must not silently become 2
-        raise InputError(f"{attack} parameter {key} must be a whole number, got {value!r}")
-    return converted
-
+__all__ = ["REGISTRY", "Attack", "Poisoned", "make_attack", "poison_dataset"]

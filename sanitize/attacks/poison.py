@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sanitize.attacks import make_attack
 from sanitize.attacks.base import Attack, Poisoned
+from sanitize.attacks.registry import make_attack
 from sanitize.formats import read_dataset, staged_output, write_dataset
 from sanitize.formats.keys import class_dir_names, dedupe_keys
 from sanitize.formats.records import Ingested, InputError, Sample
