@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from PIL import Image
 from conftest import decode_jpegs, write_shard
 from sanitize.formats import InputError, read_dataset
 from sanitize.formats import images as images_module
+from sanitize.formats import readers as readers_module
 
 
 def members_of(samples, label_ext="cls"):
@@ -55,7 +57,8 @@ def test_shard_directory_reads_every_sample_with_its_bytes_label_and_pixels(make
     assert np.array_equal(ingested.images, expected)
     assert ingested.image_size == (32, 32) and "32x32" in ingested.size_rule
     assert ingested.samples[80].source == f"part-000001.tar:{cifar_samples[80][0]}.jpg"
-    assert ingested.samples[0].ext == "jpg" and len(ingested.samples[0].sha256) == 64
+    assert ingested.samples[0].ext == "jpg"
+    assert all(s.sha256 == hashlib.sha256(s.data).hexdigest() for s in ingested.samples)
     assert ingested.unreadable == [] and ingested.warnings == [] and ingested.skipped == {}
 
 
@@ -368,14 +371,20 @@ def test_mixed_sizes_follow_the_working_size_rule(tmp_path):
         read_dataset(root, image_size=0, workers=1)
 
 
-def test_process_pool_gives_the_same_result_as_inline(make_shards, cifar_samples, monkeypatch):
-    root = make_shards(120, 40)
-    write_shard(root / "part-000003.tar", [("bad.jpg", b"junk"), ("bad.cls", b"1")])
+@pytest.mark.parametrize("layout", ["shards", "folder"])
+def test_process_pool_gives_the_same_result_as_inline(layout, make_shards, make_imagefolder, monkeypatch):
+    root = make_shards(120, 40) if layout == "shards" else make_imagefolder(120)
+    if layout == "shards":
+        write_shard(root / "part-000003.tar", [("bad.jpg", b"junk"), ("bad.cls", b"1")])
+    else:
+        (root / "cat" / "bad.jpg").write_bytes(b"junk")
     inline = read_dataset(root, workers=1)
-    monkeypatch.setattr(images_module, "POOL_MIN_SAMPLES", 10)
-    monkeypatch.setattr(images_module, "CHUNK", 16)
+    for module in (images_module, readers_module):
+        monkeypatch.setattr(module, "POOL_MIN_SAMPLES", 10)
+        monkeypatch.setattr(module, "CHUNK", 16)
+    monkeypatch.setattr(readers_module, "POOL_MIN_BYTES", 0)
     pooled = read_dataset(root, workers=2)
-    assert np.array_equal(pooled.images, inline.images)
+    assert np.array_equal(pooled.images, inline.images) and len(inline.unreadable) == 1
     assert pooled.samples == inline.samples and pooled.unreadable == inline.unreadable
 
 

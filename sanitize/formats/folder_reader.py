@@ -5,7 +5,8 @@ directories under root (as torchvision numbers them), files are walked in
 sorted directory order, then sorted file name. Hidden files and directories,
 files that are not images (by extension, case-insensitive), files directly
 under root, links to non-files and symlinked sub-directories (which could
-loop) are skipped and counted.
+loop) are skipped and counted. Walking happens in the calling process; reading and
+hashing the files can run in workers (``read_files``).
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def _is_image_name(name: str, listing: Listing) -> bool:
     return True
 
 
-def file_record(root: Path, path: Path, label: int, listing: Listing) -> Sample | Unreadable | None:
-    """One file as a record; None (and counted) when it is a link to something that is not a regular file."""
+def file_record(root: Path, path: Path, label: int) -> Sample | Unreadable | None:
+    """One file as a record; None when it is (a link to) something that is not a regular file."""
     source = path.relative_to(root).as_posix()
     stem, ext = os.path.splitext(source)
     key = safe_key(stem)
@@ -80,7 +81,6 @@ def file_record(root: Path, path: Path, label: int, listing: Listing) -> Sample 
     except OSError as error:
         return Unreadable(key, source, f"cannot read: {error.strerror or error}")
     if data is None:
-        listing.skip("not_regular_file")
         return None
     if len(data) > MAX_FILE_BYTES:
         return Unreadable(key, source, f"file larger than {MAX_FILE_BYTES} bytes")
@@ -99,14 +99,6 @@ def _open_nonblocking(path, flags):
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
-def list_class(root: Path, directory: str, label: int) -> Listing:
-    """The records of one class directory, all with ``label``."""
-    listing = Listing()
-    files = image_files(root / directory, listing)
-    if not files:
-        listing.warnings.append(f"class directory {directory!r} holds no image")
-    for path in files:
-        record = file_record(root, path, label, listing)
-        if record is not None:
-            listing.records.append(record)
-    return listing
+def read_files(root: Path, files: list[tuple[Path, int]]) -> list[Sample | Unreadable | None]:
+    """``file_record`` for each (path, label), in order; runs in a worker for large folders."""
+    return [file_record(root, path, label) for path, label in files]

@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 
-from sanitize.formats.folder_reader import class_dirs, list_class
-from sanitize.formats.images import decode_images
+from sanitize.formats.folder_reader import class_dirs, image_files, read_files
+from sanitize.formats.images import CHUNK, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import dedupe_keys
 from sanitize.formats.records import Ingested, InputError, Listing, Sample, Unreadable
 from sanitize.formats.shard_reader import list_shard
@@ -23,6 +24,7 @@ from sanitize.formats.workers import Workers
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_INFERRED_CLASSES = 100_000  # without a class list, a label of 10**9 must not make 10**9 classes
 MAX_SHARDS = 1_000_000
+POOL_MIN_BYTES = 4 * 2**20  # shards smaller than this in all are listed inline: a pool would start slower
 MAX_WARNINGS = 20  # per kind; a set with 50,000 duplicate keys needs one line, not 50,000
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"(\d+)\.\.(\d+)")
@@ -40,8 +42,9 @@ def read_dataset(path, *, classes_file=None, image_size=None, workers=None) -> I
     else, if at least half of the readable images share one size whose longer
     side is <= 64, that size (the others are resized to it); else 224x224.
     Resizing scales the image to cover the target and center-crops it.
-    workers: processes that read shards or class directories in parallel and
-    decode large inputs (> 2,000 samples) in chunks; default ``os.cpu_count()``.
+    workers: processes (default ``os.cpu_count()``) that read shards (4 MiB or
+    more in all) or files (2,000 or more) and decode images (2,000 or more) in
+    parallel, in chunks; smaller inputs are read and decoded inline.
 
     Returns Ingested with ``images`` uint8 [N, H, W, 3], row i = ``samples[i]``.
     Raises InputError when the path is missing, holds no samples, fewer than two
@@ -134,7 +137,8 @@ def _brace_items(body: str) -> list[str]:
 def _list_shards(shards: list[Path], root: Path, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
     listing = Listing()
     names = [shard.relative_to(root).as_posix() if shard.is_relative_to(root) else str(shard) for shard in shards]
-    for part in pool.map(list_shard, shards, names, parallel=len(shards) > 1):
+    parallel = len(shards) > 1 and sum(shard.stat().st_size for shard in shards) >= POOL_MIN_BYTES
+    for part in pool.map(list_shard, shards, names, parallel=parallel):
         listing.extend(part)
     beside = root / "classes.json"
     names = load_classes(classes_file or beside) if classes_file or beside.is_file() else None
@@ -162,10 +166,19 @@ def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str
     unknown = sorted(set(dirs) - set(classes))
     if unknown:
         raise InputError(f"{root}: class directories not in {classes_file}: {', '.join(unknown[:5])}")
-    labels = [classes.index(directory) for directory in dirs]
-    for part in pool.map(list_class, [root] * len(dirs), dirs, labels, parallel=len(dirs) > 1):
-        listing.extend(part)
+    files = [(path, classes.index(directory)) for directory in dirs for path in _class_files(root, directory, listing)]
+    chunks = [files[start:start + CHUNK] for start in range(0, len(files), CHUNK)]
+    for records in pool.map(partial(read_files, root), chunks, parallel=len(files) >= POOL_MIN_SAMPLES):
+        listing.records += [record for record in records if record is not None]
+        listing.skip("not_regular_file", records.count(None))
     return "imagefolder", classes, listing
+
+
+def _class_files(root: Path, directory: str, listing: Listing) -> list[Path]:
+    files = image_files(root / directory, listing)
+    if not files:
+        listing.warnings.append(f"class directory {directory!r} holds no image")
+    return files
 
 
 def load_classes(path) -> list[str]:
