@@ -239,7 +239,7 @@ def test_safe_keys():
 
 
 def test_dedupe_keys_in_order():
-    assert dedupe_keys(["a", "b", "a", "a", "b"])[0] == ["a", "b", "a~1", "a~2", "b~1"]
+    assert dedupe_keys(["a", "b", "a", "a", "b"]) == ["a", "b", "a~1", "a~2", "b~1"]
 
 
 def test_class_dir_names_keep_torchvision_numbering():

@@ -40,14 +40,13 @@ def is_safe_key(key: str) -> bool:
     return safe_key(plain) == plain
 
 
-def dedupe_keys(keys: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Make keys unique in order: the first keeps its key, later ones become ``key~1``, ``key~2`` ...
+def dedupe_keys(keys: list[str]) -> list[str]:
+    """Keys made unique in order: the first keeps its key, later ones become ``key~1``, ``key~2`` ...
 
-    Returns the unique keys and the (original, renamed) pairs. Safe keys never
-    hold ``~``, so a renamed key cannot collide with an original one.
+    Safe keys never hold ``~``, so a renamed key cannot collide with an original one.
     """
     seen: set[str] = set()
-    unique, renamed = [], []
+    unique = []
     for key in keys:
         candidate, count = key, 0
         while candidate in seen:
@@ -55,9 +54,7 @@ def dedupe_keys(keys: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             candidate = f"{key}~{count}"
         seen.add(candidate)
         unique.append(candidate)
-        if candidate != key:
-            renamed.append((key, candidate))
-    return unique, renamed
+    return unique
 
 
 def class_dir_names(classes: list[str]) -> list[str]:

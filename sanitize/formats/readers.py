@@ -90,7 +90,7 @@ def _requested_size(image_size) -> tuple[int, int] | None:
 
 def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
     """Detect the format and list the input: (format, classes, listing)."""
-    if _BRACE.search(path):
+    if _BRACE.search(path) and not os.path.exists(path):  # a real name with braces is read as it is
         shards = [Path(name) for name in expand_braces(path)]
         missing = [str(shard) for shard in shards if not shard.is_file()]
         if missing:
@@ -212,7 +212,7 @@ def _as_unreadable(sample: Sample, error: str) -> Unreadable:
 
 def _unique_keys(listing: Listing) -> list:
     """Records with unique keys (``key~1`` ...); each renaming is reported in the warnings."""
-    keys, _ = dedupe_keys([record.key for record in listing.records])
+    keys = dedupe_keys([record.key for record in listing.records])
     records, notes = [], []
     for record, key in zip(listing.records, keys):
         if key != record.key:

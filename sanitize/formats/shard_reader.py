@@ -143,7 +143,8 @@ def _flush(group: _Group | None, listing: Listing) -> None:
 def _record_cut(scan: TarScan, name: str, group: _Group | None, listing: Listing) -> None:
     """Flush the last group, or make it Unreadable when the cut member was one of its own."""
     if scan.cut_member is None:
-        return _flush(group, listing)
+        _flush(group, listing)
+        return
     prefix = (split_member_name(scan.cut_member) or (scan.cut_member, ""))[0]
     if group is not None and group.prefix != prefix:
         _flush(group, listing)

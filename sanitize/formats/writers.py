@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import Ingested, InputError, Sample
@@ -53,8 +54,10 @@ def staged_output(out, input_path, *, overwrite: bool = False) -> Iterator[Path]
 
 
 def _input_locations(input_path) -> list[Path]:
-    names = expand_braces(str(input_path)) if "{" in str(input_path) else [str(input_path)]
-    return [Path(name).resolve() for name in names]
+    """The input's directory or shard files, symlinks resolved, as ``read_dataset`` will see them."""
+    name = str(input_path)
+    names = expand_braces(name) if "{" in name and not os.path.exists(name) else [name]
+    return [Path(each).resolve() for each in names]
 
 
 def _refuse_overlap(target: Path, input_path) -> None:
@@ -64,9 +67,9 @@ def _refuse_overlap(target: Path, input_path) -> None:
 
 
 def _refuse_existing(target: Path, overwrite: bool) -> None:
-    if not target.exists() and not target.is_symlink():
+    if not target.exists():
         return
-    if not target.is_dir() or target.is_symlink():
+    if not target.is_dir():
         raise InputError(f"output {target} exists and is not a directory")
     if any(target.iterdir()) and not overwrite:
         raise InputError(f"output {target} exists and is not empty (use --overwrite to replace it)")
@@ -134,9 +137,9 @@ def _write_relabeled(directory: Path, ingested: Ingested, score, suspected, rela
     if fmt == "imagefolder":
         write_folder(directory, samples, relabel.tolist(), ingested.classes)
         return
-    write_shards(directory, "relabeled", (_relabeled_fields(sample, float(score[i]), bool(suspected[i]),
-                                                            int(relabel[i])) for i, sample in enumerate(samples)),
-                 shard_size)
+    fields = (_relabeled_fields(sample, float(score[i]), bool(suspected[i]), int(relabel[i]))
+              for i, sample in enumerate(samples))
+    write_shards(directory, "relabeled", fields, shard_size)
     _write_classes(directory, ingested.classes)
 
 
@@ -202,12 +205,12 @@ def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: 
     See ``class_dir_names`` for how the directories are named. Returns the
     relative paths written, in sample order.
     """
-    _require_safe_keys(samples)
+    _require_safe_names(samples)
     dirs = class_dir_names(classes)
     for name in dirs:
         (root / name).mkdir(parents=True, exist_ok=True)
     stems = [_placement(sample.key, dirs[label]) for sample, label in zip(samples, labels)]
-    written = [f"{stem}.{sample.ext}" for stem, sample in zip(dedupe_keys(stems)[0], samples)]
+    written = [f"{stem}.{sample.ext}" for stem, sample in zip(dedupe_keys(stems), samples)]
     for relative, sample in zip(written, samples):
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,11 +218,11 @@ def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: 
     return written
 
 
-def _require_safe_keys(samples: list[Sample]) -> None:
-    """Keys become paths: one that is not safe (``..``, absolute, dots) is a bug in the caller."""
-    unsafe = [sample.key for sample in samples if not is_safe_key(sample.key)]
+def _require_safe_names(samples: list[Sample]) -> None:
+    """Keys and extensions become paths: an unsafe one (``..``, absolute, dots) is a bug in the caller."""
+    unsafe = [f"{s.key}.{s.ext}" for s in samples if not is_safe_key(s.key) or s.ext not in IMAGE_EXTS]
     if unsafe:
-        raise ValueError(f"unsafe sample keys (make them with keys.safe_key): {unsafe[:3]}")
+        raise ValueError(f"unsafe sample keys or extensions (make keys with keys.safe_key): {unsafe[:3]}")
 
 
 def _placement(key: str, class_dir: str) -> str:
@@ -243,13 +246,15 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
     ``fmt="webdataset"``: shards ``part-%06d.tar`` (``<key>.<ext>``, ``<key>.cls``)
     plus classes.json. ``fmt="imagefolder"``: ``<out>/<class>/<key>.<ext>`` (see
     ``write_folder``). Reading ``out`` back with ``read_dataset`` gives the same
-    keys, labels and bytes. Returns ``Path(out)``.
+    labels and bytes, and the same keys when ``fmt`` is the format the samples
+    were read from (an ImageFolder key starts with its class directory, so
+    shards written as a folder gain one). Returns ``Path(out)``.
     """
     if fmt not in FORMATS:
         raise InputError(f"dataset format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if len({sample.key for sample in samples}) != len(samples):
         raise ValueError("sample keys must be unique")
-    _require_safe_keys(samples)
+    _require_safe_names(samples)
     if any(not 0 <= sample.label < len(classes) for sample in samples):
         raise ValueError(f"a sample label is outside 0..{len(classes) - 1}")
     with staged_output(out, None, overwrite=overwrite) as staging:
