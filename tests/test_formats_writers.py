@@ -12,6 +12,7 @@ import pytest
 import torchvision
 import webdataset
 
+from conftest import write_shard
 from sanitize.formats import InputError, read_dataset, staged_output, write_dataset, write_outputs
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key, safe_key
 from sanitize.formats.records import Sample
@@ -199,6 +200,23 @@ def test_write_dataset_round_trips_keys_labels_and_bytes(layout, make_shards, ma
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
+def test_renamed_duplicate_keys_survive_a_round_trip(fmt, tmp_path, cifar_samples):
+    first = cifar_samples[0]
+    other = next(sample for sample in cifar_samples if sample[2] != first[2])
+    root = tmp_path / "shards"
+    root.mkdir()
+    for name in ("a.tar", "b.tar"):
+        write_shard(root / name, [("dup.jpg", first[1]), ("dup.cls", str(first[2]).encode()),
+                                  (f"{other[0]}.jpg", other[1]), (f"{other[0]}.cls", str(other[2]).encode())])
+    ingested = read_dataset(root, workers=1)
+    assert [s.key for s in ingested.samples] == ["dup", other[0], "dup~1", f"{other[0]}~1"]
+    back = read_dataset(write_dataset(tmp_path / "copy", ingested.samples, ingested.classes, fmt=fmt), workers=1)
+    prefix = (lambda s: f"{ingested.classes[s.label]}/") if fmt == "imagefolder" else (lambda s: "")
+    assert sorted(s.key for s in back.samples) == sorted(prefix(s) + s.key for s in ingested.samples)
+    assert not any("duplicate" in warning for warning in back.warnings)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "imagefolder"])
 def test_write_dataset_across_formats_keeps_labels_and_bytes(fmt, make_shards, make_imagefolder, tmp_path):
     """An ImageFolder key is its path, so shards -> folder gains a class directory; folder -> shards keeps it."""
     ingested = read_dataset(make_shards(60, 40) if fmt == "imagefolder" else make_imagefolder(60), workers=1)
@@ -230,16 +248,18 @@ def test_write_dataset_refuses_unsafe_or_duplicate_keys_and_existing_output(tmp_
 def test_safe_keys():
     assert safe_key("../../etc/passwd") == "etc/passwd"
     assert safe_key("/abs//x/./y") == "abs/x/y"
-    assert safe_key("a.b\\c~d") == "a_b/c_d"
+    assert safe_key("a.b\\c~d") == "a_b/c~d"
     assert safe_key("") == safe_key("..") == "_"
     assert safe_key("tab\there\x00") == "tab_here_"
     long = safe_key("x" * 500)
     assert len(long) <= 120 and long != safe_key("x" * 499)
     assert all(is_safe_key(key) for key in ["a/b", "a~1", "é/猫"]) and not is_safe_key("a.b")
+    assert not is_safe_key("../a") and not is_safe_key("/a") and not is_safe_key("a//b")
 
 
 def test_dedupe_keys_in_order():
-    assert dedupe_keys(["a", "b", "a", "a", "b"]) == ["a", "b", "a~1", "a~2", "b~1"]
+    assert dedupe_keys(["a", "b", "a", "a", "b", "a~1"]) == (
+        ["a", "b", "a~1", "a~2", "b~1", "a~1~1"], [("a", "a~1"), ("a", "a~2"), ("b", "b~1"), ("a~1", "a~1~1")])
 
 
 def test_class_dir_names_keep_torchvision_numbering():

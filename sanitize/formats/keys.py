@@ -2,9 +2,8 @@
 
 A key is made of ``/``-separated components. A component never holds ``.``
 (WebDataset splits a member name into key and field at the first dot of its
-base name), ``/`` or ``\\``, ``~`` (reserved for the suffix that tells
-duplicate keys apart), control characters or characters Windows refuses in
-file names; it is never empty, ``..`` or hidden, and never longer than
+base name), ``/`` or ``\\``, control characters or characters Windows refuses
+in file names; it is never empty, ``..`` or hidden, and never longer than
 ``MAX_COMPONENT`` characters. The original name always stays in ``source``.
 """
 from __future__ import annotations
@@ -14,7 +13,7 @@ import re
 import unicodedata
 
 MAX_COMPONENT = 120
-_UNSAFE = re.compile(r'[/\\.~<>:"|?*\x00-\x1f\x7f]')
+_UNSAFE = re.compile(r'[/\\.<>:"|?*\x00-\x1f\x7f]')
 _SEPARATOR = re.compile(r"[/\\]")
 
 
@@ -35,18 +34,19 @@ def safe_key(name: str) -> str:
 
 
 def is_safe_key(key: str) -> bool:
-    """Whether ``key`` is what ``safe_key`` makes, allowing the ``~n`` suffixes of ``dedupe_keys``."""
-    plain = key.replace("~", "_")
-    return safe_key(plain) == plain
+    """Whether ``key`` is already what ``safe_key`` makes of it."""
+    return safe_key(key) == key
 
 
-def dedupe_keys(keys: list[str]) -> list[str]:
+def dedupe_keys(keys: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Keys made unique in order: the first keeps its key, later ones become ``key~1``, ``key~2`` ...
 
-    Safe keys never hold ``~``, so a renamed key cannot collide with an original one.
+    Returns the unique keys and the (original, renamed) pairs. Every candidate
+    is checked against all keys seen so far, so a renamed key never collides
+    with an original ``key~1`` either (that one becomes ``key~1~1``).
     """
     seen: set[str] = set()
-    unique = []
+    unique, renamed = [], []
     for key in keys:
         candidate, count = key, 0
         while candidate in seen:
@@ -54,7 +54,9 @@ def dedupe_keys(keys: list[str]) -> list[str]:
             candidate = f"{key}~{count}"
         seen.add(candidate)
         unique.append(candidate)
-    return unique
+        if candidate != key:
+            renamed.append((key, candidate))
+    return unique, renamed
 
 
 def class_dir_names(classes: list[str]) -> list[str]:

@@ -212,7 +212,7 @@ def _as_unreadable(sample: Sample, error: str) -> Unreadable:
 
 def _unique_keys(listing: Listing) -> list:
     """Records with unique keys (``key~1`` ...); each renaming is reported in the warnings."""
-    keys = dedupe_keys([record.key for record in listing.records])
+    keys, renamed = dedupe_keys([record.key for record in listing.records])
     records, notes = [], []
     for record, key in zip(listing.records, keys):
         if key != record.key:
@@ -220,8 +220,8 @@ def _unique_keys(listing: Listing) -> list:
             record = dataclasses.replace(record, key=key)
         records.append(record)
     listing.warnings.extend(notes[:MAX_WARNINGS])
-    if len(notes) > MAX_WARNINGS:
-        listing.warnings.append(f"... and {len(notes) - MAX_WARNINGS} more duplicate keys renamed")
+    if len(renamed) > MAX_WARNINGS:
+        listing.warnings.append(f"... and {len(renamed) - MAX_WARNINGS} more duplicate keys renamed")
     return records
 
 
