@@ -23,7 +23,7 @@ import numpy as np
 
 from sanitize.attacks.base import Attack, check_fraction
 from sanitize.attacks.blend import Blend
-from sanitize.attacks.patterns import CANVAS, CORNERS, logo_patches, resize_nearest
+from sanitize.attacks.patterns import CANVAS, CORNERS, Stamp, logo_patches, resize_nearest
 from sanitize.formats.records import InputError
 
 
@@ -83,7 +83,7 @@ class AdaptivePatch(Attack):
         for value in self.alphas + (self.test_alpha, self.cover_rate):
             check_fraction("alphas, test_alpha and cover_rate", value)
 
-    def patches(self):
+    def patches(self) -> list[Stamp]:
         return logo_patches(self.size, CORNERS[:len(self.alphas)], self.pattern_seed)
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
