@@ -140,16 +140,18 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor, relearn: torch.Tensor,
                     epochs: int = 1, batch_size: int = 512, lr: float = 0.01, unlearn_weight: float = 1.0,
+                    unlearn_share: float = 0.125,
                     weight_decay: float = 5e-4, seed: int = 0, progress: Progress | None = None) -> dict:
     """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``.
 
-    The unlearn batch is drawn with replacement at the same relative size, so a small
-    unlearn set is seen many times per epoch: it is the signal the enhancement amplifies.
+    The unlearn batch is drawn with replacement at the set's relative size, but at least
+    ``unlearn_share`` of ``batch_size``, so a small unlearn set is seen many times per
+    epoch: it is the signal the enhancement amplifies.
     """
     generator = make_generator(seed, bank.device)
     optimizer = make_optimizer(model, lr, weight_decay)
     unlearn_batch = max(1, round(batch_size * len(unlearn) / max(1, len(relearn) + len(unlearn))))
-    unlearn_batch = max(unlearn_batch, batch_size // 8)
+    unlearn_batch = max(unlearn_batch, round(batch_size * unlearn_share))
     total = epochs * math.ceil(len(relearn) / batch_size)
     model.train()
     step = 0

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sanitize.formats.records import InputError
+
 from conftest import write_shard
 from sanitize.formats import (build_manifest, read_dataset, read_manifest, read_scores, validate_manifest,
                               write_manifest, write_outputs)
@@ -117,7 +119,13 @@ def test_read_manifest_rejects_an_invalid_file(run, tmp_path):
     manifest = copy.deepcopy(run[-1])
     del manifest["counts"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="counts"):
+    with pytest.raises(InputError, match="counts"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a valid sanitize manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(InputError, match="not a sanitize output directory"):
         read_manifest(tmp_path)
 
 

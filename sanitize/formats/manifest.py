@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sanitize import __version__
-from sanitize.formats.records import Ingested
+from sanitize.formats.records import Ingested, InputError
 from sanitize.formats.writers import SCORES_HEADER, check_verdicts
 
 SCHEMA_VERSION = 1
@@ -122,9 +122,15 @@ def write_manifest(directory, manifest: dict) -> Path:
 
 
 def read_manifest(out_dir) -> dict:
-    """``out_dir/manifest.json``, validated."""
-    manifest = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
-    validate_manifest(manifest)
+    """``out_dir/manifest.json``, validated. A missing or broken manifest is the user's error (InputError)."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        validate_manifest(manifest)
+    except FileNotFoundError:
+        raise InputError(f"no {MANIFEST} in {out_dir}: not a sanitize output directory") from None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise InputError(f"{path} is not a valid sanitize manifest: {error}") from None
     return manifest
 
 

@@ -1,0 +1,161 @@
+"""The defense benchmark: attacks x methods on CIFAR-10, one record per cell in results.json.
+
+Each cell poisons the training shards on disk (``sanitize.attacks.poison_dataset``),
+then runs the method exactly as a user would (``sanitize.run``: ingest to exported
+ONNX model) and measures the clean model on the test shard: ACC, ASR (test-time
+trigger on the samples the attack counts), detection recall / false-positive rate,
+AUROC of ``score``, wall time per stage, peak GPU memory. ``--methods none`` is the
+same architecture trained on the poisoned set without defense (the baseline).
+
+Resumable: a cell already in the results file (same dataset, attack, rate, method,
+commit and options) is skipped. Run it on the GPU machine; see RESULTS.md for the
+exact commands.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sanitize
+from sanitize import train
+from sanitize.attacks import make_attack, poison_dataset
+from sanitize.data import Bank
+from sanitize.formats import read_dataset, read_scores
+from sanitize.models import build_model
+
+TARGET = 0
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder with train-*.tar.gz, test-*.tar.gz")
+    parser.add_argument("--attacks", default="badnets,blend,wanet,sig,none")
+    parser.add_argument("--methods", default="none,advrbd")
+    parser.add_argument("--rates", default="0.05")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--epochs", type=int, default=20, help="no-defense training epochs")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option (JSON value), e.g. --set split_margin=0.6")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sanitize-bench"))
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("results.json"))
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--quick", action="store_true", help="--quick runs (smoke test of the script)")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    options = {key: json.loads(value) for key, value in (s.split("=", 1) for s in args.sets)}
+    options.update(arch=args.arch, quick=args.quick)
+    records = json.loads(args.results.read_text()) if args.results.exists() else []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    test = read_dataset(args.data / "test-000000.tar.gz")
+    for rate in map(float, args.rates.split(",")):
+        for attack_name in args.attacks.split(","):
+            poisoned = prepare_data(args, attack_name, rate)
+            for method in args.methods.split(","):
+                cell = {"dataset": "cifar10", "attack": attack_name, "rate": rate if attack_name != "none" else 0.0,
+                        "method": method, "commit": args.commit, "options_id": options_id(method, options)}
+                if any(all(r.get(k) == v for k, v in cell.items()) for r in records):
+                    print("skip (done)", cell, flush=True)
+                    continue
+                record = run_cell(args, method, poisoned, test, options, device)
+                records.append({**cell, **record})
+                args.results.write_text(json.dumps(records, indent=1))
+                print(json.dumps(records[-1]), flush=True)
+
+
+def options_id(method: str, options: dict) -> str:
+    chosen = {} if method == "none" else options
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def prepare_data(args, attack_name: str, rate: float) -> dict:
+    """Poisoned shards on disk (cached in --work) and their ground truth."""
+    if attack_name == "none":
+        return {"path": args.data, "truth": None, "attack": None}
+    out = args.work / "data" / f"{attack_name}-{rate}"
+    if not (out / "truth.json").exists():
+        start = time.perf_counter()
+        poison_dataset(args.data, attack=attack_name, rate=rate, target=TARGET, out=out, seed=0, overwrite=True,
+                       **({"device": "cuda"} if attack_name == "label_consistent" else {}))
+        print(f"poisoned {attack_name} {rate} in {time.perf_counter() - start:.1f}s", flush=True)
+    truth = json.loads((out / "truth.json").read_text())
+    return {"path": out, "truth": truth, "attack": make_attack(attack_name, **truth["params"])}
+
+
+def run_cell(args, method: str, poisoned: dict, test, options: dict, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if method == "none":
+        model, timings, detection = train_without_defense(args, poisoned["path"], device), {}, {}
+    else:
+        out = args.work / "out" / f"{method}-{poisoned['path'].name}"
+        result = sanitize.run(poisoned["path"], method=method, out=out, device=device.type, overwrite=True,
+                              **options)
+        model, timings = result.model, result.timings_s
+        detection = detection_figures(read_scores(out), poisoned["truth"])
+    seconds = time.perf_counter() - start
+    return {**evaluate(model, test, poisoned["attack"], device), **detection, "seconds": round(seconds, 1),
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "timings_s": timings}
+
+
+def train_without_defense(args, path: Path, device: torch.device):
+    ingested = read_dataset(path)
+    bank = Bank.from_arrays(ingested.images, ingested.labels, ingested.classes, device)
+    torch.manual_seed(0)
+    model = train.prepare(build_model(args.arch, bank.num_classes, bank.image_size, bank.mean, bank.std), device)
+    train.train_supervised(model, bank, epochs=2 if args.quick else args.epochs, batch_size=512, lr=0.2)
+    return model
+
+
+def evaluate(model, test, attack, device: torch.device) -> dict:
+    """ACC on the clean test set; ASR = share of triggered non-target test samples predicted as the target."""
+    images = torch.from_numpy(test.images).to(device).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(test.labels).to(device)
+    acc = train.accuracy(model, images, labels)
+    if attack is None:
+        return {"acc": round(acc, 2), "asr": None}
+    counted = attack.asr_mask(test.labels, TARGET)
+    triggered = attack.trigger(test.images[counted], seed=1)
+    triggered = torch.from_numpy(triggered).to(device).permute(0, 3, 1, 2).contiguous()
+    asr = train.accuracy(model, triggered, torch.full((len(triggered),), TARGET, device=device))
+    return {"acc": round(acc, 2), "asr": round(asr, 2)}
+
+
+def detection_figures(scores: list[dict], truth: dict | None) -> dict:
+    """Recall and FPR of ``suspected`` and AUROC of ``score`` against the ground truth (0-100)."""
+    suspected = np.array([row["suspected"] for row in scores])
+    if truth is None:
+        return {"recall": None, "fpr": round(100 * suspected.mean(), 2), "auroc": None}
+    poisoned_keys = set(truth["poisoned"])
+    is_poison = np.array([row["key"] in poisoned_keys for row in scores])
+    score = np.array([row["score"] for row in scores])
+    return {"recall": round(100 * suspected[is_poison].mean(), 2), "fpr": round(100 * suspected[~is_poison].mean(), 2),
+            "auroc": round(100 * auroc(score, is_poison), 2)}
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    order = np.argsort(score, kind="stable")
+    ranks = np.empty(len(score))
+    sorted_scores = score[order]
+    # Average ranks over ties so a constant score gives 0.5, not an arbitrary value.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2
+    ranks[order] = np.repeat(average, counts)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Command line: parse, call the library, print. Nothing else lives here.
+
+Exit codes: 0 done; 2 a problem the user can fix (bad path, bad option, no GPU,
+out of GPU memory, unusable input); 3 the exported model failed its onnxruntime
+check (nothing was written); 130 interrupted.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from sanitize import __version__
+from sanitize.formats.records import InputError
+
+EXIT_USER_ERROR = 2
+EXIT_ONNX_CHECK = 3
+
+
+class StageProgress:
+    """Stage progress on stderr: a bar redrawn in place on a terminal, plain lines otherwise."""
+
+    def __init__(self, stages: list[str], enabled: bool = True):
+        self.stages, self.enabled = stages, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def stage(self, name: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        position = self.stages.index(name) if name in self.stages else self.done
+        self.done = position + 1
+        if self.tty:
+            width = 24
+            filled = round(width * position / max(1, len(self.stages)))
+            bar = "#" * filled + "-" * (width - filled)
+            click.echo(f"\r[{bar}] {position + 1}/{len(self.stages)} {name:<14} {elapsed:7.1f}s", nl=False, err=True)
+        else:
+            click.echo(f"[{elapsed:7.1f}s] stage {position + 1}/{len(self.stages)}: {name}", err=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            click.echo(err=True)
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR):
+    click.echo(f"sanitize: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects KEY=VALUE, got {pair!r}")
+        values[key.strip().replace("-", "_")] = _literal(value.strip())
+    return values
+
+
+def _literal(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sanitize")
+def cli():
+    """Find backdoor-poisoned samples in an image-classification dataset, with no trusted clean data."""
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--method", type=click.Choice(["advrbd", "dbd"]), default="advrbd", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (created).")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML file of method options ([advrbd] table).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any method option, e.g. --set epsilon=0.03.")
+@click.option("--arch", help="resnet18 (default), resnet34, mobilenetv2 or small.")
+@click.option("--device", default="auto", show_default=True, help="auto, cuda, cuda:N or cpu.")
+@click.option("--batch-size", type=int)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quick", is_flag=True, help="Scale every stage down (demos, tests, smoke runs).")
+@click.option("--image-size", type=int, help="Working size in pixels (default: see README).")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="classes.json for shards.")
+@click.option("--workers", type=int, help="Decoding processes (default: all cores).")
+@click.option("--shard-size", type=int, default=10_000, show_default=True)
+@click.option("--relabeled-format", type=click.Choice(["webdataset", "imagefolder"]), default="webdataset",
+              show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, image_size, classes_file, workers,
+        shard_size, relabeled_format, overwrite, as_json, quiet):
+    """Sanitize DATA (an ImageFolder root, a shard, a directory of shards or a brace pattern) into OUT."""
+    from sanitize import methods, pipeline
+
+    options = _parse_sets(sets)
+    options.update({k: v for k, v in {"arch": arch, "batch_size": batch_size}.items() if v is not None})
+    if quick:
+        options["quick"] = True
+    module, _ = methods.load(method)
+    progress = StageProgress(["ingest", *module.STAGES, "write", "export"], enabled=not quiet)
+    try:
+        result = pipeline.run(data, method=method, out=out, config=config, device=device, seed=seed,
+                              image_size=image_size, classes_file=classes_file, workers=workers,
+                              shard_size=shard_size, relabeled_format=relabeled_format, overwrite=overwrite,
+                              progress=progress, **options)
+    finally:
+        progress.close()
+    _report(result, as_json)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@click.option("--suspects", "show", type=int, default=10, show_default=True, help="How many suspects to list.")
+def inspect(out, as_json, show):
+    """Print the audit of an existing output directory OUT."""
+    from sanitize import pipeline
+    from sanitize.formats import read_manifest
+
+    result = pipeline.summarise(read_manifest(Path(out)), Path(out))
+    _report(result, as_json, show)
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--attack", required=True, help="badnets, blend, sig, wanet, physicalba, tact, adaptive_blend, ...")
+@click.option("--rate", type=float, required=True, help="Fraction of the dataset to poison, e.g. 0.05.")
+@click.option("--target", type=int, default=0, show_default=True, help="Target class index.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["webdataset", "imagefolder"]), help="Default: as the input.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any attack parameter.")
+@click.option("--overwrite", is_flag=True)
+def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
+    """Write a poisoned copy of DATA to OUT plus truth.json (for red-teaming; DATA is not modified)."""
+    from sanitize.attacks import poison_dataset
+
+    truth = poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=fmt,
+                           overwrite=overwrite, **_parse_sets(sets))
+    counts = truth["counts"]
+    click.echo(f"poisoned {counts['poisoned']} of {counts['total']} samples with {attack} "
+               f"(target {target}); copy and truth.json in {out}")
+
+
+@cli.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="cpu", show_default=True)
+def demo(out, device):
+    """Poison the shipped CIFAR-10 sample with a BadNets patch, sanitize it, and score the result."""
+    from sanitize.demo import run_demo
+    from sanitize.methods import advrbd
+
+    progress = StageProgress(["ingest", *advrbd.STAGES, "write", "export"])
+    try:
+        run_demo(Path(out), device=device, echo=click.echo, progress=progress)
+    finally:
+        progress.close()
+
+
+def _report(result, as_json: bool, show: int = 5) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    counts = result.counts
+    click.echo(f"sanitize {result.method}: {counts['total']} samples -> clean {counts['clean']}, "
+               f"suspected {counts['suspected']}, unreadable {counts['unreadable']}")
+    if result.suspect_target:
+        target = result.suspect_target
+        click.echo(f"  suspects point to class {target['class']!r} ({target['share']:.0%} of suspects carry it)")
+    flagged = [f"{name} {row['suspected']}/{row['total']}" for name, row in result.per_class.items()]
+    click.echo("  suspected per class: " + ", ".join(flagged))
+    for suspect in result.manifest["suspects"][:show]:
+        click.echo(f"    {suspect['score']:+.3f}  {suspect['key']}  label {suspect['label']} -> {suspect['relabel']}")
+    if result.manifest["unreadable"]:
+        click.echo(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
+    click.echo(f"  time: {times}")
+    click.echo(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))
+
+
+def main(argv=None) -> None:
+    """Entry point: user errors are one line on stderr and a non-zero exit, never a traceback."""
+    from sanitize.formats.onnx import OnnxCheckError
+
+    try:
+        cli.main(args=argv, prog_name="sanitize", standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except InputError as error:
+        _fail(str(error))
+    except OnnxCheckError as error:
+        _fail(f"{error}; no output was written", EXIT_ONNX_CHECK)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    main()

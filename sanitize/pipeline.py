@@ -1,0 +1,174 @@
+"""ingest -> bank -> method -> outputs: the only place that wires the layers together.
+
+``run`` is the whole product in one call; ``sanitize run`` only parses flags and
+prints what this returns.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sanitize import __version__, methods, train
+from sanitize.data import Bank
+from sanitize.formats import build_manifest, read_dataset, staged_output, write_manifest, write_outputs
+from sanitize.formats.onnx import check_onnx, export_onnx
+from sanitize.formats.records import InputError
+from sanitize.methods.base import MethodResult, StageClock
+
+# Real samples the ONNX parity check runs on: enough to catch a wrong graph, cheap on CPU.
+ONNX_CHECK_SAMPLES = 256
+
+
+@dataclass
+class RunResult:
+    """What a run did: counts, where the outputs are, per-stage timings and metrics."""
+
+    out: Path
+    method: str
+    counts: dict[str, int]
+    per_class: dict[str, dict[str, int]]
+    suspect_target: dict | None  # the class most suspects carry, if any: {"class", "share"}
+    outputs: dict[str, str]
+    timings_s: dict[str, float]
+    metrics: dict
+    manifest: dict = field(repr=False)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the clean model (None from inspect)
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("manifest", "model")}
+        data["out"] = str(self.out)
+        return data
+
+
+class Progress:
+    """Receives stage names as a run goes; subclass to show them (the CLI does)."""
+
+    def stage(self, name: str) -> None:
+        pass
+
+
+def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "auto", seed: int = 0,
+        image_size=None, classes_file=None, workers: int | None = None, shard_size: int = 10_000,
+        relabeled_format: str = "webdataset", overwrite: bool = False, progress: Progress | None = None,
+        **method_options) -> RunResult:
+    """Sanitize ``data`` (ImageFolder root or WebDataset shards) into the directory ``out``.
+
+    ``method_options`` are the method's own options (``arch``, ``quick``,
+    ``batch_size``, ...); they override ``config`` (a TOML file), which overrides
+    the method's defaults. Raises :class:`InputError` for anything the user can fix.
+    """
+    if out is None:
+        raise InputError("an output directory is required (--out)")
+    if relabeled_format not in ("webdataset", "imagefolder"):
+        raise InputError(f"--relabeled-format must be webdataset or imagefolder, not {relabeled_format!r}")
+    if shard_size < 1:
+        raise InputError("--shard-size must be at least 1")
+    progress = progress or Progress()
+    options = methods.resolve_options(method, config, seed=seed, **method_options)
+    module, _ = methods.load(method)
+    torch_device = train.resolve_device(device)
+    train.configure_determinism()
+    clock = StageClock(torch_device, progress)
+    with staged_output(out, data, overwrite=overwrite) as staging:
+        with clock("ingest"):
+            ingested = read_dataset(data, classes_file=classes_file, image_size=image_size, workers=workers)
+        bank = _load_bank(ingested, torch_device)
+        result = _guard_memory(lambda: module.run(bank, options, progress))
+        _check_result(result, bank.n)
+        with clock("write"):
+            outputs = write_outputs(staging, ingested, score=result.score, suspected=result.suspected,
+                                    relabel=result.relabel, shard_size=shard_size,
+                                    relabeled_format=relabeled_format)
+        with clock("export"):
+            onnx_report = _export(result, bank, staging / "model.onnx", method)
+        outputs["model"] = "model.onnx"
+        metrics = {**result.metrics, "onnx_check": onnx_report}
+        manifest = build_manifest(
+            ingested, method=method, options=_jsonable(dataclasses.asdict(options)), seed=options.seed,
+            score=result.score, suspected=result.suspected, relabel=result.relabel,
+            model={"file": "model.onnx", "arch": options.arch, "input_size": list(bank.image_size)},
+            timings_s=_stage_order(clock.timings_s, result.timings_s),
+            environment=_environment(torch_device), metrics=metrics)
+        write_manifest(staging, manifest)
+        outputs["manifest"] = "manifest.json"
+    return dataclasses.replace(summarise(manifest, Path(out), outputs), model=result.model)
+
+
+def summarise(manifest: dict, out: Path, outputs: dict[str, str] | None = None) -> RunResult:
+    """A :class:`RunResult` from a manifest (also used by ``sanitize inspect``)."""
+    suspects = manifest["suspects"]
+    classes = manifest["input"]["classes"]
+    target = None
+    if suspects:
+        label, count = collections.Counter(s["label"] for s in suspects).most_common(1)[0]
+        target = {"class": classes[label], "label": label, "share": round(count / len(suspects), 4)}
+    return RunResult(out=out, method=manifest["method"], counts=manifest["counts"],
+                     per_class=manifest["per_class"], suspect_target=target,
+                     outputs=outputs or _listed_outputs(out), timings_s=manifest["timings_s"],
+                     metrics=manifest.get("metrics", {}), manifest=manifest)
+
+
+def _listed_outputs(out: Path) -> dict[str, str]:
+    found = {"manifest": "manifest.json", "scores": "scores.csv", "model": "model.onnx",
+             "clean": "clean", "relabeled": "relabeled"}
+    return {name: rel for name, rel in found.items() if (out / rel).exists()}
+
+
+def _load_bank(ingested, device: torch.device) -> Bank:
+    if len(ingested.samples) == 0:
+        raise InputError(f"no readable images in {ingested.path} ({len(ingested.unreadable)} unreadable)")
+    labels = ingested.labels
+    if len(np.unique(labels)) < 2:
+        raise InputError("the readable samples cover fewer than two classes; a classifier needs at least two")
+    return _guard_memory(lambda: Bank.from_arrays(ingested.images, labels, ingested.classes, device))
+
+
+def _guard_memory(work):
+    """Turn running out of GPU memory into one actionable line."""
+    try:
+        return work()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise InputError("out of GPU memory; try a smaller --batch-size, a smaller --image-size "
+                         "or --device cpu") from None
+
+
+def _check_result(result: MethodResult, n: int) -> None:
+    """A method that breaks the seam is a bug in our code: fail loudly, never write bad outputs."""
+    for name, dtype in (("score", np.floating), ("suspected", np.bool_), ("relabel", np.integer)):
+        value = getattr(result, name)
+        if value.shape != (n,) or not np.issubdtype(value.dtype, dtype):
+            raise AssertionError(f"method returned {name} {value.dtype}{value.shape}, expected [{n}]")
+    if not np.isfinite(result.score).all():
+        raise AssertionError("method returned non-finite scores")
+
+
+def _export(result: MethodResult, bank: Bank, path: Path, method: str) -> dict:
+    export_onnx(result.model, path, classes=bank.classes, input_size=bank.image_size, mean=bank.mean,
+                std=bank.std, method=method)
+    picked = torch.linspace(0, bank.n - 1, min(bank.n, ONNX_CHECK_SAMPLES)).long().to(bank.device)
+    return check_onnx(path, result.model, bank.images[picked])
+
+
+def _stage_order(pipeline: dict[str, float], method: dict[str, float]) -> dict[str, float]:
+    """ingest, the method's stages in order, write, export, total."""
+    ordered = {"ingest": pipeline["ingest"], **method, "write": pipeline["write"], "export": pipeline["export"]}
+    ordered["total"] = round(sum(ordered.values()), 3)
+    return ordered
+
+
+def _environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "device": f"{device.type}: {name}", "sanitize": __version__}
+
+
+def _jsonable(options: dict) -> dict:
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in options.items()}

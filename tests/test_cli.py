@@ -1,0 +1,69 @@
+"""The command line: one line per user error, exit codes, JSON output, inspect."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sanitize.cli import main
+
+FAST = ["--arch", "small", "--quick", "--device", "cpu", "--batch-size", "64", "--quiet"]
+
+
+def sanitize_cli(*args, cwd=None):
+    """Run ``python -m sanitize`` as a user would; returns (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "sanitize", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_run_json_then_inspect(make_shards, tmp_path):
+    data = make_shards(120, per_shard=60)
+    code, stdout, stderr = sanitize_cli("run", data, "--out", tmp_path / "out", "--json", *FAST)
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["counts"]["total"] == 120 and result["method"] == "advrbd"
+    assert set(result["outputs"]) >= {"clean", "relabeled", "scores", "manifest", "model"}
+    code, stdout, _ = sanitize_cli("inspect", tmp_path / "out")
+    assert code == 0 and "120 samples" in stdout and "suspected per class" in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "{missing}", "--out", "{tmp}/o"], "not found"),
+    (["run", "{data}", "--out", "{data}/inside"], "inside"),
+    (["run", "{data}", "--out", "{tmp}/o", "--device", "cuda:7"], "cuda"),
+    (["run", "{data}", "--out", "{tmp}/o", "--set", "epsilon"], "KEY=VALUE"),
+    (["run", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/none.toml"], "config file not found"),
+    (["inspect", "{tmp}"], "manifest"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, make_shards, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = make_shards(20)
+    filled = [a.format(missing=tmp_path / "missing", tmp=tmp_path, data=data) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(filled[:1] + (FAST if filled[0] == "run" else []) + filled[1:])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sanitize: error:") and message.lower() in err.lower() and len(err.strip().splitlines()) == 1
+
+
+def test_errors_print_no_traceback(tmp_path):
+    code, stdout, stderr = sanitize_cli("run", tmp_path / "nothing-here", "--out", tmp_path / "o", *FAST)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().startswith("sanitize: error:") and len(stderr.strip().splitlines()) == 1
+
+
+def test_empty_input_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = sanitize_cli("run", tmp_path / "empty", "--out", tmp_path / "o", *FAST)
+    assert code == 2 and "Traceback" not in stderr and "sanitize: error:" in stderr
+
+
+def test_help_and_version():
+    code, stdout, _ = sanitize_cli("--help")
+    assert code == 0 and "run" in stdout and "poison" in stdout and "inspect" in stdout
+    code, stdout, _ = sanitize_cli("--version")
+    assert code == 0 and "sanitize" in stdout

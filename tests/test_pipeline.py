@@ -1,0 +1,150 @@
+"""End to end through sanitize.run on both input formats (CPU, --arch small --quick)."""
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import torchvision
+import webdataset
+
+import sanitize
+from sanitize import methods, pipeline
+from sanitize.formats import read_manifest, read_scores
+from sanitize.formats.onnx import OnnxCheckError
+from sanitize.formats.records import InputError
+
+FAST = {"arch": "small", "quick": True, "device": "cpu", "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def shard_run(tmp_path_factory, cifar_samples, cifar_classes):
+    """One AdvrBD run over 200 real CIFAR samples written as shards."""
+    root = tmp_path_factory.mktemp("run")
+    data = _shards(root / "data", cifar_samples[:200], cifar_classes)
+    result = sanitize.run(data, method="advrbd", out=root / "out", **FAST)
+    return data, root / "out", result
+
+
+def _shards(root, samples, classes, per_shard=100):
+    from conftest import write_shard
+
+    root.mkdir(parents=True)
+    for start in range(0, len(samples), per_shard):
+        members = []
+        for key, jpg, label in samples[start:start + per_shard]:
+            members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())]
+        write_shard(root / f"part-{start // per_shard:06d}.tar", members)
+    (root / "classes.json").write_text(json.dumps({"classes": classes}))
+    return root
+
+
+def test_every_output_of_the_contract_is_written(shard_run):
+    _, out, result = shard_run
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "scores.csv", "clean", "relabeled", "model.onnx"}
+    counts = result.counts
+    assert counts["total"] == 200 and counts["clean"] + counts["suspected"] + counts["unreadable"] == 200
+    assert result.model is not None and result.outputs["model"] == "model.onnx"
+
+
+def test_clean_shards_hold_exactly_the_samples_judged_clean(shard_run):
+    _, out, _ = shard_run
+    scores = read_scores(out)
+    clean_keys = {row["key"] for row in scores if not row["suspected"]}
+    shards = sorted(str(p) for p in (out / "clean").glob("*.tar"))
+    read_back = [sample["__key__"] for sample in webdataset.WebDataset(shards, shardshuffle=False)]
+    assert sorted(read_back) == sorted(clean_keys)
+    relabeled = sorted(str(p) for p in (out / "relabeled").glob("*.tar"))
+    everything = list(webdataset.WebDataset(relabeled, shardshuffle=False))
+    assert len(everything) == len(scores)
+    by_key = {row["key"]: row for row in scores}
+    for sample in everything:
+        assert int(sample["cls"]) == by_key[sample["__key__"]]["relabel"]
+
+
+def test_manifest_agrees_with_scores_and_the_method(shard_run):
+    data, out, result = shard_run
+    manifest = read_manifest(out)
+    scores = read_scores(out)
+    suspects = [row for row in scores if row["suspected"]]
+    assert [s["key"] for s in manifest["suspects"]] == [r["key"] for r in sorted(suspects, key=lambda r: -r["score"])]
+    assert manifest["method"] == "advrbd" and manifest["options"]["arch"] == "small"
+    assert manifest["options"]["quick"] is True and manifest["seed"] == 0
+    assert list(manifest["timings_s"])[:2] == ["ingest", "warmup"] and "export" in manifest["timings_s"]
+    assert manifest["model"] == {"file": "model.onnx", "arch": "small", "input_size": [32, 32]}
+    assert manifest["metrics"]["onnx_check"]["argmax_agree"] is True
+    assert result.per_class == manifest["per_class"]
+
+
+def test_the_exported_model_reproduces_the_relabels(shard_run, cifar_samples):
+    from conftest import decode_jpegs
+
+    _, out, _ = shard_run
+    images, _ = decode_jpegs(cifar_samples[:200])
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input": images.transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
+    relabel = np.array([row["relabel"] for row in read_scores(out)])
+    assert (logits.argmax(1) == relabel).mean() > 0.98
+
+
+def test_same_seed_same_manifest(shard_run, tmp_path):
+    data, out, _ = shard_run
+    sanitize.run(data, method="advrbd", out=tmp_path / "again", **FAST)
+    first, second = read_manifest(out), read_manifest(tmp_path / "again")
+    for volatile in ("created", "timings_s", "input"):
+        first.pop(volatile), second.pop(volatile)
+    assert first == second
+    for name in ("clean/clean-000000.tar", "scores.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_imagefolder_input_with_imagefolder_relabeled_output(make_imagefolder, tmp_path):
+    data = make_imagefolder(200)
+    result = sanitize.run(data, out=tmp_path / "out", relabeled_format="imagefolder", **FAST)
+    relabeled = torchvision.datasets.ImageFolder(str(tmp_path / "out" / "relabeled"))
+    assert len(relabeled) == result.counts["total"] - result.counts["unreadable"] == 200
+    assert read_manifest(tmp_path / "out")["input"]["format"] == "imagefolder"
+
+
+@pytest.mark.parametrize("method", sorted(methods.REGISTRY))
+def test_every_registered_method_honours_the_output_contract(method, make_shards, tmp_path):
+    data = make_shards(120, per_shard=60)
+    fast = {key: value for key, value in FAST.items() if key != "batch_size"}
+    result = sanitize.run(data, method=method, out=tmp_path / "out", **fast)
+    scores = read_scores(tmp_path / "out")
+    assert len(scores) == 120 and result.counts["suspected"] == sum(r["suspected"] for r in scores)
+    assert all(np.isfinite(r["score"]) for r in scores)
+    assert read_manifest(tmp_path / "out")["method"] == method
+
+
+def test_a_failed_onnx_check_writes_nothing(make_shards, tmp_path, monkeypatch):
+    def disagree(*args, **kwargs):
+        raise OnnxCheckError("exported ONNX model disagrees with torch")
+
+    monkeypatch.setattr(pipeline, "check_onnx", disagree)
+    with pytest.raises(OnnxCheckError):
+        sanitize.run(make_shards(60), out=tmp_path / "out", **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no OUT, no temporary leftovers
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "nope"}, "unknown method 'nope'"),
+    ({"epsilon": "big"}, "option epsilon must be float"),
+    ({"not_an_option": 1}, "unknown option"),
+    ({"warmup_epochs": 1.5}, "whole number"),
+    ({"shard_size": 0}, "--shard-size"),
+    ({"out": None}, "output directory is required"),
+])
+def test_bad_options_are_user_errors(options, message, make_shards, tmp_path):
+    arguments = {"out": tmp_path / "out", **FAST, **options}
+    with pytest.raises(InputError, match=message):
+        sanitize.run(make_shards(20), **arguments)
+
+
+def test_config_file_sits_between_defaults_and_flags(tmp_path):
+    config = tmp_path / "options.toml"
+    config.write_text("[advrbd]\nepsilon = 0.05\npgd_steps = 2\n")
+    options = methods.resolve_options("advrbd", config, pgd_steps=7)
+    assert options.epsilon == 0.05 and options.pgd_steps == 7 and options.arch == "resnet18"
+    config.write_text("epsilon = [")
+    with pytest.raises(InputError, match="not valid TOML"):
+        methods.resolve_options("advrbd", config)
