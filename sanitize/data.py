@@ -6,10 +6,12 @@ training loop never touches per-sample Python or the host.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -100,3 +102,124 @@ def make_generator(seed: int, device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+# ---------------------------------------------------------------------------
+# Contrastive-learning views. Every random setting is drawn per sample, so one
+# call on a batch of identical images gives a batch of different views; a
+# library transform that draws one setting per call would give the whole batch
+# the same crop and colours and leave the contrastive loss nothing to learn.
+# All of them take and return float [B, C, H, W] in [0, 1].
+
+# ITU-R BT.601 luma, the weights torchvision uses for grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+# RGB -> YIQ. A hue shift is a rotation of the (I, Q) chroma plane: one 3x3 matrix
+# per sample instead of a round trip through HSV.
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def _uniform(count: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(count, generator=generator, device=generator.device) * (high - low) + low
+
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """Luma of float [B, 3, H, W] -> [B, 1, H, W]."""
+    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(1, keepdim=True)
+
+
+def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, scale=(0.2, 1.0),
+                             ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Crop an area fraction in ``scale`` with aspect ratio in ``ratio``, resize it to the input size and
+    flip half the crops, each drawn per sample: one affine grid per sample, one ``grid_sample`` per batch.
+
+    torchvision re-draws a crop that does not fit; here its sides are clamped to the image instead.
+    """
+    batch, _, height, width = images.shape
+    area = _uniform(batch, *scale, generator)
+    aspect = _uniform(batch, math.log(ratio[0]), math.log(ratio[1]), generator).exp()
+    crop_width = (area * aspect * height / width).sqrt().clamp(max=1)  # fractions of the side
+    crop_height = (area / aspect * width / height).sqrt().clamp(max=1)
+    centre_x = _uniform(batch, -1, 1, generator) * (1 - crop_width)  # grid units, crop stays inside
+    centre_y = _uniform(batch, -1, 1, generator) * (1 - crop_height)
+    flip = torch.where(torch.rand(batch, generator=generator, device=generator.device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2] = crop_width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = crop_height, centre_y
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+def rotate_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Shift each sample's hue by ``turns`` [B] of a full circle (torchvision's hue factor) in YIQ space."""
+    to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=images.dtype, device=images.device)
+    angle = turns.to(images.dtype) * 2 * math.pi
+    rotation = torch.zeros(len(turns), 3, 3, dtype=images.dtype, device=images.device)
+    rotation[:, 0, 0] = 1
+    # This sense turns red towards yellow for a positive shift, as HSV hue does.
+    rotation[:, 1, 1], rotation[:, 1, 2] = angle.cos(), angle.sin()
+    rotation[:, 2, 1], rotation[:, 2, 2] = -angle.sin(), angle.cos()
+    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    return torch.einsum("bij,bjhw->bihw", matrix, images)
+
+
+def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.4,
+                 contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1, p: float = 0.8) -> torch.Tensor:
+    """torchvision's ColorJitter with every factor, the order of the four adjustments and whether to jitter
+    at all (probability ``p``) drawn per sample. Factors are uniform in [1 - x, 1 + x], hue in [-hue, hue].
+
+    The per-sample order costs 16 masked adjustments instead of 4; they are cheap elementwise ops.
+    """
+    batch = images.shape[0]
+    bright = _per_sample(_uniform(batch, 1 - brightness, 1 + brightness, generator))
+    contr = _per_sample(_uniform(batch, 1 - contrast, 1 + contrast, generator))
+    satur = _per_sample(_uniform(batch, 1 - saturation, 1 + saturation, generator))
+    turns = _uniform(batch, -hue, hue, generator)
+    adjustments = (
+        lambda x: x * bright,
+        lambda x: torch.lerp(grayscale(x).mean((2, 3), keepdim=True).expand_as(x), x, contr),
+        lambda x: torch.lerp(grayscale(x).expand_as(x), x, satur),
+        lambda x: rotate_hue(x, turns),
+    )
+    jitter = torch.rand(batch, generator=generator, device=generator.device) < p
+    order = torch.rand(batch, len(adjustments), generator=generator, device=generator.device).argsort(1)
+    for slot in range(len(adjustments)):
+        for index, adjust in enumerate(adjustments):
+            chosen = _per_sample(jitter & (order[:, slot] == index))
+            images = torch.where(chosen, adjust(images).clamp(0, 1), images)
+    return images
+
+
+def random_grayscale(images: torch.Tensor, generator: torch.Generator, p: float = 0.2) -> torch.Tensor:
+    """Replace a sample by its luma (in all three channels) with probability ``p``, drawn per sample."""
+    chosen = _per_sample(torch.rand(images.shape[0], generator=generator, device=generator.device) < p)
+    return torch.where(chosen, grayscale(images).expand_as(images), images)
+
+
+def gaussian_blur(images: torch.Tensor, generator: torch.Generator, sigma=(0.1, 2.0), p: float = 0.5,
+                  kernel_fraction: float = 0.1) -> torch.Tensor:
+    """Separable Gaussian blur with probability ``p`` and sigma (pixels) drawn per sample.
+
+    The kernel spans ``kernel_fraction`` of the shorter side, as in SimCLR. Each sample gets its own
+    kernel through one grouped convolution over the batch; unblurred samples get the identity kernel.
+    """
+    batch, channels, height, width = images.shape
+    radius = max(1, round(kernel_fraction * min(height, width) / 2))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    sigmas = _uniform(batch, *sigma, generator).to(images.dtype)
+    kernels = torch.exp(-offsets.square() / (2 * sigmas[:, None].square()))
+    kernels = kernels / kernels.sum(1, keepdim=True)
+    blur = torch.rand(batch, generator=generator, device=generator.device) < p
+    kernels = torch.where(blur[:, None], kernels, (offsets == 0).to(images.dtype))
+    weights = kernels.repeat_interleave(channels, 0)  # [B*C, k], one kernel per (sample, channel)
+    flat = images.reshape(1, batch * channels, height, width)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), weights[:, None, None, :],
+                    groups=batch * channels)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), weights[:, None, :, None],
+                    groups=batch * channels)
+    return flat.view(batch, channels, height, width)

@@ -1,0 +1,369 @@
+"""DBD: backdoor defense by decoupling the training process.
+
+Paper: ../shared/papers/dbd.txt, Sec. 4 (the three stages), App. B.3 (settings),
+App. I (NT-Xent, SCE and MixMatch losses), App. M (other self-supervised methods).
+
+A backdoor forms when supervised training links the trigger to the target label.
+Learn the features without labels and that link cannot form; then the poisons,
+which keep the features of their source class, stand out by their loss:
+
+1. simclr    self-supervised backbone on the unlabeled images (two views each)
+2. head      backbone frozen; a linear head fitted with symmetric cross-entropy (SCE)
+3. filter    the ``filter_ratio`` samples with the lowest SCE loss are labeled, the
+             rest unlabeled (their given label is dropped)
+4. mixmatch  the whole model fine-tuned with MixMatch, re-filtering after every epoch
+
+Outputs: ``score`` = SCE loss of the given label under the final model (higher =
+more likely poisoned), ``suspected`` = outside the final labeled set,
+``relabel`` = the final model's prediction. No model selection anywhere: the
+user has no labelled test set, so the model after the last epoch is the result.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sanitize import train
+from sanitize.data import (Bank, augment, color_jitter, gaussian_blur, make_generator, random_grayscale,
+                           random_resized_crop_flip, to_float)
+from sanitize.methods.base import MethodResult, StageClock
+from sanitize.models import SMALL_INPUT, Classifier, build_model
+
+# Wang et al. (2019) clip log 0 of the one-hot label to log 1e-4 in the reverse cross-entropy.
+LOG_ZERO = math.log(1e-4)
+
+
+@dataclass
+class DbdOptions:
+    """One set of defaults for every dataset and attack, sized for ResNet-18 on CIFAR-10 in ~10 min on an H100.
+
+    The paper's schedule (SimCLR 100 epochs at batch 512, head 10 epochs, MixMatch
+    190 x 1024 steps at batch 64) is ~1,200 supervised epochs of compute. Ours:
+    SimCLR 60 epochs (~240 supervised epochs of compute), head on cached features
+    (seconds), MixMatch 40 passes over the labeled half (~70 supervised epochs).
+    """
+
+    arch: str = "resnet18"
+    # Stage 1, SimCLR. Batch 512, lr 0.4, weight decay 1e-4 and temperature 0.5 are the
+    # official DBD settings; 512 pairs (1,024 views a step) already fill an H100 at 32 px.
+    # The paper trains 100 epochs and says a purified, not a well-trained, extractor is the
+    # goal (App. K); 60 fit the time budget. The projection head's width is lost in
+    # extraction: 128, as in SimCLR.
+    ss_epochs: int = 60
+    ss_batch_size: int = 512
+    ss_lr: float = 0.4
+    ss_weight_decay: float = 1e-4
+    temperature: float = 0.5
+    projection_dim: int = 128
+    crop_scale: float = 0.2  # smallest crop area, official DBD config
+    # Stage 2. SCE alpha/beta, Adam lr 0.002 at batch 128 are the paper's. Its 10 epochs on
+    # CIFAR-10 are ~4,000 steps; we count steps, not epochs, because an underfit head is
+    # the danger: it leans towards the largest class, and the poisons make the target class
+    # the largest. Measured (small CNN, planted BadNets, 600 and 4,000 CIFAR images): more
+    # steps kept fewer poisons in the labeled half up to ~100 epochs (600 images: 9 -> 3 of
+    # 30), none worse after; weight decay 1e-3 was neutral to slightly better, 5e-2 let twice
+    # as many in. The head trains on features computed once, without augmentation.
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    head_steps: int = 4000
+    head_batch_size: int = 128
+    head_lr: float = 0.002
+    head_weight_decay: float = 1e-3
+    # Stage 3. alpha = 50% (the paper's only key hyper-parameter), T = 0.5, K = 2 views,
+    # MixUp Beta(0.75, 0.75) and lambda_u = 15 (CIFAR-10, ramped up linearly over the
+    # whole stage as in the official code) are the paper's. Optimiser: the engine's
+    # SGD one-cycle instead of Adam 0.002 at batch 64, to take few, large steps.
+    filter_ratio: float = 0.5
+    mixmatch_epochs: int = 40
+    mixmatch_batch_size: int = 256
+    mixmatch_lr: float = 0.1
+    mixmatch_weight_decay: float = 5e-4
+    sharpen_temperature: float = 0.5
+    unlabeled_views: int = 2
+    lambda_u: float = 15.0
+    mixup_alpha: float = 0.75
+    seed: int = 0
+    quick: bool = False
+
+    def scaled(self) -> "DbdOptions":
+        """``--quick``: the network stages scaled down for demos and tests (same algorithm).
+
+        The head keeps its steps: on cached features they cost seconds even on a CPU, and
+        fewer let more poisons into the labeled half (see ``head_steps``).
+        """
+        if not self.quick:
+            return self
+        return replace(self, ss_epochs=min(self.ss_epochs, 5), ss_batch_size=min(self.ss_batch_size, 128),
+                       mixmatch_epochs=min(self.mixmatch_epochs, 4),
+                       mixmatch_batch_size=min(self.mixmatch_batch_size, 64))
+
+
+# ------------------------------------------------------ stage 1: self-supervised
+class SelfSupervised(Protocol):
+    """A label-free objective for the backbone (Eq. 1). App. M finds MoCo-v2 and BYOL as good as
+    SimCLR; either would implement this. Its own parameters (projector, predictor) train with the backbone.
+    """
+
+    def parameters(self): ...
+
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """uint8 [B, 3, H, W] -> augmented float views, each [B, 3, H, W] in [0, 1]."""
+
+    def loss(self, model: Classifier, views: list[torch.Tensor]) -> torch.Tensor:
+        """Scalar loss of ``model.features`` on ``views``."""
+
+
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. 5 averaged over all 2B anchors: ``first[i]`` and ``second[i]`` [B, D] are a positive pair,
+    every other embedding in the batch is a negative.
+    """
+    embeddings = F.normalize(torch.cat([first, second]).float(), dim=1)
+    similarity = embeddings @ embeddings.T / temperature
+    similarity.fill_diagonal_(float("-inf"))  # k != i in the denominator
+    count = first.shape[0]
+    partner = torch.arange(2 * count, device=first.device).roll(count)  # i <-> i + B
+    return F.cross_entropy(similarity, partner)
+
+
+class SimCLR(nn.Module):
+    """SimCLR (Chen et al., 2020a): two views per image, an MLP projector, NT-Xent on the projections."""
+
+    def __init__(self, feature_dim: int, projection_dim: int, temperature: float, crop_scale: float):
+        super().__init__()
+        self.projector = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(feature_dim, projection_dim))
+        self.temperature = temperature
+        self.crop_scale = crop_scale
+
+    def view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """SimCLR's augmentation, drawn per sample. Blur only above 64 px: SimCLR leaves it out on
+        CIFAR, where a 3-pixel kernel mostly erases the image."""
+        views = random_resized_crop_flip(to_float(images), generator, scale=(self.crop_scale, 1.0))
+        views = color_jitter(views, generator, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8)
+        views = random_grayscale(views, generator, p=0.2)
+        if max(images.shape[-2:]) > SMALL_INPUT:
+            views = gaussian_blur(views, generator, sigma=(0.1, 2.0), p=0.5)
+        return views
+
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        return [self.view(images, generator), self.view(images, generator)]
+
+    def loss(self, model: Classifier, views: list[torch.Tensor]) -> torch.Tensor:
+        # One forward for both views, so BatchNorm sees the 2B images together.
+        projections = self.projector(model.features(train._layout(torch.cat(views))))
+        first, second = projections.chunk(2)
+        return nt_xent(first, second, self.temperature)
+
+
+def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, opts: DbdOptions) -> list[float]:
+    """Stage 1 on every image, labels unused. Returns the mean loss of each epoch."""
+    generator = make_generator(opts.seed, bank.device)
+    parameters = [*model.backbone.parameters(), *objective.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=opts.ss_lr, momentum=0.9, nesterov=True,
+                                weight_decay=opts.ss_weight_decay)
+    batch_size = min(opts.ss_batch_size, bank.n)
+    steps = train.steps_per_epoch(bank.n, batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(opts.ss_epochs * steps))
+    epoch_loss = torch.zeros(opts.ss_epochs, device=bank.device)  # summed on the device: no sync per step
+    model.train()
+    for epoch in range(opts.ss_epochs):
+        # drop_last: a short last batch has fewer negatives and a noisier loss.
+        for batch in train.batches(train.all_indices(bank), batch_size, generator, drop_last=True):
+            views = objective.views(bank.images[batch], generator)
+            with train.autocast(bank.device):
+                loss = objective.loss(model, views)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            epoch_loss[epoch] += loss.detach().float()
+    return rounded(epoch_loss / steps)
+
+
+# ------------------------------------------------------------ stage 2: SCE head
+def sce_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Eq. 6 with Wang et al.'s weights, per sample [B]: alpha * CE + beta * reverse CE.
+
+    The reverse CE, -sum_k p_k log q_k with log 0 clipped to log 1e-4, equals
+    -log(1e-4) * (1 - p_y): bounded, so a sample the head cannot fit (a poison far
+    from its target class) pulls on the head no harder than a merely hard one.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    log_given = log_probs.gather(1, labels[:, None]).squeeze(1)
+    return alpha * -log_given + beta * -LOG_ZERO * (1 - log_given.exp())
+
+
+@torch.no_grad()
+def backbone_features(model: Classifier, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Frozen-backbone features float32 [N, D] of uint8 images, eval mode, no augmentation."""
+    model.eval()
+    features = []
+    for start in range(0, images.shape[0], batch_size):
+        with train.autocast(images.device):
+            features.append(model.features(train._layout(to_float(images[start:start + batch_size]))).float())
+    return torch.cat(features)
+
+
+def endless_batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Shuffled index batches, epoch after epoch."""
+    while True:
+        yield from train.batches(indices, batch_size, generator)
+
+
+def train_head(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, opts: DbdOptions) -> list[float]:
+    """Eq. 2 on cached features [N, D]: the backbone is frozen, so its output never changes and
+    one forward pass replaces all of the paper's. Returns the mean SCE loss over each tenth of the steps."""
+    generator = make_generator(opts.seed + 1, features.device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=opts.head_lr, weight_decay=opts.head_weight_decay)
+    step_loss = torch.zeros(opts.head_steps, device=features.device)
+    indices = torch.arange(len(features), device=features.device)
+    batches = itertools.islice(endless_batches(indices, opts.head_batch_size, generator), opts.head_steps)
+    for step, batch in enumerate(batches):
+        loss = sce_loss(head(features[batch]), labels[batch], opts.sce_alpha, opts.sce_beta).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_loss[step] = loss.detach()
+    return rounded(torch.stack([part.mean() for part in step_loss.tensor_split(10)]))
+
+
+# ------------------------------------------------------------- stage 3: filter
+def split_by_loss(loss: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labeled, unlabeled) index tensors: the ``ratio`` share with the lowest loss is labeled."""
+    order = loss.argsort()
+    count = min(len(loss) - 1, max(1, round(ratio * len(loss))))
+    return order[:count], order[count:]
+
+
+def sample_losses(model: Classifier, bank: Bank, opts: DbdOptions) -> torch.Tensor:
+    """SCE loss of every sample's given label under ``model``, float32 [N], no augmentation."""
+    logits = train.predict_logits(model, bank.images, 1024)
+    return sce_loss(logits, bank.labels, opts.sce_alpha, opts.sce_beta)
+
+
+# ----------------------------------------------------------- stage 4: MixMatch
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    powered = probs ** (1 / temperature)
+    return powered / powered.sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def guess_labels(model: Classifier, views: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """MixMatch's label guess [B, K]: the sharpened mean prediction over the augmented views."""
+    with train.autocast(views[0].device):
+        logits = model(train._layout(torch.cat(views))).float()
+    mean = logits.softmax(1).view(len(views), -1, logits.shape[1]).mean(0)
+    return sharpen(mean, temperature)
+
+
+def mixmatch_loss(model: Classifier, bank: Bank, labeled: torch.Tensor, unlabeled: torch.Tensor,
+                  mix: float, generator: torch.Generator, opts: DbdOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_X, L_U) of Eqs. 7-8 for one batch of labeled and one of unlabeled indices.
+
+    All inputs are mixed with one shuffled copy of themselves and pass through the
+    model in a single forward, so BatchNorm sees one batch: MixMatch's 'interleave'
+    exists only because its reference code forwards the parts separately.
+    """
+    inputs = [augment(bank.images[labeled], generator)]
+    inputs += [augment(bank.images[unlabeled], generator) for _ in range(opts.unlabeled_views)]
+    guess = guess_labels(model, inputs[1:], opts.sharpen_temperature)
+    targets = torch.cat([F.one_hot(bank.labels[labeled], bank.num_classes).float()]
+                        + [guess] * opts.unlabeled_views)
+    inputs = torch.cat(inputs)
+    partner = torch.randperm(len(inputs), generator=generator, device=generator.device)
+    mixed = torch.lerp(inputs[partner], inputs, mix)
+    mixed_targets = torch.lerp(targets[partner], targets, mix)
+    with train.autocast(bank.device):
+        logits = model(train._layout(mixed)).float()
+    count = len(labeled)
+    loss_x = -(mixed_targets[:count] * F.log_softmax(logits[:count], 1)).sum(1).mean()
+    loss_u = F.mse_loss(logits[count:].softmax(1), mixed_targets[count:])  # mean over samples and classes
+    return loss_x, loss_u
+
+
+def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: DbdOptions) -> dict:
+    """Eq. 3: the whole model, the labeled set (lowest ``loss`` [N]) with its labels, the rest without,
+    re-filtered after every epoch by the SCE loss under the current model.
+
+    Returns {"loss": final SCE loss [N], "labeled": final labeled indices, "history": [epochs, 3]}.
+    """
+    labeled, unlabeled = split_by_loss(loss, opts.filter_ratio)
+    generator = make_generator(opts.seed + 2, bank.device)
+    # MixUp weights come from the host: torch cannot draw Beta variates from a seeded generator,
+    # and a host draw costs the GPU nothing.
+    mixup_rng = np.random.default_rng(opts.seed + 2)
+    batch_size = min(opts.mixmatch_batch_size, len(labeled))
+    steps = len(labeled) // batch_size  # the labeled set's size never changes
+    total = opts.mixmatch_epochs * steps
+    optimizer = train.make_optimizer(model, opts.mixmatch_lr, opts.mixmatch_weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(total))
+    history = torch.zeros(opts.mixmatch_epochs, 3, device=bank.device)  # L_X, L_U, samples that changed set
+    for epoch in range(opts.mixmatch_epochs):
+        model.train()
+        unlabeled_order = unlabeled[torch.randperm(len(unlabeled), generator=generator, device=generator.device)]
+        for step, batch in enumerate(train.batches(labeled, batch_size, generator, drop_last=True)):
+            # The unlabeled set may be larger or smaller than the labeled one: walk it cyclically.
+            cursor = (step * batch_size + torch.arange(batch_size, device=bank.device)) % len(unlabeled_order)
+            mix = float(mixup_rng.beta(opts.mixup_alpha, opts.mixup_alpha))
+            loss_x, loss_u = mixmatch_loss(model, bank, batch, unlabeled_order[cursor], max(mix, 1 - mix),
+                                           generator, opts)
+            ramp = min(1.0, (epoch * steps + step + 1) / total)
+            optimizer.zero_grad(set_to_none=True)
+            (loss_x + opts.lambda_u * ramp * loss_u).backward()
+            optimizer.step()
+            schedule.step()
+            history[epoch, :2] += torch.stack([loss_x.detach(), loss_u.detach()]) / steps
+        previous = labeled
+        loss = sample_losses(model, bank, opts)
+        labeled, unlabeled = split_by_loss(loss, opts.filter_ratio)
+        history[epoch, 2] = len(labeled) - torch.isin(labeled, previous).sum()
+    return {"loss": loss, "labeled": labeled, "history": history}
+
+
+# ------------------------------------------------------------------------- run
+def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
+    """DBD over the whole bank. See the module docstring for the stages."""
+    opts = options.scaled()
+    clock = StageClock(bank.device, progress)
+    torch.manual_seed(opts.seed)
+    model = train.prepare(build_model(opts.arch, bank.num_classes, bank.image_size, bank.mean, bank.std),
+                          bank.device)
+    objective = SimCLR(model.feature_dim, opts.projection_dim, opts.temperature, opts.crop_scale).to(bank.device)
+
+    with clock("simclr"):
+        ss_loss = pretrain_backbone(model, objective, bank, opts)
+    with clock("head"):
+        features = backbone_features(model, bank.images)
+        head_loss = train_head(model.head, features, bank.labels, opts)
+        with torch.no_grad():
+            first_loss = sce_loss(model.head(features), bank.labels, opts.sce_alpha, opts.sce_beta)
+    with clock("mixmatch"):
+        final = mixmatch_finetune(model, bank, first_loss, opts)
+        relabel = train.predict_logits(model, bank.images).argmax(1)
+    model.eval()
+
+    suspected = torch.ones(bank.n, dtype=torch.bool, device=bank.device)
+    suspected[final["labeled"]] = False
+    head_labeled = torch.zeros_like(suspected)
+    head_labeled[split_by_loss(first_loss, opts.filter_ratio)[0]] = True
+    history = final["history"].cpu()
+    metrics = {"simclr_loss": ss_loss, "head_loss": head_loss,
+               "mixmatch_loss_x": rounded(history[:, 0]), "mixmatch_loss_u": rounded(history[:, 1]),
+               "labeled_changed": [int(v) for v in history[:, 2]],
+               "labeled_fraction": round(1 - float(suspected.float().mean()), 4),
+               "suspected": int(suspected.sum())}
+    return MethodResult(score=final["loss"].double().cpu().numpy(), suspected=suspected.cpu().numpy(),
+                        relabel=relabel.cpu().numpy().astype(np.int64), model=model,
+                        timings_s=clock.timings_s, metrics=metrics,
+                        details={"head_loss": first_loss.cpu().numpy(), "head_labeled": head_labeled.cpu().numpy()})
+
+
+def rounded(values: torch.Tensor) -> list[float]:
+    return [round(v, 5) for v in values.tolist()]

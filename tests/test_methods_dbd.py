@@ -1,0 +1,168 @@
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sanitize.data import Bank, gaussian_blur, make_generator
+from sanitize.methods import dbd
+from sanitize.models import Classifier, build_model
+
+TARGET = 0
+
+
+@pytest.fixture(scope="module")
+def bank(cifar_arrays, cifar_classes):
+    return Bank.from_arrays(*cifar_arrays, cifar_classes)
+
+
+def plant_badnets(images: np.ndarray, labels: np.ndarray, rate: float, seed: int = 0):
+    """A 3x3 black/white checker in the bottom-right corner and the target label on ``rate`` of the
+    non-target samples. Returns (images, labels, poisoned mask)."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(np.flatnonzero(labels != TARGET), round(rate * len(labels)), replace=False)
+    images, labels = images.copy(), labels.copy()
+    images[chosen, -3:, -3:, :] = (np.indices((3, 3)).sum(0) % 2 * 255)[:, :, None]
+    labels[chosen] = TARGET
+    poisoned = np.zeros(len(labels), dtype=bool)
+    poisoned[chosen] = True
+    return images, labels, poisoned
+
+
+def tiny_options(**changes) -> dbd.DbdOptions:
+    base = dbd.DbdOptions(arch="small", ss_epochs=1, ss_batch_size=64, head_steps=50, mixmatch_epochs=2,
+                          mixmatch_batch_size=32)
+    return replace(base, **changes)
+
+
+# ------------------------------------------------------------- augmentation
+def test_simclr_view_is_drawn_per_sample_and_seeded(bank):
+    simclr = dbd.SimCLR(feature_dim=8, projection_dim=4, temperature=0.5, crop_scale=0.2)
+    same_image = bank.images[3:4].repeat(64, 1, 1, 1)  # a per-batch draw would give 64 equal views
+    views = simclr.view(same_image, make_generator(0, "cpu"))
+    assert views.shape == (64, 3, 32, 32) and views.dtype == torch.float32
+    assert 0 <= views.min() and views.max() <= 1
+    assert len({tuple(view.flatten().tolist()) for view in views}) == 64
+    gray = (views[:, 0] == views[:, 1]).flatten(1).all(1) & (views[:, 1] == views[:, 2]).flatten(1).all(1)
+    assert 0 < int(gray.sum()) < 64  # random grayscale (p = 0.2) hit some samples, not all
+    assert torch.equal(views, simclr.view(same_image, make_generator(0, "cpu")))
+    assert not torch.equal(views, simclr.view(same_image, make_generator(1, "cpu")))
+
+
+def test_two_views_of_an_image_differ(bank):
+    simclr = dbd.SimCLR(feature_dim=8, projection_dim=4, temperature=0.5, crop_scale=0.2)
+    first, second = simclr.views(bank.images[:16], make_generator(0, "cpu"))
+    assert (first - second).abs().flatten(1).amax(1).min() > 0.05
+
+
+def test_blur_draws_a_kernel_per_sample_and_keeps_unblurred_samples():
+    image = torch.rand(1, 3, 96, 96)
+    blurred = gaussian_blur(image.repeat(16, 1, 1, 1), make_generator(0, "cpu"), p=1.0)
+    widths = (blurred - image).abs().mean((1, 2, 3))
+    assert widths.unique().numel() == 16 and (blurred.std((2, 3)) <= image.std((2, 3)) + 1e-6).all()
+    assert torch.equal(gaussian_blur(image.repeat(4, 1, 1, 1), make_generator(0, "cpu"), p=0.0),
+                       image.repeat(4, 1, 1, 1))
+
+
+# ------------------------------------------------------------------ losses
+def direct_nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> float:
+    z = F.normalize(torch.cat([first, second]), dim=1).double()
+    count = len(first)
+    total = 0.0
+    for i in range(2 * count):
+        j = (i + count) % (2 * count)
+        denominator = sum(math.exp(float(z[i] @ z[k]) / temperature) for k in range(2 * count) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / temperature) / denominator)
+    return total / (2 * count)
+
+
+def test_nt_xent_matches_eq5_and_is_zero_for_aligned_distinct_pairs():
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    assert float(dbd.nt_xent(first, second, 0.5)) == pytest.approx(direct_nt_xent(first, second, 0.5), rel=1e-5)
+
+    distinct = torch.eye(8)  # 8 orthogonal embeddings, each view equal to its partner
+    assert float(dbd.nt_xent(distinct, 3 * distinct, 0.05)) < 1e-6
+    shuffled = distinct[torch.randperm(8, generator=generator)]
+    assert float(dbd.nt_xent(distinct, shuffled, 0.05)) > 1
+
+
+def test_sce_matches_wang_et_al():
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(10, 4, generator=generator) * 3, torch.randint(0, 4, (10,), generator=generator)
+    probs = logits.softmax(1)
+    one_hot = F.one_hot(labels, 4).float()
+    cross_entropy = -(one_hot * probs.log()).sum(1)
+    reverse = -(probs * one_hot.clamp(min=1e-4).log()).sum(1)
+    expected = 0.1 * cross_entropy + 1.0 * reverse
+    assert torch.allclose(dbd.sce_loss(logits, labels, 0.1, 1.0), expected, atol=1e-5)
+
+
+def test_split_keeps_the_lowest_loss_share_labeled():
+    loss = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2])
+    labeled, unlabeled = dbd.split_by_loss(loss, 0.5)
+    assert sorted(labeled.tolist()) == [1, 3, 5] and sorted(unlabeled.tolist()) == [0, 2, 4]
+
+
+def test_mixmatch_loss_guesses_distributions_and_is_finite(bank):
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+    guess = dbd.guess_labels(model, [torch.rand(8, 3, 32, 32)] * 2, temperature=0.5)
+    assert torch.allclose(guess.sum(1), torch.ones(8))
+    loss_x, loss_u = dbd.mixmatch_loss(model, bank, torch.arange(8), torch.arange(8, 16), 0.7,
+                                       make_generator(0, "cpu"), tiny_options())
+    assert torch.isfinite(loss_x) and torch.isfinite(loss_u) and loss_u.requires_grad
+
+
+# --------------------------------------------------------------- filtering
+def test_sce_filter_keeps_planted_poisons_out_of_the_labeled_half(cifar_arrays, cifar_classes):
+    images, labels, poisoned = plant_badnets(*cifar_arrays, rate=0.05)
+    bank = Bank.from_arrays(images, labels, cifar_classes)
+    # 10 SimCLR epochs: at 5 this 600-image subset let 4-5 of the 30 poisons in, at 10 it let 2-3 in.
+    opts = replace(dbd.DbdOptions(arch="small", quick=True).scaled(), ss_epochs=10)
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+    simclr = dbd.SimCLR(model.feature_dim, opts.projection_dim, opts.temperature, opts.crop_scale)
+    dbd.pretrain_backbone(model, simclr, bank, opts)
+    features = dbd.backbone_features(model, bank.images)
+    dbd.train_head(model.head, features, bank.labels, opts)
+    with torch.no_grad():
+        loss = dbd.sce_loss(model.head(features), bank.labels, opts.sce_alpha, opts.sce_beta)
+    labeled, _ = dbd.split_by_loss(loss, opts.filter_ratio)
+    planted_in_labeled = int(poisoned[labeled.numpy()].sum())
+    # Chance would put half of them there.
+    assert planted_in_labeled <= 5, (planted_in_labeled, int(poisoned.sum()))
+
+
+# --------------------------------------------------------------------- run
+def test_run_returns_the_method_contract(bank):
+    result = dbd.run(bank, tiny_options())
+    n = bank.n
+    assert result.score.dtype == np.float64 and result.score.shape == (n,)
+    assert result.suspected.dtype == bool and result.suspected.shape == (n,)
+    assert result.relabel.dtype == np.int64 and result.relabel.shape == (n,)
+    assert result.suspected.sum() == n - round(0.5 * n)
+    # suspected = the half with the highest final score
+    assert result.score[result.suspected].min() >= result.score[~result.suspected].max()
+    assert isinstance(result.model, Classifier) and not result.model.training
+    assert set(result.timings_s) == {"simclr", "head", "mixmatch"}
+    assert len(result.metrics["labeled_changed"]) == 2  # re-filtered after every MixMatch epoch
+    json.dumps(result.metrics)
+    assert result.details["head_labeled"].sum() == round(0.5 * n)
+
+
+def test_run_is_deterministic_for_a_seed(bank):
+    small = Bank(bank.images[:160], bank.labels[:160], bank.classes, bank.mean, bank.std)
+    first, again = dbd.run(small, tiny_options(seed=3)), dbd.run(small, tiny_options(seed=3))
+    assert np.array_equal(first.score, again.score) and np.array_equal(first.relabel, again.relabel)
+    assert not np.array_equal(first.score, dbd.run(small, tiny_options(seed=4)).score)
+
+
+def test_quick_shrinks_every_stage():
+    full, quick = dbd.DbdOptions(), dbd.DbdOptions(quick=True).scaled()
+    assert quick.ss_epochs < full.ss_epochs and quick.ss_batch_size < full.ss_batch_size
+    assert quick.mixmatch_epochs < full.mixmatch_epochs
+    assert dbd.DbdOptions().scaled() == full
