@@ -36,6 +36,8 @@ from sanitize.data import (Bank, augment, color_jitter, gaussian_blur, make_gene
 from sanitize.methods.base import MethodResult, StageClock
 from sanitize.models import SMALL_INPUT, Classifier, build_model
 
+STAGES = ("simclr", "head", "mixmatch")
+
 # Wang et al. (2019) clip log 0 of the one-hot label to log 1e-4 in the reverse cross-entropy.
 LOG_ZERO = math.log(1e-4)
 
