@@ -34,7 +34,8 @@ TARGET = 0
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="folder with train-*.tar.gz, test-*.tar.gz")
+    parser.add_argument("--data", type=Path, required=True, help="training shards (folder with classes.json)")
+    parser.add_argument("--test", type=Path, required=True, help="test shard(s), with classes.json beside them")
     parser.add_argument("--attacks", default="badnets,blend,wanet,sig,none")
     parser.add_argument("--methods", default="none,advrbd")
     parser.add_argument("--rates", default="0.05")
@@ -55,7 +56,7 @@ def main():
     options.update(arch=args.arch, quick=args.quick)
     records = json.loads(args.results.read_text()) if args.results.exists() else []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    test = read_dataset(args.data / "test-000000.tar.gz")
+    test = read_dataset(args.test)
     for rate in map(float, args.rates.split(",")):
         for attack_name in args.attacks.split(","):
             poisoned = prepare_data(args, attack_name, rate)
