@@ -6,6 +6,7 @@ training loop never touches per-sample Python or the host.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -116,6 +117,14 @@ _LUMA = (0.299, 0.587, 0.114)
 # RGB -> YIQ. A hue shift is a rotation of the (I, Q) chroma plane: one 3x3 matrix
 # per sample instead of a round trip through HSV.
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_TO_RGB = tuple(map(tuple, np.linalg.inv(np.array(_RGB_TO_YIQ)).tolist()))
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor, copied to the device once: a host-to-GPU copy per call would wait
+    for the GPU's queue to drain on every batch."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _uniform(count: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -128,7 +137,7 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
     """Luma of float [B, 3, H, W] -> [B, 1, H, W]."""
-    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    weights = _constant(_LUMA, images.device, images.dtype).view(1, 3, 1, 1)
     return (images * weights).sum(1, keepdim=True)
 
 
@@ -157,14 +166,14 @@ def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, s
 
 def rotate_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Shift each sample's hue by ``turns`` [B] of a full circle (torchvision's hue factor) in YIQ space."""
-    to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=images.dtype, device=images.device)
     angle = turns.to(images.dtype) * 2 * math.pi
     rotation = torch.zeros(len(turns), 3, 3, dtype=images.dtype, device=images.device)
     rotation[:, 0, 0] = 1
     # This sense turns red towards yellow for a positive shift, as HSV hue does.
     rotation[:, 1, 1], rotation[:, 1, 2] = angle.cos(), angle.sin()
     rotation[:, 2, 1], rotation[:, 2, 2] = -angle.sin(), angle.cos()
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    matrix = _constant(_YIQ_TO_RGB, images.device, images.dtype) @ rotation @ _constant(
+        _RGB_TO_YIQ, images.device, images.dtype)
     return torch.einsum("bij,bjhw->bihw", matrix, images)
 
 
