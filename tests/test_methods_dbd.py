@@ -33,8 +33,7 @@ def plant_badnets(images: np.ndarray, labels: np.ndarray, rate: float, seed: int
 
 
 def tiny_options(**changes) -> dbd.DbdOptions:
-    base = dbd.DbdOptions(arch="small", ss_epochs=1, ss_batch_size=64, head_steps=50, mixmatch_epochs=2,
-                          mixmatch_batch_size=32)
+    base = dbd.DbdOptions(arch="small", ss_epochs=1, batch_size=64, head_steps=50, mixmatch_epochs=2)
     return replace(base, **changes)
 
 
@@ -163,6 +162,6 @@ def test_run_is_deterministic_for_a_seed(bank):
 
 def test_quick_shrinks_every_stage():
     full, quick = dbd.DbdOptions(), dbd.DbdOptions(quick=True).scaled()
-    assert quick.ss_epochs < full.ss_epochs and quick.ss_batch_size < full.ss_batch_size
+    assert quick.ss_epochs < full.ss_epochs and quick.batch_size < full.batch_size
     assert quick.mixmatch_epochs < full.mixmatch_epochs
     assert dbd.DbdOptions().scaled() == full

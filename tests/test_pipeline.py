@@ -1,4 +1,5 @@
 """End to end through sanitize.run on both input formats (CPU, --arch small --quick)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from sanitize.formats.onnx import OnnxCheckError
 from sanitize.formats.records import InputError
 
 FAST = {"arch": "small", "quick": True, "device": "cpu", "batch_size": 64}
+FAST_OPTIONS = {key: value for key, value in FAST.items() if key != "device"}
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +110,15 @@ def test_imagefolder_input_with_imagefolder_relabeled_output(make_imagefolder, t
 @pytest.mark.parametrize("method", sorted(methods.REGISTRY))
 def test_every_registered_method_honours_the_output_contract(method, make_shards, tmp_path):
     data = make_shards(120, per_shard=60)
-    fast = {key: value for key, value in FAST.items() if key != "batch_size"}
-    result = sanitize.run(data, method=method, out=tmp_path / "out", **fast)
+    result = sanitize.run(data, method=method, out=tmp_path / "out", **FAST)
     scores = read_scores(tmp_path / "out")
     assert len(scores) == 120 and result.counts["suspected"] == sum(r["suspected"] for r in scores)
     assert all(np.isfinite(r["score"]) for r in scores)
-    assert read_manifest(tmp_path / "out")["method"] == method
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["method"] == method
+    # The manifest records the values the method ran with: --quick scaled, --batch-size honoured.
+    assert manifest["options"]["quick"] is True and manifest["options"]["batch_size"] == 64
+    assert manifest["options"] == dataclasses.asdict(methods.resolve_options(method, **FAST_OPTIONS))
 
 
 def test_a_failed_onnx_check_writes_nothing(make_shards, tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ def load(name: str):
 def resolve_options(name: str, config: str | Path | None = None, **overrides):
     """The method's options: dataclass defaults < the ``[<name>]`` table (or top level) of a TOML file < overrides.
 
-    Unknown keys are a user error, reported with the valid ones.
+    Unknown keys are a user error, reported with the valid ones. With ``quick`` the
+    values come back scaled down, as the method runs them (and the manifest records them).
     """
     _, options_class = load(name)
     values: dict = {}
@@ -45,7 +46,7 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
         raise InputError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     for key, value in values.items():
         values[key] = _coerce(key, value, type(getattr(options_class(), key)))
-    return options_class(**values)
+    return options_class(**values).scaled()
 
 
 def _read_config(path: Path, name: str) -> dict:

@@ -53,13 +53,16 @@ class DbdOptions:
     """
 
     arch: str = "resnet18"
+    # Images per step of the network stages (``--batch-size``): SimCLR takes this many pairs,
+    # MixMatch half as many labeled samples (plus as many unlabeled ones, two views each),
+    # so both stages push about the same number of images through the network per step.
+    batch_size: int = 512
     # Stage 1, SimCLR. Batch 512, lr 0.4, weight decay 1e-4 and temperature 0.5 are the
     # official DBD settings; 512 pairs (1,024 views a step) already fill an H100 at 32 px.
     # The paper trains 100 epochs and says a purified, not a well-trained, extractor is the
     # goal (App. K); 60 fit the time budget. The projection head's width is lost in
     # extraction: 128, as in SimCLR.
     ss_epochs: int = 60
-    ss_batch_size: int = 512
     ss_lr: float = 0.4
     ss_weight_decay: float = 1e-4
     temperature: float = 0.5
@@ -84,7 +87,6 @@ class DbdOptions:
     # SGD one-cycle instead of Adam 0.002 at batch 64, to take few, large steps.
     filter_ratio: float = 0.5
     mixmatch_epochs: int = 40
-    mixmatch_batch_size: int = 256
     mixmatch_lr: float = 0.1
     mixmatch_weight_decay: float = 5e-4
     sharpen_temperature: float = 0.5
@@ -102,9 +104,8 @@ class DbdOptions:
         """
         if not self.quick:
             return self
-        return replace(self, ss_epochs=min(self.ss_epochs, 5), ss_batch_size=min(self.ss_batch_size, 128),
-                       mixmatch_epochs=min(self.mixmatch_epochs, 4),
-                       mixmatch_batch_size=min(self.mixmatch_batch_size, 64))
+        return replace(self, ss_epochs=min(self.ss_epochs, 5), batch_size=min(self.batch_size, 128),
+                       mixmatch_epochs=min(self.mixmatch_epochs, 4))
 
 
 # ------------------------------------------------------ stage 1: self-supervised
@@ -170,7 +171,7 @@ def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, 
     parameters = [*model.backbone.parameters(), *objective.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=opts.ss_lr, momentum=0.9, nesterov=True,
                                 weight_decay=opts.ss_weight_decay)
-    batch_size = min(opts.ss_batch_size, bank.n)
+    batch_size = min(opts.batch_size, bank.n)
     steps = train.steps_per_epoch(bank.n, batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(opts.ss_epochs * steps))
     epoch_loss = torch.zeros(opts.ss_epochs, device=bank.device)  # summed on the device: no sync per step
@@ -301,7 +302,7 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
     # MixUp weights come from the host: torch cannot draw Beta variates from a seeded generator,
     # and a host draw costs the GPU nothing.
     mixup_rng = np.random.default_rng(opts.seed + 2)
-    batch_size = min(opts.mixmatch_batch_size, len(labeled))
+    batch_size = max(1, min(opts.batch_size // 2, len(labeled)))
     steps = len(labeled) // batch_size  # the labeled set's size never changes
     total = opts.mixmatch_epochs * steps
     optimizer = train.make_optimizer(model, opts.mixmatch_lr, opts.mixmatch_weight_decay)
