@@ -139,7 +139,7 @@ def inspect(out, as_json, show):
 @click.argument("data")
 @click.option("--attack", required=True, help="badnets, blend, sig, wanet, physicalba, tact, adaptive_blend, ...")
 @click.option("--rate", type=float, required=True, help="Fraction of the dataset to poison, e.g. 0.05.")
-@click.option("--target", type=int, default=0, show_default=True, help="Target class index.")
+@click.option("--target", default="0", show_default=True, help="Target class: an index or a class name.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["webdataset", "imagefolder"]), help="Default: as the input.")
@@ -153,7 +153,12 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
                            overwrite=overwrite, **_parse_sets(sets))
     counts = truth["counts"]
     click.echo(f"poisoned {counts['poisoned']} of {counts['total']} samples with {attack} "
-               f"(target {target}); copy and truth.json in {out}")
+               f"(target class {truth['target']}); copy and truth.json in {out}")
+    if truth["renamed"]:
+        click.echo(f"  {len(truth['renamed'])} files were renamed to carry their new label; "
+                   f"truth.json maps new keys to old under 'renamed'")
+    for warning in truth["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command()

@@ -67,3 +67,15 @@ def test_help_and_version():
     assert code == 0 and "run" in stdout and "poison" in stdout and "inspect" in stdout
     code, stdout, _ = sanitize_cli("--version")
     assert code == 0 and "sanitize" in stdout
+
+
+def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, tmp_path, capsys):
+    # SIG is clean-label: at 50% it wants more target-class samples than 60 images hold, so the rate is capped.
+    data = make_shards(60, per_shard=60)
+    main(["poison", str(data), "--attack", "sig", "--rate", "0.5", "--target", "automobile",
+          "--out", str(tmp_path / "poisoned")])
+    captured = capsys.readouterr()
+    truth = json.loads((tmp_path / "poisoned" / "truth.json").read_text())
+    assert truth["target"] == 1 and truth["warnings"]
+    assert "target class 1" in captured.out
+    assert captured.err.count("warning: ") == len(truth["warnings"])
