@@ -36,7 +36,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="training shards (folder with classes.json)")
     parser.add_argument("--test", type=Path, required=True, help="test shard(s), with classes.json beside them")
-    parser.add_argument("--attacks", default="badnets,blend,wanet,sig,none")
+    parser.add_argument("--attacks", default="badnets,blend,wanet,sig,none",
+                        help="attack names; 'a+b' poisons with two triggers at once (targets 0 and 1, each at --rate)")
     parser.add_argument("--methods", default="none,advrbd")
     parser.add_argument("--rates", default="0.05")
     parser.add_argument("--arch", default="resnet18")
@@ -78,17 +79,27 @@ def options_id(method: str, options: dict) -> str:
 
 
 def prepare_data(args, attack_name: str, rate: float) -> dict:
-    """Poisoned shards on disk (cached in --work) and their ground truth."""
+    """Poisoned shards on disk (cached in --work), their ground truth and the (attack, target) pairs.
+
+    ``a+b`` applies attack ``a`` (target 0) and then ``b`` (target 1) to its output, each at
+    ``rate``; a sample both picked counts once. The record's ASR is the larger of the two.
+    """
     if attack_name == "none":
-        return {"path": args.data, "truth": None, "attack": None}
-    out = args.work / "data" / f"{attack_name}-{rate}"
-    if not (out / "truth.json").exists():
-        start = time.perf_counter()
-        poison_dataset(args.data, attack=attack_name, rate=rate, target=TARGET, out=out, seed=0, overwrite=True,
-                       **({"device": "cuda"} if attack_name == "label_consistent" else {}))
-        print(f"poisoned {attack_name} {rate} in {time.perf_counter() - start:.1f}s", flush=True)
-    truth = json.loads((out / "truth.json").read_text())
-    return {"path": out, "truth": truth, "attack": make_attack(attack_name, **truth["params"])}
+        return {"path": args.data, "truth": None, "attacks": []}
+    source, poisoned_keys, attacks = args.data, set(), []
+    for index, name in enumerate(attack_name.split("+")):
+        out = args.work / "data" / f"{'+'.join(attack_name.split('+')[:index + 1])}-{rate}"
+        target = TARGET + index
+        if not (out / "truth.json").exists():
+            start = time.perf_counter()
+            poison_dataset(source, attack=name, rate=rate, target=target, out=out, seed=index, overwrite=True,
+                           **({"device": "cuda"} if name == "label_consistent" else {}))
+            print(f"poisoned {name} {rate} (target {target}) in {time.perf_counter() - start:.1f}s", flush=True)
+        truth = json.loads((out / "truth.json").read_text())
+        poisoned_keys |= set(truth["poisoned"])
+        attacks.append((make_attack(name, **truth["params"]), target))
+        source = out
+    return {"path": source, "truth": {"poisoned": sorted(poisoned_keys)}, "attacks": attacks}
 
 
 def run_cell(args, method: str, poisoned: dict, test, options: dict, device: torch.device) -> dict:
@@ -104,7 +115,7 @@ def run_cell(args, method: str, poisoned: dict, test, options: dict, device: tor
         model, timings = result.model, result.timings_s
         detection = detection_figures(read_scores(out), poisoned["truth"])
     seconds = time.perf_counter() - start
-    return {**evaluate(model, test, poisoned["attack"], device), **detection, "seconds": round(seconds, 1),
+    return {**evaluate(model, test, poisoned["attacks"], device), **detection, "seconds": round(seconds, 1),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "timings_s": timings}
@@ -119,18 +130,23 @@ def train_without_defense(args, path: Path, device: torch.device):
     return model
 
 
-def evaluate(model, test, attack, device: torch.device) -> dict:
-    """ACC on the clean test set; ASR = share of triggered non-target test samples predicted as the target."""
+def evaluate(model, test, attacks: list, device: torch.device) -> dict:
+    """ACC on the clean test set; ASR = share of triggered test samples not of the target class predicted
+    as the target (the largest over ``attacks``, [(attack, target)]; each is in ``asr_each``)."""
     images = torch.from_numpy(test.images).to(device).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(test.labels).to(device)
-    acc = train.accuracy(model, images, labels)
-    if attack is None:
-        return {"acc": round(acc, 2), "asr": None}
-    counted = attack.asr_mask(test.labels, TARGET)
-    triggered = attack.trigger(test.images[counted], seed=1)
-    triggered = torch.from_numpy(triggered).to(device).permute(0, 3, 1, 2).contiguous()
-    asr = train.accuracy(model, triggered, torch.full((len(triggered),), TARGET, device=device))
-    return {"acc": round(acc, 2), "asr": round(asr, 2)}
+    figures = {"acc": round(train.accuracy(model, images, labels), 2), "asr": None}
+    rates = []
+    for attack, target in attacks:
+        counted = attack.asr_mask(test.labels, target)
+        triggered = torch.from_numpy(attack.trigger(test.images[counted], seed=1)).to(device)
+        triggered = triggered.permute(0, 3, 1, 2).contiguous()
+        rates.append(round(train.accuracy(model, triggered, torch.full((len(triggered),), target, device=device)), 2))
+    if rates:
+        figures["asr"] = max(rates)
+    if len(rates) > 1:
+        figures["asr_each"] = rates
+    return figures
 
 
 def detection_figures(scores: list[dict], truth: dict | None) -> dict:

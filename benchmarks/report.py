@@ -1,0 +1,150 @@
+"""Turn benchmarks/results.json into the tables of RESULTS.md and an ACC-vs-ASR plot.
+
+    python benchmarks/report.py [--results benchmarks/results.json] [--markdown benchmarks/RESULTS.md]
+
+The tables replace whatever sits between the ``<!-- results:begin -->`` and
+``<!-- results:end -->`` markers of the markdown file; the text around them (the
+commands, the notes) is written by hand. Each defended run is checked against the
+targets of its method, with the no-defense run of the same attack and rate (same
+commit preferred) as the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+CLEAN_LABEL = {"sig", "label_consistent"}
+COLOURS = {"none": "#888888", "advrbd": "#d62728", "dbd": "#1f77b4"}
+
+# method -> (max ASR, max ACC drop vs no defense, max seconds); detection targets below.
+TARGETS = {"advrbd": (1.0, 2.0, 90.0), "dbd": (1.0, 3.0, 600.0)}
+DIRTY_RECALL, DIRTY_FPR = 98.0, 5.0  # AdvrBD, dirty-label attacks
+CLEAN_SET_FLAGGED, CLEAN_SET_ACC_DROP = 5.0, 1.0  # AdvrBD, no attack
+
+
+def missed_targets(record: dict, baseline: dict | None) -> list[str]:
+    """The targets ``record`` misses (empty: all met); ``baseline`` is the no-defense run beside it."""
+    method = record["method"]
+    if method not in TARGETS:
+        return []
+    max_asr, max_drop, max_seconds = TARGETS[method]
+    missed = []
+    clean_set = record["attack"] == "none"
+    if clean_set and method == "advrbd":
+        max_drop = CLEAN_SET_ACC_DROP
+        if record["fpr"] is not None and record["fpr"] > CLEAN_SET_FLAGGED:
+            missed.append(f"flagged {record['fpr']:.1f}% > {CLEAN_SET_FLAGGED:g}%")
+    if record["asr"] is not None and record["asr"] > max_asr:
+        missed.append(f"ASR {record['asr']:.1f} > {max_asr:g}")
+    if baseline is None:
+        missed.append("no no-defense run to compare ACC with")
+    elif baseline["acc"] - record["acc"] > max_drop:
+        missed.append(f"ACC {baseline['acc'] - record['acc']:.1f} pts below no defense (> {max_drop:g})")
+    dirty = not clean_set and not any(part in CLEAN_LABEL for part in record["attack"].split("+"))
+    if method == "advrbd" and dirty and record["recall"] is not None:
+        if record["recall"] < DIRTY_RECALL:
+            missed.append(f"recall {record['recall']:.1f} < {DIRTY_RECALL:g}")
+        if record["fpr"] > DIRTY_FPR:
+            missed.append(f"FPR {record['fpr']:.1f} > {DIRTY_FPR:g}")
+    if record["seconds"] > max_seconds:
+        missed.append(f"{record['seconds']:.0f} s > {max_seconds:g} s")
+    return missed
+
+
+def find_baseline(record: dict, records: list[dict]) -> dict | None:
+    same = [r for r in records if r["method"] == "none" and r["attack"] == record["attack"]
+            and r["rate"] == record["rate"] and r["dataset"] == record["dataset"]]
+    same.sort(key=lambda r: r.get("commit") != record.get("commit"))  # same commit first
+    return same[0] if same else None
+
+
+def fmt(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def ordered(records: list[dict]) -> list[dict]:
+    order = {"none": 0, "advrbd": 1, "dbd": 2}
+    return sorted(records, key=lambda r: (r["rate"], r["attack"], order.get(r["method"], 9), r.get("commit", "")))
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| attack | rate | method | ACC | ASR | recall | FPR | AUROC | seconds | peak GB | targets | device | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ordered(records):
+        missed = missed_targets(r, find_baseline(r, records))
+        verdict = "" if r["method"] == "none" else ("met" if not missed else "missed: " + "; ".join(missed))
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {r['method']} | {fmt(r['acc'])} | {fmt(r['asr'])} | "
+                     f"{fmt(r.get('recall'))} | {fmt(r.get('fpr'))} | {fmt(r.get('auroc'))} | {fmt(r['seconds'], 0)} | "
+                     f"{fmt(r.get('peak_mem_gb'), 2)} | {verdict} | {r['device']} | {r.get('commit', '')[:7]} |")
+    return "\n".join(lines)
+
+
+def stage_table(records: list[dict]) -> str:
+    timed = [r for r in ordered(records) if r.get("timings_s")]
+    if not timed:
+        return ""
+    stages = list(dict.fromkeys(stage for r in timed for stage in r["timings_s"]))
+    lines = ["| attack | rate | method | " + " | ".join(stages) + " |", "|---|---|---|" + "---|" * len(stages)]
+    for r in timed:
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {r['method']} | "
+                     + " | ".join(fmt(r["timings_s"].get(stage)) for stage in stages) + " |")
+    return "Wall time per stage (seconds):\n\n" + "\n".join(lines)
+
+
+def svg_plot(records: list[dict], width: int = 520, height: int = 360) -> str:
+    """ACC (y) against ASR (x), one dot per run, coloured by method."""
+    left, bottom, right, top = 50, 40, 20, 20
+    plotted = [r for r in records if r["asr"] is not None]
+    accs = [r["acc"] for r in plotted] or [0.0]
+    low, high = max(0.0, min(accs) - 5), min(100.0, max(accs) + 2)
+
+    def x(asr):
+        return left + asr / 100 * (width - left - right)
+
+    def y(acc):
+        return height - bottom - (acc - low) / max(1e-9, high - low) * (height - top - bottom)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+             f'<text x="{(width + left) / 2}" y="{height - 8}" text-anchor="middle">ASR (%)</text>',
+             f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">ACC (%)</text>']
+    for tick in range(0, 101, 20):
+        parts.append(f'<text x="{x(tick)}" y="{height - bottom + 14}" text-anchor="middle">{tick}</text>')
+    for tick in (low, (low + high) / 2, high):
+        parts.append(f'<text x="{left - 4}" y="{y(tick) + 4}" text-anchor="end">{tick:.0f}</text>')
+    for r in plotted:
+        colour = COLOURS.get(r["method"], "black")
+        parts.append(f'<circle cx="{x(r["asr"]):.1f}" cy="{y(r["acc"]):.1f}" r="4" fill="{colour}"/>'
+                     f'<text x="{x(r["asr"]) + 6:.1f}" y="{y(r["acc"]) + 4:.1f}" fill="{colour}">{r["attack"]}</text>')
+    for index, (method, colour) in enumerate(COLOURS.items()):
+        parts.append(f'<circle cx="{width - 90}" cy="{top + 8 + 16 * index}" r="4" fill="{colour}"/>'
+                     f'<text x="{width - 80}" y="{top + 12 + 16 * index}">{method}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=HERE / "results.json")
+    parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--plot", type=Path, default=HERE / "acc_vs_asr.svg")
+    args = parser.parse_args()
+    records = json.loads(args.results.read_text()) if args.results.exists() else []
+    body = table(records) if records else "No runs recorded yet."
+    stages = stage_table(records)
+    generated = "\n\n".join(part for part in (body, stages, f"![ACC against ASR]({args.plot.name})") if part)
+    text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    args.markdown.write_text(f"{head}{BEGIN}\n{generated}\n{END}{rest.split(END, 1)[1]}")
+    args.plot.write_text(svg_plot(records))
+    print(f"wrote {args.markdown} and {args.plot} from {len(records)} runs")
+
+
+if __name__ == "__main__":
+    main()
