@@ -57,21 +57,24 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
+def write_shards(root: Path, samples, classes: list[str], per_shard: int = 100) -> Path:
+    """``samples`` (key, jpeg bytes, label) as ``root/part-%06d.tar`` shards plus classes.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(samples), per_shard):
+        members = []
+        for key, jpg, label in samples[start:start + per_shard]:
+            members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())]
+        write_shard(root / f"part-{start // per_shard:06d}.tar", members)
+    (root / "classes.json").write_text(json.dumps({"classes": classes}))
+    return root
+
+
 @pytest.fixture
 def make_shards(tmp_path, cifar_samples, cifar_classes):
     """Factory: ``make_shards(n, per_shard)`` -> directory of CIFAR shards plus classes.json."""
 
     def make(n: int = 200, per_shard: int = 100, root: Path | None = None) -> Path:
-        root = root or tmp_path / "shards"
-        root.mkdir(parents=True, exist_ok=True)
-        picked = cifar_samples[:n]
-        for start in range(0, len(picked), per_shard):
-            members = []
-            for key, jpg, label in picked[start:start + per_shard]:
-                members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())]
-            write_shard(root / f"part-{start // per_shard:06d}.tar", members)
-        (root / "classes.json").write_text(json.dumps({"classes": cifar_classes}))
-        return root
+        return write_shards(root or tmp_path / "shards", cifar_samples[:n], cifar_classes, per_shard)
 
     return make
 

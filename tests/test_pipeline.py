@@ -9,6 +9,7 @@ import torchvision
 import webdataset
 
 import sanitize
+from conftest import write_shards
 from sanitize import methods, pipeline
 from sanitize.formats import read_manifest, read_scores
 from sanitize.formats.onnx import OnnxCheckError
@@ -22,22 +23,9 @@ FAST_OPTIONS = {key: value for key, value in FAST.items() if key != "device"}
 def shard_run(tmp_path_factory, cifar_samples, cifar_classes):
     """One AdvrBD run over 200 real CIFAR samples written as shards."""
     root = tmp_path_factory.mktemp("run")
-    data = _shards(root / "data", cifar_samples[:200], cifar_classes)
+    data = write_shards(root / "data", cifar_samples[:200], cifar_classes)
     result = sanitize.run(data, method="advrbd", out=root / "out", **FAST)
     return data, root / "out", result
-
-
-def _shards(root, samples, classes, per_shard=100):
-    from conftest import write_shard
-
-    root.mkdir(parents=True)
-    for start in range(0, len(samples), per_shard):
-        members = []
-        for key, jpg, label in samples[start:start + per_shard]:
-            members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())]
-        write_shard(root / f"part-{start // per_shard:06d}.tar", members)
-    (root / "classes.json").write_text(json.dumps({"classes": classes}))
-    return root
 
 
 def test_every_output_of_the_contract_is_written(shard_run):
