@@ -1,8 +1,11 @@
 """Work that runs inline, or over one process pool shared by reading and decoding."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import sys
+import types
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -12,8 +15,10 @@ class Workers:
 
     Use as a context manager so the pool is shut down. The pool uses spawn, not
     fork: the caller may already hold CUDA or torch threads, which fork can
-    deadlock. Like any spawn pool, a calling *script* needs the
-    ``if __name__ == "__main__":`` guard.
+    deadlock. Spawned workers normally re-run the caller's script first, so a
+    script without an ``if __name__ == "__main__":`` guard would start a second
+    ``sanitize.run`` in every worker; ours only ever run sanitize's own functions,
+    so they are started without the caller's ``__main__`` (see ``_without_main``).
     """
 
     def __init__(self, count: int | None = None):
@@ -26,7 +31,8 @@ class Workers:
             return map(function, *iterables)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"))
-        return self._pool.map(function, *iterables)
+        with _without_main():  # Executor.map submits every task, and so starts every worker, right here
+            return self._pool.map(function, *iterables)
 
     def __enter__(self) -> Workers:
         return self
@@ -34,3 +40,16 @@ class Workers:
     def __exit__(self, *exc_info) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _without_main():
+    """Hide the caller's ``__main__`` while workers start: spawn passes its path (or module name) to
+    each new process, which runs it before taking work. An empty stand-in has neither."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main

@@ -1,0 +1,23 @@
+"""The process pool behind reading and decoding."""
+import subprocess
+import sys
+
+from sanitize.formats.workers import Workers
+
+
+def test_map_keeps_input_order_inline_and_in_a_pool():
+    with Workers(2) as pool:
+        assert list(pool.map(abs, [-3, 1, -2], parallel=False)) == [3, 1, 2]
+        assert list(pool.map(abs, range(-50, 0))) == list(range(50, 0, -1))
+
+
+def test_a_script_without_a_main_guard_still_works(tmp_path):
+    # Spawned workers would re-run such a script, start a pool of their own while
+    # bootstrapping, and die: the caller would see BrokenProcessPool.
+    script = tmp_path / "unguarded.py"
+    script.write_text("from sanitize.formats.workers import Workers\n"
+                      "with Workers(2) as pool:\n"
+                      "    print('result', list(pool.map(abs, [-1, -2, -3])))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["result [1, 2, 3]"]  # printed once: the workers did not re-run it
