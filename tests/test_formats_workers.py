@@ -1,7 +1,11 @@
 """The process pool behind reading and decoding."""
+import os
 import subprocess
 import sys
 
+import pytest
+
+from sanitize.formats.records import InputError
 from sanitize.formats.workers import Workers
 
 
@@ -21,3 +25,10 @@ def test_a_script_without_a_main_guard_still_works(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["result [1, 2, 3]"]  # printed once: the workers did not re-run it
+
+
+
+def test_a_worker_killed_from_outside_is_one_clear_error():
+    # os._exit ends the worker without a Python exception, as the OOM killer or a decoder crash would.
+    with Workers(2) as pool, pytest.raises(InputError, match="worker process reading the input died"):
+        list(pool.map(os._exit, [1, 1]))

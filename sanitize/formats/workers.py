@@ -8,6 +8,9 @@ import sys
 import types
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from sanitize.formats.records import InputError
 
 
 class Workers:
@@ -32,7 +35,8 @@ class Workers:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"))
         with _without_main():  # Executor.map submits every task, and so starts every worker, right here
-            return self._pool.map(function, *iterables)
+            results = self._pool.map(function, *iterables)
+        return _reported(results, self.count)
 
     def __enter__(self) -> Workers:
         return self
@@ -40,6 +44,15 @@ class Workers:
     def __exit__(self, *exc_info) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
+
+
+def _reported(results: Iterator, count: int) -> Iterator:
+    """A worker killed from outside Python (out of memory, a decoder crash) is the user's to fix, in one line."""
+    try:
+        yield from results
+    except BrokenProcessPool:
+        raise InputError(f"a worker process reading the input died (out of memory, or a file that crashes the "
+                         f"image decoder?); {count} workers were running: try --workers 1 or fewer") from None
 
 
 @contextlib.contextmanager
