@@ -98,7 +98,7 @@ def cli():
 @click.option("--shard-size", type=int, default=10_000, show_default=True)
 @click.option("--relabeled-format", type=click.Choice(["webdataset", "imagefolder"]), default="webdataset",
               show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier output (a directory with manifest.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, image_size, classes_file, workers,
@@ -144,7 +144,7 @@ def inspect(out, as_json, show):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["webdataset", "imagefolder"]), help="Default: as the input.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any attack parameter.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an earlier poisoned copy (a directory with truth.json).")
 def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
     """Write a poisoned copy of DATA to OUT plus truth.json (for red-teaming; DATA is not modified)."""
     from sanitize.attacks import poison_dataset

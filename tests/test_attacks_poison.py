@@ -80,6 +80,9 @@ def test_poison_refuses_overlap_and_existing_output(make_shards, tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(InputError, match="not empty"):
         poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out")
+    with pytest.raises(InputError, match="not an earlier output"):
+        poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", overwrite=True)
+    (tmp_path / "out" / TRUTH_FILE).write_text("{}")  # an earlier poisoned copy may be replaced
     poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / TRUTH_FILE).is_file()
     with pytest.raises(InputError, match="unknown attack"):

@@ -71,13 +71,18 @@ def test_staged_output_refuses_an_out_that_overlaps_the_input(tmp_path):
             pass
 
 
-def test_staged_output_replaces_only_with_overwrite(tmp_path):
+def test_staged_output_replaces_only_an_earlier_output_and_only_with_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(InputError, match="not empty"):
         with staged_output(out, tmp_path / "input"):
             pass
+    with pytest.raises(InputError, match="not an earlier output"):  # someone's files, not ours
+        with staged_output(out, tmp_path / "input", overwrite=True):
+            pass
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    (out / "manifest.json").write_text("{}")
     with staged_output(out, tmp_path / "input", overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]

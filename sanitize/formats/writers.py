@@ -28,8 +28,13 @@ TAR_OWNER = "sanitize"
 TAR_MTIME = 0  # a fixed timestamp is what makes the same shard byte-identical on every run
 
 
+# Files that mark a directory as an earlier output, which ``--overwrite`` may replace.
+REPLACEABLE = ("manifest.json", "truth.json")
+
+
 @contextlib.contextmanager
-def staged_output(out, input_path, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(out, input_path, *, overwrite: bool = False,
+                  replaceable: tuple[str, ...] = REPLACEABLE) -> Iterator[Path]:
     """Yield a fresh hidden directory beside ``out``; move it into place as ``out`` on success.
 
     The directory is named ``.<out>.sanitize-tmp-<pid>-<random>``, so what a
@@ -37,11 +42,14 @@ def staged_output(out, input_path, *, overwrite: bool = False) -> Iterator[Path]
     exception it is deleted and the exception re-raised. Raises InputError
     before anything is written if ``out`` is, is inside, or contains the input
     (``input_path`` None skips that check), or exists non-empty without ``overwrite``.
+    Even with ``overwrite``, a non-empty ``out`` is only replaced if it holds one of
+    the ``replaceable`` files, i.e. looks like an earlier output: a mistyped
+    ``--out ~/data --overwrite`` must not delete someone's files.
     """
     target = Path(out).resolve()
     if input_path is not None:
         _refuse_overlap(target, input_path)
-    _refuse_existing(target, overwrite)
+    _refuse_existing(target, overwrite, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.sanitize-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
@@ -66,13 +74,18 @@ def _refuse_overlap(target: Path, input_path) -> None:
             raise InputError(f"output {target} overlaps the input {location}; choose an OUT outside it")
 
 
-def _refuse_existing(target: Path, overwrite: bool) -> None:
+def _refuse_existing(target: Path, overwrite: bool, replaceable: tuple[str, ...]) -> None:
     if not target.exists():
         return
     if not target.is_dir():
         raise InputError(f"output {target} exists and is not a directory")
-    if any(target.iterdir()) and not overwrite:
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
         raise InputError(f"output {target} exists and is not empty (use --overwrite to replace it)")
+    if not any((target / name).is_file() for name in replaceable):
+        raise InputError(f"output {target} is not empty and holds no {' or '.join(replaceable)}, so it is not an "
+                         f"earlier output; --overwrite only replaces those: choose another OUT or empty it yourself")
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
@@ -257,7 +270,8 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
     _require_safe_names(samples)
     if any(not 0 <= sample.label < len(classes) for sample in samples):
         raise ValueError(f"a sample label is outside 0..{len(classes) - 1}")
-    with staged_output(out, None, overwrite=overwrite) as staging:
+    # A dataset written here before has its classes.json (shards) beside the outputs' markers.
+    with staged_output(out, None, overwrite=overwrite, replaceable=(*REPLACEABLE, "classes.json")) as staging:
         if fmt == "imagefolder":
             write_folder(staging, samples, [sample.label for sample in samples], classes)
         else:
