@@ -185,7 +185,8 @@ def _report(result, as_json: bool, show: int = 5) -> None:
                f"suspected {counts['suspected']}, unreadable {counts['unreadable']}")
     if result.suspect_target:
         target = result.suspect_target
-        click.echo(f"  suspects point to class {target['class']!r} ({target['share']:.0%} of suspects carry it)")
+        click.echo(f"  suspects point to class {target['class']!r}: {target['share']:.0%} of suspects carry it, "
+                   f"{target['lift']:.1f}x its share of the data")
     flagged = [f"{name} {row['suspected']}/{row['total']}" for name, row in result.per_class.items()]
     click.echo("  suspected per class: " + ", ".join(flagged))
     for suspect in result.manifest["suspects"][:show]:

@@ -103,16 +103,36 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
 
 def summarise(manifest: dict, out: Path, outputs: dict[str, str] | None = None) -> RunResult:
     """A :class:`RunResult` from a manifest (also used by ``sanitize inspect``)."""
-    suspects = manifest["suspects"]
-    classes = manifest["input"]["classes"]
-    target = None
-    if suspects:
-        label, count = collections.Counter(s["label"] for s in suspects).most_common(1)[0]
-        target = {"class": classes[label], "label": label, "share": round(count / len(suspects), 4)}
     return RunResult(out=out, method=manifest["method"], counts=manifest["counts"],
-                     per_class=manifest["per_class"], suspect_target=target,
+                     per_class=manifest["per_class"], suspect_target=suspect_target(manifest),
                      outputs=outputs or _listed_outputs(out), timings_s=manifest["timings_s"],
                      metrics=manifest.get("metrics", {}), manifest=manifest)
+
+
+# A dirty-label backdoor gives its poisons one label, so that class is over-represented among the
+# suspects. More than twice its share of the data counts as a pointer; below that the most common
+# label of the suspects may be just the hardest class. (DBD flags half of any dataset, so no class
+# can pass twice its share there: its pointer is never shown.)
+TARGET_LIFT = 2.0
+
+
+def suspect_target(manifest: dict) -> dict | None:
+    """The class the suspects point to, {"class", "label", "share", "lift"}, or None if none stands out.
+
+    ``share``: the fraction of suspects that carry the label; ``lift``: that fraction
+    over the label's fraction of all readable samples.
+    """
+    suspects = manifest["suspects"]
+    if not suspects:
+        return None
+    classes = manifest["input"]["classes"]
+    label, count = collections.Counter(s["label"] for s in suspects).most_common(1)[0]
+    readable = sum(row["total"] for row in manifest["per_class"].values())
+    share = count / len(suspects)
+    lift = share / (manifest["per_class"][classes[label]]["total"] / readable)
+    if lift <= TARGET_LIFT:
+        return None
+    return {"class": classes[label], "label": label, "share": round(share, 4), "lift": round(lift, 2)}
 
 
 def _listed_outputs(out: Path) -> dict[str, str]:

@@ -141,3 +141,21 @@ def test_config_file_sits_between_defaults_and_flags(tmp_path):
     config.write_text("epsilon = [")
     with pytest.raises(InputError, match="not valid TOML"):
         methods.resolve_options("advrbd", config)
+
+
+def _manifest(totals: dict[str, int], suspect_labels: list[int]) -> dict:
+    classes = list(totals)
+    per_class = {name: {"total": total, "suspected": suspect_labels.count(i)} for i, (name, total) in
+                 enumerate(totals.items())}
+    return {"input": {"classes": classes}, "per_class": per_class,
+            "suspects": [{"key": f"k{i}", "label": label} for i, label in enumerate(suspect_labels)]}
+
+
+def test_suspects_point_to_a_class_only_when_it_is_over_represented():
+    totals = {"cat": 100, "dog": 100, "ship": 100, "frog": 100}
+    # 30 of 40 suspects are cats, who are a quarter of the data: 3x their share.
+    target = pipeline.suspect_target(_manifest(totals, [0] * 30 + [1] * 5 + [2] * 5))
+    assert target == {"class": "cat", "label": 0, "share": 0.75, "lift": 3.0}
+    # Half of all samples flagged, every cat among them: 2x, as a method flagging half the data always allows.
+    assert pipeline.suspect_target(_manifest(totals, [0] * 100 + [1] * 50 + [2] * 50)) is None
+    assert pipeline.suspect_target(_manifest(totals, [])) is None
