@@ -1,12 +1,18 @@
 """Turn benchmarks/results.json into the tables of RESULTS.md and an ACC-vs-ASR plot.
 
     python benchmarks/report.py [--results benchmarks/results.json] [--markdown benchmarks/RESULTS.md]
+                                [--papers benchmarks/papers.json]
 
 The tables replace whatever sits between the ``<!-- results:begin -->`` and
 ``<!-- results:end -->`` markers of the markdown file; the text around them (the
 commands, the notes) is written by hand. Each defended run is checked against the
 targets of its method, with the no-defense run of the same attack and rate (same
 commit preferred) as the reference.
+
+``papers.json`` holds the CIFAR-10 figures the AdvrBD and DBD papers print (one
+record per paper table, attack and defense); they are written as tables of their
+own, and each of our runs with a published AdvrBD, DBD or no-defense figure for its
+attack is set beside it.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ HERE = Path(__file__).parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 CLEAN_LABEL = {"sig", "label_consistent"}
 COLOURS = {"none": "#888888", "advrbd": "#d62728", "dbd": "#1f77b4"}
+PAPERS = {"advrbd": "AdvrBD", "dbd": "DBD"}
 
 # method -> (max ASR, max ACC drop vs no defense, max seconds); detection targets below.
 TARGETS = {"advrbd": (1.0, 2.0, 90.0), "dbd": (1.0, 3.0, 600.0)}
@@ -94,6 +101,84 @@ def stage_table(records: list[dict]) -> str:
     return "Wall time per stage (seconds):\n\n" + "\n".join(lines)
 
 
+def paper_setting(paper: dict) -> str:
+    """What sets a published figure apart beyond attack and defense: the defense variant, the attack's eps."""
+    parts = [paper["variant"]] if paper.get("variant") else []
+    if paper.get("epsilon") is not None:
+        parts.append(f"eps {paper['epsilon']}/255")
+    return ", ".join(parts)
+
+
+def published_cell(paper: dict, notes: list[str]) -> str:
+    marker = f" [{notes.index(paper['note']) + 1}]" if paper.get("note") else ""
+    return f"{fmt(paper['acc'], 2)} / {fmt(paper['asr'], 2)}{marker}"
+
+
+def published_tables(papers: list[dict]) -> str:
+    """The papers' CIFAR-10 figures as printed, one table per paper table: defenses down, attacks across."""
+    papers = [p for p in papers if p["dataset"] == "cifar10"]
+    if not papers:
+        return ""
+    notes = list(dict.fromkeys(p["note"] for p in papers if p.get("note")))
+    parts = ["### Published figures (CIFAR-10)",
+             "From `papers.json`. Cells: ACC / ASR (%) as the paper prints them (DBD calls ACC 'BA'; – where "
+             "lost); `[n]`: note n below the tables."]
+    for paper, number in dict.fromkeys((p["paper"], p["table"]) for p in papers):
+        cells = {}  # (defense, variant) -> {(attack, rate, eps): cell}
+        for p in papers:
+            if p["paper"] == paper and p["table"] == number:
+                row = cells.setdefault((p["paper_defense"], p.get("variant")), {})
+                row[p["attack"], p["rate"], p.get("epsilon")] = published_cell(p, notes)
+        columns = list(dict.fromkeys(column for row in cells.values() for column in row))
+        shown = [p for p in papers if p["paper"] == paper and p["table"] == number]
+        models = ", ".join(dict.fromkeys(str(p["model"]) for p in shown))
+        targets = ", ".join(dict.fromkeys(str(p["target"]) for p in shown))
+        heads = [f"{attack} ({100 * rate:g}%{'' if eps is None else f', eps {eps}/255'})"
+                 for attack, rate, eps in columns]
+        lines = [f"{PAPERS.get(paper, paper)} Table {number}; model {models}, target class {targets}:", "",
+                 "| defense | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        for (defense, variant), row in cells.items():
+            name = defense + (f" ({variant})" if variant else "")
+            lines.append(f"| {name} | " + " | ".join(row.get(column, "") for column in columns) + " |")
+        parts.append("\n".join(lines))
+    if notes:
+        parts.append("\n".join(f"- [{index}] {note}" for index, note in enumerate(notes, 1)))
+    return "\n\n".join(parts)
+
+
+def published_for(record: dict, papers: list[dict]) -> list[dict]:
+    """The papers' figures for ``record``'s attack and method (AdvrBD, DBD or no defense); a figure
+    printed in several tables comes once, with all of them in ``tables`` (and their variants in ``variant``)."""
+    if record["method"] not in ("none", *PAPERS):
+        return []
+    merged = {}
+    for p in papers:
+        if p["dataset"] == record["dataset"] and p["attack"] == record["attack"] and p["defense"] == record["method"]:
+            key = (p["paper"], p.get("epsilon"), p["rate"], p["acc"], p["asr"])
+            entry = merged.setdefault(key, {**p, "tables": [], "variant": None})
+            entry["tables"].append(p["table"])
+            if p.get("variant") and p["variant"] != entry["variant"]:
+                entry["variant"] = p["variant"] if entry["variant"] is None else f"{entry['variant']} / {p['variant']}"
+    return list(merged.values())
+
+
+def comparison_table(records: list[dict], papers: list[dict]) -> str:
+    """Our ACC / ASR beside the papers' for the same attack and method."""
+    lines = []
+    for r in ordered(records):
+        for p in published_for(r, papers):
+            lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {r['method']} | {fmt(r['acc'])} | "
+                         f"{fmt(r['asr'])} | {PAPERS.get(p['paper'], p['paper'])} {', '.join(p['tables'])} | "
+                         f"{paper_setting(p)} | {100 * p['rate']:g}% | {p['target']} | {fmt(p['acc'], 2)} | "
+                         f"{fmt(p['asr'], 2)} |")
+    if not lines:
+        return ""
+    return ("### Ours beside the papers (CIFAR-10)\n\n"
+            "Our target class is 0; the papers' triggers, targets and training differ (see the published tables).\n\n"
+            "| attack | rate | method | ACC | ASR | paper, table | paper's setting | paper's rate | paper's target | "
+            "paper's ACC | paper's ASR |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+
+
 def svg_plot(records: list[dict], width: int = 520, height: int = 360) -> str:
     """ACC (y) against ASR (x), one dot per run, coloured by method."""
     left, bottom, right, top = 50, 40, 20, 20
@@ -132,11 +217,14 @@ def main():
     parser.add_argument("--results", type=Path, default=HERE / "results.json")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=HERE / "acc_vs_asr.svg")
+    parser.add_argument("--papers", type=Path, default=HERE / "papers.json", help="the papers' published figures")
     args = parser.parse_args()
     records = json.loads(args.results.read_text()) if args.results.exists() else []
+    papers = json.loads(args.papers.read_text()) if args.papers.exists() else []
     body = table(records) if records else "No runs recorded yet."
-    stages = stage_table(records)
-    generated = "\n\n".join(part for part in (body, stages, f"![ACC against ASR]({args.plot.name})") if part)
+    parts = (body, comparison_table(records, papers), stage_table(records), f"![ACC against ASR]({args.plot.name})",
+             published_tables(papers))
+    generated = "\n\n".join(part for part in parts if part)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{args.markdown} lacks the {BEGIN} / {END} markers")

@@ -60,3 +60,124 @@ def test_markdown_tables_replace_only_the_marked_section(tmp_path, monkeypatch):
     assert "old table" not in text and "hand-written" in text and text.endswith("notes\n")
     assert "| badnets | 5% | advrbd | 89.0 | 3.0 |" in text and "missed: ASR 3.0 > 1" in text
     assert (tmp_path / "p.svg").read_text().count("<circle") == 2 + len(report.COLOURS)
+
+
+PAPERS = Path(__file__).parents[1] / "benchmarks" / "papers.json"
+PAPER_DEFENSES = {"none": "No Defense", "advrbd": "AdvrBD", "dbd": "DBD (ours)"}
+
+
+def published(paper="advrbd", table="II", attack="badnets", defense="advrbd", acc=85.72, asr=0.0, **extra):
+    return {"paper": paper, "table": table, "dataset": "cifar10", "attack": attack, "defense": defense,
+            "model": "resnet18", "rate": 0.05, "acc": acc, "asr": asr, "paper_attack": attack,
+            "paper_defense": PAPER_DEFENSES.get(defense, defense), "variant": None, "epsilon": None, "target": 1,
+            "note": None, **extra}
+
+
+def test_a_runs_published_figures_merge_tables_and_leave_out_other_defenses():
+    papers = [published(), published(table="IV", variant="without relabeling and relearning"),
+              published(table="IV", variant="with relabeling and relearning", acc=86.81),
+              published(defense="CLP", acc=34.18, asr=0.55), published(attack="blend", acc=85.71),
+              published(paper="dbd", table="1", defense="none", acc=94.92, asr=100.0, target=3),
+              published(paper="dbd", table="3", defense="none", acc=94.92, asr=100.0, target=3)]
+    found = report.published_for(record(), papers)
+    assert [(p["tables"], p["variant"], p["acc"]) for p in found] == [
+        (["II", "IV"], "without relabeling and relearning", 85.72), (["IV"], "with relabeling and relearning", 86.81)]
+    assert [(p["paper"], p["tables"]) for p in report.published_for(BASELINE, papers)] == [("dbd", ["1", "3"])]
+    assert report.published_for(record(method="dbd"), papers) == []
+    assert report.published_for(record(attack="badnets+blend"), papers) == []
+    assert report.published_for(record(dataset="gtsrb"), papers) == []
+
+
+def test_published_tables_put_defenses_down_attacks_across_and_number_the_notes():
+    papers = [published(defense="none", acc=92.0, asr=95.2), published(),
+              published(attack="sig", acc=87.69, asr=2.64, note="first note"),
+              published(paper="dbd", table="2", attack="label_consistent", defense="dbd", rate=0.025, epsilon=16,
+                        acc=89.67, asr=0.01, target=3, note="second note"),
+              published(paper="dbd", table="2", attack="label_consistent", defense="dbd", rate=0.025, epsilon=32,
+                        acc=None, asr=0.34, target=3, note="second note"),
+              published(dataset="imagenet", acc=11.11)]
+    text = report.published_tables(papers)
+    assert text.startswith("### Published figures (CIFAR-10)")
+    assert "AdvrBD Table II; model resnet18, target class 1:" in text and "DBD Table 2;" in text
+    assert "| defense | badnets (5%) | sig (5%) |" in text
+    assert "| No Defense | 92.00 / 95.20 |  |" in text and "| AdvrBD | 85.72 / 0.00 | 87.69 / 2.64 [1] |" in text
+    assert "| label_consistent (2.5%, eps 16/255) | label_consistent (2.5%, eps 32/255) |" in text
+    assert "| DBD (ours) | 89.67 / 0.01 [2] | – / 0.34 [2] |" in text
+    assert text.endswith("- [1] first note\n- [2] second note") and "11.11" not in text
+    assert report.published_tables([]) == ""
+
+
+def test_published_figures_are_written_without_results_and_beside_ours_with_them(tmp_path, monkeypatch):
+    papers = tmp_path / "papers.json"
+    papers.write_text(json.dumps([published(defense="none", acc=92.0, asr=95.2), published()]))
+    markdown = tmp_path / "RESULTS.md"
+    markdown.write_text(f"# Results\n{report.BEGIN}\n{report.END}\nnotes\n")
+    results = tmp_path / "results.json"
+
+    def generated():
+        monkeypatch.setattr("sys.argv", ["report.py", "--results", str(results), "--markdown", str(markdown),
+                                         "--plot", str(tmp_path / "p.svg"), "--papers", str(papers)])
+        report.main()
+        return markdown.read_text().split(report.BEGIN)[1].split(report.END)[0]
+
+    text = generated()
+    assert "No runs recorded yet." in text and "| AdvrBD | 85.72 / 0.00 |" in text
+    assert "Ours beside the papers" not in text
+    results.write_text(json.dumps([BASELINE, record(asr=3.0)]))
+    text = generated()
+    assert "### Ours beside the papers (CIFAR-10)" in text
+    assert "| badnets | 5% | none | 89.3 | 100.0 | AdvrBD II |  | 5% | 1 | 92.00 | 95.20 |" in text
+    assert "| badnets | 5% | advrbd | 89.0 | 3.0 | AdvrBD II |  | 5% | 1 | 85.72 | 0.00 |" in text
+
+
+# The CIFAR-10 rows of the papers' "Average" lines: (ACC, ASR) per defense, in the tables' column order.
+ADVRBD_AVERAGES = {
+    "II": [87.12, 88.36, 83.94, 92.61, 79.01, 78.70, 80.57, 78.48, 32.57, 30.81, 40.06, 41.01, 70.22, 13.65, 82.20,
+           28.72, 85.14, 0.53],
+    "III": [83.63, 51.27, 82.93, 60.66, 79.45, 40.07, 71.76, 32.34, 52.56, 3.55, 67.69, 33.52, 74.65, 20.81, 85.71,
+            50.26, 82.86, 0.00],
+}
+
+
+def test_papers_json_holds_the_requested_tables_whole_and_well_formed():
+    papers = json.loads(PAPERS.read_text())
+    keys = set(published())
+    assert all(set(p) == keys for p in papers)
+    sizes = {}
+    for p in papers:
+        sizes[p["paper"], p["table"]] = sizes.get((p["paper"], p["table"]), 0) + 1
+    assert sizes == {("advrbd", "II"): 45, ("advrbd", "III"): 27, ("advrbd", "IV"): 16,
+                     ("dbd", "1"): 18, ("dbd", "2"): 12, ("dbd", "3"): 24}
+    cells = [(p["paper"], p["table"], p["attack"], p["paper_defense"], p["variant"], p["epsilon"]) for p in papers]
+    assert len(set(cells)) == len(cells)
+    ours = {"badnets", "blend", "wanet", "sig", "physicalba", "tact", "adaptive_blend", "adaptive_patch",
+            "label_consistent"}
+    assert {p["attack"] for p in papers} <= ours and {"none", "advrbd", "dbd"} <= {p["defense"] for p in papers}
+    for p in papers:
+        assert p["dataset"] == "cifar10" and 0 < p["rate"] < 1
+        for metric in ("acc", "asr"):
+            assert (p[metric] is None and p["note"]) or 0 <= p[metric] <= 100
+
+
+def test_papers_json_matches_the_papers_averages_and_spot_checks():
+    papers = json.loads(PAPERS.read_text())
+    for number, averages in ADVRBD_AVERAGES.items():
+        rows = [p for p in papers if p["paper"] == "advrbd" and p["table"] == number]
+        for index, defense in enumerate(dict.fromkeys(p["defense"] for p in rows)):
+            column = [p for p in rows if p["defense"] == defense]
+            for offset, metric in enumerate(("acc", "asr")):
+                mean = sum(p[metric] for p in column) / len(column)
+                assert abs(mean - averages[2 * index + offset]) < 0.0051, (number, defense, metric)
+
+    def find(paper, table, attack, defense, variant=None, epsilon=None):
+        hits = [(p["acc"], p["asr"]) for p in papers if (p["paper"], p["table"], p["attack"], p["defense"],
+                p["variant"], p["epsilon"]) == (paper, table, attack, defense, variant, epsilon)]
+        assert len(hits) == 1
+        return hits[0]
+
+    assert find("advrbd", "II", "badnets", "advrbd") == (85.72, 0.0)
+    assert find("advrbd", "III", "tact", "none") == (82.10, 63.20)
+    assert find("advrbd", "IV", "sig", "advrbd", "with relabeling and relearning") == (86.59, 0.22)
+    assert find("dbd", "1", "wanet", "dbd") == find("dbd", "3", "wanet", "dbd") == (91.20, 0.39)
+    assert find("dbd", "2", "label_consistent", "dbd", epsilon=16) == (89.67, 0.01)
+    assert find("dbd", "3", "label_consistent", "none", epsilon=32) == (94.82, 99.19)
