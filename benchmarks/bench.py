@@ -68,7 +68,8 @@ def main():
                     print("skip (done)", cell, flush=True)
                     continue
                 record = run_cell(args, method, poisoned, test, options, device)
-                records.append({**cell, **record})
+                overrides = {} if method == "none" else {k: v for k, v in options.items() if k not in ("arch", "quick")}
+                records.append({**cell, **record, **({"set": overrides} if overrides else {})})
                 args.results.write_text(json.dumps(records, indent=1))
                 print(json.dumps(records[-1]), flush=True)
 

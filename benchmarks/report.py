@@ -72,6 +72,12 @@ def fmt(value, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def label(record: dict) -> str:
+    """The method, with any ``--set`` overrides the run was made with."""
+    overrides = record.get("set") or {}
+    return record["method"] + "".join(f" {key}={json.dumps(value)}" for key, value in sorted(overrides.items()))
+
+
 def ordered(records: list[dict]) -> list[dict]:
     order = {"none": 0, "advrbd": 1, "dbd": 2}
     return sorted(records, key=lambda r: (r["rate"], r["attack"], order.get(r["method"], 9), r.get("commit", "")))
@@ -83,7 +89,7 @@ def table(records: list[dict]) -> str:
     for r in ordered(records):
         missed = missed_targets(r, find_baseline(r, records))
         verdict = "" if r["method"] == "none" else ("met" if not missed else "missed: " + "; ".join(missed))
-        lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {r['method']} | {fmt(r['acc'])} | {fmt(r['asr'])} | "
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | {fmt(r['acc'])} | {fmt(r['asr'])} | "
                      f"{fmt(r.get('recall'))} | {fmt(r.get('fpr'))} | {fmt(r.get('auroc'))} | {fmt(r['seconds'], 0)} | "
                      f"{fmt(r.get('peak_mem_gb'), 2)} | {verdict} | {r['device']} | {r.get('commit', '')[:7]} |")
     return "\n".join(lines)
@@ -96,7 +102,7 @@ def stage_table(records: list[dict]) -> str:
     stages = list(dict.fromkeys(stage for r in timed for stage in r["timings_s"]))
     lines = ["| attack | rate | method | " + " | ".join(stages) + " |", "|---|---|---|" + "---|" * len(stages)]
     for r in timed:
-        lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {r['method']} | "
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | "
                      + " | ".join(fmt(r["timings_s"].get(stage)) for stage in stages) + " |")
     return "Wall time per stage (seconds):\n\n" + "\n".join(lines)
 
@@ -167,7 +173,7 @@ def comparison_table(records: list[dict], papers: list[dict]) -> str:
     lines = []
     for r in ordered(records):
         for p in published_for(r, papers):
-            lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {r['method']} | {fmt(r['acc'])} | "
+            lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | {fmt(r['acc'])} | "
                          f"{fmt(r['asr'])} | {PAPERS.get(p['paper'], p['paper'])} {', '.join(p['tables'])} | "
                          f"{paper_setting(p)} | {100 * p['rate']:g}% | {p['target']} | {fmt(p['acc'], 2)} | "
                          f"{fmt(p['asr'], 2)} |")

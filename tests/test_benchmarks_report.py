@@ -181,3 +181,8 @@ def test_papers_json_matches_the_papers_averages_and_spot_checks():
     assert find("dbd", "1", "wanet", "dbd") == find("dbd", "3", "wanet", "dbd") == (91.20, 0.39)
     assert find("dbd", "2", "label_consistent", "dbd", epsilon=16) == (89.67, 0.01)
     assert find("dbd", "3", "label_consistent", "none", epsilon=32) == (94.82, 99.19)
+
+
+def test_runs_made_with_overrides_are_labelled_with_them():
+    text = report.table([BASELINE, record(), record(set={"detect_augment": True})])
+    assert "| advrbd detect_augment=true |" in text and "| advrbd |" in text
