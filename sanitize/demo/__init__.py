@@ -48,7 +48,8 @@ def run_demo(out: Path, *, device: str = "cpu", echo=print, progress=None) -> di
     attack = make_attack(ATTACK, **truth["params"])
     test = _test_set(attack)
     undefended = _undefended_model(out / "poisoned", result.manifest["options"], device)
-    figures = {**_detection(result.manifest, truth), **_model_figures(_onnx_predictor(out / "sanitized" / "model.onnx"), test),
+    cleaned = _model_figures(_onnx_predictor(out / "sanitized" / "model.onnx"), test)
+    figures = {**_detection(result.manifest, truth), **cleaned,
                **{f"undefended_{key}": value for key, value in _model_figures(undefended, test).items()}}
     echo(f"  poisons found: recall {figures['recall']:.1f}%, precision {figures['precision']:.1f}% "
          f"({figures['found']} of {figures['poisoned']} poisons among {figures['suspected']} suspects)")
@@ -106,7 +107,8 @@ def _undefended_model(poisoned: Path, options: dict, device: str):
     torch.manual_seed(0)
     model = train.prepare(build_model(options["arch"], bank.num_classes, bank.image_size, bank.mean, bank.std),
                           bank.device)
-    for epochs, lr, seed in ((options["clean_epochs"], options["lr"], 1), (options["finetune_epochs"], options["finetune_lr"], 2)):
+    schedule = ((options["clean_epochs"], options["lr"], 1), (options["finetune_epochs"], options["finetune_lr"], 2))
+    for epochs, lr, seed in schedule:
         train.train_supervised(model, bank, epochs=epochs, batch_size=options["batch_size"], lr=lr,
                                weight_decay=options["weight_decay"], seed=seed)
 
