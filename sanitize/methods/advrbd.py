@@ -57,8 +57,9 @@ class AdvrbdOptions:
     # AUROC 0.98, recall 98%, FPR 16% without; 0.85 / 69% / 11% with, where 60 poisons
     # fell into the unlearn set. White-square BadNets there: 0.92 / 84% / 14% without;
     # 0.30 / 0% with (warm-up KL AUROC 0.51: the trigger was never learned).
-    # The clean model (stages 6-7) is trained with augmentation.
-    # The H100 calibration in benchmarks/RESULTS.md predates this change.
+    # The clean model (stages 6-7) is trained with augmentation. Commands for these
+    # figures (benchmarks/calibrate_advrbd.py) are in benchmarks/RESULTS.md; the H100
+    # calibration there predates this change.
     detect_augment: bool = False
     # Stage 2. The paper's eps and radius were lost. 8/255 is the usual CIFAR L-inf
     # budget; the mask is a square of half the image side at a random place, so on
