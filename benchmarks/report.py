@@ -130,13 +130,12 @@ def published_tables(papers: list[dict]) -> str:
              "From `papers.json`. Cells: ACC / ASR (%) as the paper prints them (DBD calls ACC 'BA'; – where "
              "lost); `[n]`: note n below the tables."]
     for paper, number in dict.fromkeys((p["paper"], p["table"]) for p in papers):
-        cells = {}  # (defense, variant) -> {(attack, rate, eps): cell}
-        for p in papers:
-            if p["paper"] == paper and p["table"] == number:
-                row = cells.setdefault((p["paper_defense"], p.get("variant")), {})
-                row[p["attack"], p["rate"], p.get("epsilon")] = published_cell(p, notes)
-        columns = list(dict.fromkeys(column for row in cells.values() for column in row))
         shown = [p for p in papers if p["paper"] == paper and p["table"] == number]
+        cells = {}  # (defense, variant) -> {(attack, rate, eps): cell}
+        for p in shown:
+            row = cells.setdefault((p["paper_defense"], p.get("variant")), {})
+            row[p["attack"], p["rate"], p.get("epsilon")] = published_cell(p, notes)
+        columns = list(dict.fromkeys(column for row in cells.values() for column in row))
         models = ", ".join(dict.fromkeys(str(p["model"]) for p in shown))
         targets = ", ".join(dict.fromkeys(str(p["target"]) for p in shown))
         heads = [f"{attack} ({100 * rate:g}%{'' if eps is None else f', eps {eps}/255'})"
