@@ -114,7 +114,10 @@ def run_cell(args, method: str, poisoned: dict, test, options: dict, device: tor
         result = sanitize.run(poisoned["path"], method=method, out=out, device=device.type, overwrite=True,
                               **options)
         model, timings = result.model, result.timings_s
-        detection = detection_figures(read_scores(out), poisoned["truth"])
+        scores = read_scores(out)
+        detection = {**detection_figures(scores, poisoned["truth"]),
+                     "diagnostics": diagnostics(result, scores, poisoned["truth"]),
+                     "options": result.manifest["options"]}  # as run, defaults resolved
     seconds = time.perf_counter() - start
     return {**evaluate(model, test, poisoned["attacks"], device), **detection, "seconds": round(seconds, 1),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
@@ -160,6 +163,31 @@ def detection_figures(scores: list[dict], truth: dict | None) -> dict:
     score = np.array([row["score"] for row in scores])
     return {"recall": round(100 * suspected[is_poison].mean(), 2), "fpr": round(100 * suspected[~is_poison].mean(), 2),
             "auroc": round(100 * auroc(score, is_poison), 2)}
+
+
+def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
+    """What each stage did, to tell a ranking failure from a threshold failure on one GPU run.
+
+    The method's metrics (onnx check left out); with a ground truth, for each per-sample
+    detail: a boolean set -> how many poisons it holds and its size; a float -> the AUROC of
+    the raw value against the poisons (far from 50 either way separates them; AdvrBD's warm-up
+    KL is low on poisons, so near 0 is best there); and ``recall_at_fpr5``: the share of
+    poisons scoring above the 95th percentile of the clean samples' scores.
+    """
+    found = {"metrics": {k: v for k, v in result.metrics.items() if k != "onnx_check"}}
+    if truth is None:
+        return found
+    poisoned_keys = set(truth["poisoned"])
+    is_poison = np.array([row["key"] in poisoned_keys for row in scores])
+    for name, values in result.details.items():
+        values = np.asarray(values)
+        if values.dtype == np.bool_:
+            found[f"poisons_in_{name}"], found[f"{name}_size"] = int((values & is_poison).sum()), int(values.sum())
+        elif np.issubdtype(values.dtype, np.floating):
+            found[f"{name}_auroc"] = round(100 * auroc(values.astype(np.float64), is_poison), 2)
+    score = np.array([row["score"] for row in scores])
+    found["recall_at_fpr5"] = round(100 * float((score[is_poison] > np.quantile(score[~is_poison], 0.95)).mean()), 2)
+    return found
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:

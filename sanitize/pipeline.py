@@ -40,9 +40,11 @@ class RunResult:
     metrics: dict
     manifest: dict = field(repr=False)
     model: torch.nn.Module | None = field(default=None, repr=False)  # the clean model (None from inspect)
+    # The method's per-sample diagnostics ([N] arrays in scores.csv row order; empty from inspect).
+    details: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("manifest", "model")}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("manifest", "model", "details")}
         data["out"] = str(self.out)
         return data
 
@@ -98,7 +100,7 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
             environment=_environment(torch_device), metrics=metrics)
         write_manifest(staging, manifest)
         outputs["manifest"] = "manifest.json"
-    return dataclasses.replace(summarise(manifest, Path(out), outputs), model=result.model)
+    return dataclasses.replace(summarise(manifest, Path(out), outputs), model=result.model, details=result.details)
 
 
 def summarise(manifest: dict, out: Path, outputs: dict[str, str] | None = None) -> RunResult:

@@ -159,3 +159,14 @@ def test_suspects_point_to_a_class_only_when_it_is_over_represented():
     # Half of all samples flagged, every cat among them: 2x, as a method flagging half the data always allows.
     assert pipeline.suspect_target(_manifest(totals, [0] * 100 + [1] * 50 + [2] * 50)) is None
     assert pipeline.suspect_target(_manifest(totals, [])) is None
+
+
+def test_detection_augmentation_follows_quick_unless_set(tmp_path):
+    assert methods.resolve_options("advrbd").detect_augment is True
+    assert methods.resolve_options("advrbd", quick=True).detect_augment is False
+    assert methods.resolve_options("advrbd", quick=True, detect_augment=True).detect_augment is True
+    config = tmp_path / "options.toml"
+    config.write_text("[advrbd]\ndetect_augment = false\n")
+    assert methods.resolve_options("advrbd", config).detect_augment is False
+    with pytest.raises(InputError, match="true or false"):
+        methods.resolve_options("advrbd", detect_augment="yes")

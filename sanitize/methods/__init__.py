@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import tomllib
+import typing
 from pathlib import Path
 
 from sanitize.formats.records import InputError
@@ -44,8 +45,9 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise InputError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(options_class)
     for key, value in values.items():
-        values[key] = _coerce(key, value, type(getattr(options_class(), key)))
+        values[key] = _coerce(key, value, _value_type(hints[key]))
     return options_class(**values).scaled()
 
 
@@ -60,6 +62,12 @@ def _read_config(path: Path, name: str) -> dict:
     if not isinstance(table, dict):
         raise InputError(f"config file {path}: [{name}] must be a table")
     return table
+
+
+def _value_type(hint) -> type:
+    """``bool | None`` -> bool (None means "decided by the method"); a plain type stays."""
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    return kinds[0] if kinds else hint
 
 
 def _coerce(key: str, value, kind: type):

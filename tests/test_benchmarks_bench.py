@@ -1,0 +1,40 @@
+"""benchmarks/bench.py: the detection figures and stage diagnostics it records."""
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "benchmarks" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+# Ten samples, the last two poisoned: the score ranks one poison on top and one in the middle.
+SCORES = [{"key": f"k{i}", "score": s, "suspected": s > 0.85}
+          for i, s in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.55])]
+TRUTH = {"poisoned": ["k8", "k9"]}
+
+
+def test_detection_figures_count_against_the_ground_truth():
+    figures = bench.detection_figures(SCORES, TRUTH)
+    assert figures["recall"] == 50.0 and figures["fpr"] == 0.0
+    # poison 0.9 beats all 8 clean, poison 0.55 beats 5 of 8: (8 + 5) / 16
+    assert figures["auroc"] == pytest.approx(100 * 13 / 16, abs=0.01)
+    assert bench.detection_figures(SCORES, None) == {"recall": None, "fpr": 10.0, "auroc": None}
+
+
+def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
+    unlearn = np.zeros(10, bool)
+    unlearn[[0, 1, 9]] = True
+    result = SimpleNamespace(metrics={"enhance_rounds": 3, "onnx_check": {"max_abs_diff": 0.0}},
+                             details={"unlearn": unlearn, "warmup_kl": np.linspace(1.0, 0.0, 10),
+                                      "finetune_label": np.arange(10)})
+    found = bench.diagnostics(result, SCORES, TRUTH)
+    assert found["metrics"] == {"enhance_rounds": 3}
+    assert found["poisons_in_unlearn"] == 1 and found["unlearn_size"] == 3
+    assert found["warmup_kl_auroc"] == 0.0  # both poisons have the lowest KL
+    assert "finetune_label_auroc" not in found
+    # the clean scores' 95th percentile is 0.765: only the 0.9 poison is above it
+    assert found["recall_at_fpr5"] == 50.0
+    assert bench.diagnostics(result, SCORES, None) == {"metrics": {"enhance_rounds": 3}}
