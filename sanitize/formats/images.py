@@ -119,7 +119,8 @@ def decode(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
 def _pixels(image: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
     if size is not None:
         image.draft(None, (max(size), max(size)))  # JPEG: decode at 1/2..1/8 scale when that still covers size
-    image = to_rgb(ImageOps.exif_transpose(image))
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+    image = to_rgb(image)
     if size is not None:
         image = resize_cover(image, size)
     return np.asarray(image, dtype=np.uint8)
