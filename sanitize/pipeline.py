@@ -87,7 +87,7 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
         with clock("write"):
             outputs = write_outputs(staging, ingested, score=result.score, suspected=result.suspected,
                                     relabel=result.relabel, shard_size=shard_size,
-                                    relabeled_format=relabeled_format)
+                                    relabeled_format=relabeled_format, workers=workers)
         with clock("export"):
             onnx_report = _export(result, bank, staging / "model.onnx", method)
         outputs["model"] = "model.onnx"

@@ -13,7 +13,7 @@ import torchvision
 import webdataset
 
 from conftest import write_shard
-from sanitize.formats import InputError, read_dataset, staged_output, write_dataset, write_outputs
+from sanitize.formats import InputError, read_dataset, writers, staged_output, write_dataset, write_outputs
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key, safe_key
 from sanitize.formats.records import Sample
 
@@ -145,6 +145,18 @@ def test_shards_are_byte_identical_on_a_second_write(make_shards, tmp_path):
         info = tar.getmembers()[0]
     assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == (0, 0, 0, "sanitize", "sanitize",
                                                                                     0o444)
+
+
+def test_shards_written_by_worker_processes_are_the_same_bytes(make_shards, tmp_path, monkeypatch):
+    ingested = read_dataset(make_shards(100, 50), workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "inline", ingested, score=score, suspected=suspected, relabel=relabel, shard_size=30,
+                  workers=1)
+    monkeypatch.setattr(writers, "WRITE_POOL_MIN_SAMPLES", 0)
+    write_outputs(tmp_path / "pool", ingested, score=score, suspected=suspected, relabel=relabel, shard_size=30,
+                  workers=2)
+    assert digests(tmp_path / "inline") == digests(tmp_path / "pool")
+    assert len(shard_paths(tmp_path / "pool" / "relabeled")) == 4
 
 
 def test_scores_csv_has_one_row_per_readable_sample_in_input_order(make_shards, tmp_path):

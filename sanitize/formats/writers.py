@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import os
 import secrets
@@ -21,11 +22,15 @@ from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import Ingested, InputError, Sample
+from sanitize.formats.workers import Workers
 
 SCORES_HEADER = ("key", "source", "label", "score", "suspected", "relabel")
 FORMATS = ("webdataset", "imagefolder")
 TAR_OWNER = "sanitize"
 TAR_MTIME = 0  # a fixed timestamp is what makes the same shard byte-identical on every run
+# Below this many samples, shards are written inline: every pool worker imports webdataset, and
+# torch with it (a second or two), which costs more than writing 10,000 samples (about 1.5 s).
+WRITE_POOL_MIN_SAMPLES = 10_000
 
 
 # Files that mark a directory as an earlier output, which ``--overwrite`` may replace.
@@ -104,7 +109,7 @@ def _move_into_place(staging: Path, target: Path) -> None:
 
 
 def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_size: int = 10000,
-                  relabeled_format: str = "webdataset") -> dict[str, str]:
+                  relabeled_format: str = "webdataset", workers: int | None = None) -> dict[str, str]:
     """Write the clean shards, the relabeled set and scores.csv under ``tmp``.
 
     score float [N] (higher = more likely poisoned), suspected bool [N] and
@@ -117,9 +122,17 @@ def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_s
     tmp = Path(tmp)
     samples = ingested.samples
     clean = [index for index in range(len(samples)) if not suspected[index]]
-    write_shards(tmp / "clean", "clean", (_clean_fields(samples[i], float(score[i])) for i in clean), shard_size)
+    sets = [(tmp / "clean", "clean", (_clean_fields(samples[i], float(score[i])) for i in clean))]
+    relabeled = tmp / "relabeled"
+    if relabeled_format == "imagefolder":
+        write_folder(relabeled, samples, relabel.tolist(), ingested.classes)
+    else:
+        sets.append((relabeled, "relabeled", (_relabeled_fields(sample, float(score[i]), bool(suspected[i]),
+                                                                int(relabel[i])) for i, sample in enumerate(samples))))
+    write_shard_sets(sets, shard_size, workers)
     _write_classes(tmp / "clean", ingested.classes)
-    _write_relabeled(tmp / "relabeled", ingested, score, suspected, relabel, shard_size, relabeled_format)
+    if relabeled_format == "webdataset":
+        _write_classes(relabeled, ingested.classes)
     write_scores(tmp / "scores.csv", samples, score, suspected, relabel)
     return {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}
 
@@ -145,17 +158,6 @@ def _clean_fields(sample: Sample, score: float) -> dict:
     return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(sample.label), "json": _json(meta)}
 
 
-def _write_relabeled(directory: Path, ingested: Ingested, score, suspected, relabel, shard_size, fmt) -> None:
-    samples = ingested.samples
-    if fmt == "imagefolder":
-        write_folder(directory, samples, relabel.tolist(), ingested.classes)
-        return
-    fields = (_relabeled_fields(sample, float(score[i]), bool(suspected[i]), int(relabel[i]))
-              for i, sample in enumerate(samples))
-    write_shards(directory, "relabeled", fields, shard_size)
-    _write_classes(directory, ingested.classes)
-
-
 def _relabeled_fields(sample: Sample, score: float, suspected: bool, relabel: int) -> dict:
     meta = {"original_label": sample.label, "relabel": relabel, "suspected": suspected, "score": score}
     return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(relabel), "json": _json(meta)}
@@ -169,37 +171,53 @@ def _json(value: dict) -> bytes:
     return json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")
 
 
-def write_shards(directory: Path, prefix: str, samples: Iterable[dict], shard_size: int) -> list[str]:
+def write_shards(directory: Path, prefix: str, samples: Iterable[dict], shard_size: int,
+                 workers: int | None = None) -> list[str]:
     """WebDataset shards ``<prefix>-%06d.tar`` of ``shard_size`` samples each; returns their names.
 
-    ``samples`` are dicts of ``__key__`` and field -> bytes. No shard is
-    written for no samples.
+    ``samples`` are dicts of ``__key__`` and field -> bytes. No shard is written
+    for no samples. See ``write_shard_sets`` for ``workers``.
     """
-    # webdataset imports torch (a second or more); importing it here keeps reading and its workers light.
-    from webdataset import TarWriter
+    return write_shard_sets([(directory, prefix, samples)], shard_size, workers)[0]
 
+
+def write_shard_sets(sets: list[tuple[Path, str, Iterable[dict]]], shard_size: int,
+                     workers: int | None = None) -> list[list[str]]:
+    """``write_shards`` for several (directory, prefix, samples) sets at once; the shard names of each.
+
+    Shards are independent, so from WRITE_POOL_MIN_SAMPLES samples in all they are
+    written in parallel by one pool of ``workers`` processes (default: one per CPU, at
+    most one per shard) shared by every set; each shard's bytes are the same either way.
+    """
     if shard_size < 1:
         raise InputError(f"shard size must be at least 1, got {shard_size}")
-    directory.mkdir(parents=True, exist_ok=True)
-    names, writer, file = [], None, None
-    try:
-        for index, sample in enumerate(samples):
-            if index % shard_size == 0:
-                _close(writer, file)
-                names.append(f"{prefix}-{len(names):06d}.tar")
-                file = open(directory / names[-1], "wb")
-                writer = TarWriter(file, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, compress=False,
-                                   encoder=False, mtime=TAR_MTIME, format="PAX_FORMAT")
-            writer.write(sample)
-    finally:
-        _close(writer, file)
+    names, paths, groups = [], [], []
+    for directory, prefix, samples in sets:
+        directory.mkdir(parents=True, exist_ok=True)
+        iterator = iter(samples)
+        chunks = list(iter(lambda: list(itertools.islice(iterator, shard_size)), []))
+        names.append([f"{prefix}-{index:06d}.tar" for index in range(len(chunks))])
+        paths += [directory / name for name in names[-1]]
+        groups += chunks
+    parallel = len(groups) > 1 and sum(map(len, groups)) >= WRITE_POOL_MIN_SAMPLES
+    with Workers(min(workers or os.cpu_count() or 1, max(1, len(groups)))) as pool:
+        for _ in pool.map(_write_shard, paths, groups, parallel=parallel):
+            pass
     return names
 
 
-def _close(writer, file) -> None:
-    if writer is not None:
-        writer.close()
-        file.close()
+def _write_shard(path: Path, samples: list[dict]) -> None:
+    # webdataset imports torch (a second or more); importing it here keeps reading and its workers light.
+    from webdataset import TarWriter
+
+    with open(path, "wb") as file:
+        writer = TarWriter(file, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, compress=False, encoder=False,
+                           mtime=TAR_MTIME, format="PAX_FORMAT")
+        try:
+            for sample in samples:
+                writer.write(sample)
+        finally:
+            writer.close()
 
 
 def _write_classes(directory: Path, classes: list[str]) -> None:
@@ -253,7 +271,7 @@ def write_scores(path: Path, samples: list[Sample], score, suspected, relabel) -
 
 
 def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = "webdataset",
-                  shard_size: int = 10000, overwrite: bool = False) -> Path:
+                  shard_size: int = 10000, overwrite: bool = False, workers: int | None = None) -> Path:
     """Write a copy of ``samples`` (bytes as they are, ``sample.label`` as label) to ``out``, atomically.
 
     ``fmt="webdataset"``: shards ``part-%06d.tar`` (``<key>.<ext>``, ``<key>.cls``)
@@ -276,6 +294,6 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
             write_folder(staging, samples, [sample.label for sample in samples], classes)
         else:
             fields = ({"__key__": s.key, s.ext: s.data, "cls": _cls(s.label)} for s in samples)
-            write_shards(staging, "part", fields, shard_size)
+            write_shards(staging, "part", fields, shard_size, workers)
             _write_classes(staging, classes)
     return Path(out)
