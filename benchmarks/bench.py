@@ -169,7 +169,8 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
     """What each stage did, to tell a ranking failure from a threshold failure on one GPU run.
 
     The method's metrics (onnx check left out); with a ground truth, for each per-sample
-    detail: a boolean set -> how many poisons it holds and its size; a float -> the AUROC of
+    detail: a boolean set -> how many poisons it holds and its size; an integer ``*_round`` ->
+    how many poisons have each round number 0, 1, ... (-1, none, is left out); a float -> the AUROC of
     the raw value against the poisons (far from 50 either way separates them; AdvrBD's warm-up
     KL is low on poisons, so near 0 is best there); and ``recall_at_fpr5``: the share of
     poisons scoring above the 95th percentile of the clean samples' scores.
@@ -183,6 +184,9 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
         values = np.asarray(values)
         if values.dtype == np.bool_:
             found[f"poisons_in_{name}"], found[f"{name}_size"] = int((values & is_poison).sum()), int(values.sum())
+        elif name.endswith("_round") and np.issubdtype(values.dtype, np.integer):
+            rounds = values[is_poison]
+            found[f"poisons_by_{name}"] = [int((rounds == r).sum()) for r in range(int(values.max(initial=-1)) + 1)]
         elif np.issubdtype(values.dtype, np.floating):
             found[f"{name}_auroc"] = round(100 * auroc(values.astype(np.float64), is_poison), 2)
     score = np.array([row["score"] for row in scores])

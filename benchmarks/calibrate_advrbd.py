@@ -4,11 +4,18 @@
         --classes .data/train/classes.json --attack blend --arch small \
         --set warmup_epochs=5 --set detect_augment=true
 
-Prints one JSON line: the options changed, the AUROC of the warm-up KL (low KL = robust =
-poisoned), how many poisons fell into the unlearn set, the AUROC of the final score,
-recall and FPR of the split, the method's metrics and stage timings. Unlike bench.py it
-writes nothing and trains no final ONNX model: it is for choosing defaults (the figures
-quoted in sanitize/methods/advrbd.py came from it), on a CPU with the small CNN or on a GPU.
+Prints one JSON line per variant: the options changed, the AUROC of the warm-up KL (low KL =
+robust = poisoned), how many poisons fell into the unlearn set, the AUROC of the final score,
+recall and FPR of the split, the method's metrics and stage timings; with ``--detect-only``
+also ``rounds``: after the partition (round 0) and after each enhancement round, the share of
+poisons and of clean samples outside the unlearn set that the model fits (given-label margin
+> 0) and the poisons in the unlearn set. Unlike bench.py it writes nothing and trains no final ONNX model: it is for
+choosing defaults (the figures quoted in sanitize/methods/advrbd.py came from it), on a CPU
+with the small CNN or on a GPU.
+
+``--variants '[{"warmup_epochs": 10}, {"unlearn_weight": 1.0}]'`` runs each option set (on
+top of ``--set``) on the same poisoned bank in one process; ``--detect-only`` stops after the
+split (stages 1-5), which is all that the detection figures need.
 """
 from __future__ import annotations
 
@@ -16,12 +23,15 @@ import argparse
 import json
 import time
 
+import torch
+
 from bench import TARGET, auroc
 from sanitize import methods, train
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
 from sanitize.formats import read_dataset
 from sanitize.methods import advrbd
+from sanitize.methods.base import StageClock
 
 
 def main():
@@ -36,9 +46,11 @@ def main():
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="AdvrBD option (JSON value)")
+                        help="AdvrBD option (JSON value), for every variant")
+    parser.add_argument("--variants", default="[{}]", help="JSON list of option dicts, one run each")
+    parser.add_argument("--detect-only", action="store_true", help="stop after the split (stages 1-5)")
     args = parser.parse_args()
-    changes = {key: json.loads(value) for key, value in (s.split("=", 1) for s in args.sets)}
+    common = {key: json.loads(value) for key, value in (s.split("=", 1) for s in args.sets)}
     attack_params = {key: json.loads(value) for key, value in (s.split("=", 1) for s in args.attack_sets)}
 
     data = read_dataset(args.data, classes_file=args.classes)
@@ -47,22 +59,51 @@ def main():
                                                                 seed=0, num_classes=len(data.classes))
     device = train.resolve_device(args.device)
     bank = Bank.from_arrays(poisoned.images, poisoned.labels, data.classes, device=device)
-    options = methods.resolve_options("advrbd", arch=args.arch, **changes)
     train.configure_determinism()
+    for variant in json.loads(args.variants):
+        changes = {**common, **variant}
+        options = methods.resolve_options("advrbd", arch=args.arch, **changes)
+        print(json.dumps({"attack": args.attack, "attack_params": attack_params, "samples": bank.n,
+                          "changes": changes, **calibrate(bank, options, poisoned.poisoned, args.detect_only)}),
+              flush=True)
+
+
+def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
+    """One AdvrBD run (or its detection stages) on ``bank``; ``positive`` bool [N] marks the poisons."""
+    is_poison = torch.from_numpy(positive).to(bank.device)
+    rounds = []
+
+    def observe(round_index, model, unlearn):
+        fits = advrbd.given_label_margin(model, bank) > 0
+        rounds.append({"round": round_index, "poisons_fit": _share(fits[is_poison & ~unlearn], is_poison.sum()),
+                       "clean_rest_fit": _share(fits[~is_poison & ~unlearn], (~is_poison & ~unlearn).sum()),
+                       "poisons_in_unlearn_set": int((unlearn & is_poison).sum())})
+
     start = time.perf_counter()
-    result = advrbd.run(bank, options)
-    positive, suspected = poisoned.poisoned, result.suspected
-    print(json.dumps({
-        "attack": args.attack, "attack_params": attack_params, "samples": bank.n, "changes": changes,
+    if detect_only:
+        metrics: dict = {}
+        clock = StageClock(bank.device)
+        found = advrbd.detect(bank, options, clock, metrics, observe)
+        score, suspected = found.score.double().cpu().numpy(), found.suspected.cpu().numpy()
+        warmup_kl, unlearn = found.warmup_kl.cpu().numpy(), (found.unlearn_round >= 0).cpu().numpy()
+        timings = clock.timings_s
+    else:
+        result = advrbd.run(bank, options)  # the seam takes no observer: no per-round figures here
+        score, suspected, metrics, timings = result.score, result.suspected, result.metrics, result.timings_s
+        warmup_kl, unlearn = result.details["warmup_kl"], result.details["unlearn"]
+    return {
         "seconds": round(time.perf_counter() - start, 1),
-        "warmup_kl_auroc": round(100 * auroc(-result.details["warmup_kl"], positive), 2),
-        "poisons_in_unlearn_set": int((result.details["unlearn"] & positive).sum()),
-        "unlearn_set": int(result.details["unlearn"].sum()),
-        "score_auroc": round(100 * auroc(result.score, positive), 2),
+        "warmup_kl_auroc": round(100 * auroc(-warmup_kl, positive), 2),
+        "poisons_in_unlearn_set": int((unlearn & positive).sum()), "unlearn_set": int(unlearn.sum()),
+        "score_auroc": round(100 * auroc(score, positive), 2),
         "recall": round(100 * float(suspected[positive].mean()), 2),
         "fpr": round(100 * float(suspected[~positive].mean()), 2),
-        "metrics": result.metrics, "timings_s": {k: round(v, 1) for k, v in result.timings_s.items()},
-    }), flush=True)
+        "rounds": rounds, "metrics": metrics, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def _share(selected: torch.Tensor, total) -> float:
+    return round(100 * float(selected.sum()) / max(1, int(total)), 2)
 
 
 if __name__ == "__main__":

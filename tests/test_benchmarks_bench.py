@@ -29,12 +29,14 @@ def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
     unlearn[[0, 1, 9]] = True
     result = SimpleNamespace(metrics={"enhance_rounds": 3, "onnx_check": {"max_abs_diff": 0.0}},
                              details={"unlearn": unlearn, "warmup_kl": np.linspace(1.0, 0.0, 10),
-                                      "finetune_label": np.arange(10)})
+                                      "finetune_label": np.arange(10),
+                                      "unlearn_round": np.array([0, 0, -1, -1, 1, -1, -1, -1, -1, 2])})
     found = bench.diagnostics(result, SCORES, TRUTH)
     assert found["metrics"] == {"enhance_rounds": 3}
     assert found["poisons_in_unlearn"] == 1 and found["unlearn_size"] == 3
     assert found["warmup_kl_auroc"] == 0.0  # both poisons have the lowest KL
     assert "finetune_label_auroc" not in found
+    assert found["poisons_by_unlearn_round"] == [0, 0, 1]  # k8 never, k9 in round 2
     # the clean scores' 95th percentile is 0.765: only the 0.9 poison is above it
     assert found["recall_at_fpr5"] == 50.0
     assert bench.diagnostics(result, SCORES, None) == {"metrics": {"enhance_rounds": 3}}

@@ -174,14 +174,22 @@ def given_label_margin(model, bank: Bank) -> torch.Tensor:
     return given - others
 
 
-def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict):
-    """Alg. 2. Returns (final unlearn mask bool [N], warm-up KL [N]); ``model`` is enhanced in place."""
+def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, observe=None):
+    """Alg. 2. Returns (unlearn round int16 [N], warm-up KL [N]); ``model`` is enhanced in place.
+
+    A sample's unlearn round is the round it entered the unlearn set (0: the partition
+    from the warm-up KL), -1 if it never did. ``observe(round, model, unlearn)``, if
+    given, sees the model and the unlearn mask after the partition (round 0) and after
+    each enhancement round (1, 2, ...): a hook for calibration, not used by a run.
+    """
     everything = train.all_indices(bank)
     step = max(1, round(opts.partition_rate * bank.n))
     with clock("score"):
         warmup_kl = robustness_kl(model, bank, everything, opts, opts.seed)
-    kl = warmup_kl
-    unlearn = grow_unlearn_set(torch.zeros(bank.n, dtype=torch.bool, device=bank.device), kl, everything, step)
+    unlearn = grow_unlearn_set(torch.zeros(bank.n, dtype=torch.bool, device=bank.device), warmup_kl, everything, step)
+    entered = torch.where(unlearn, 0, -1).to(torch.int16)
+    if observe is not None:
+        observe(0, model, unlearn)
     fit_history = []
     with clock("enhance"):
         for round_index in range(opts.enhance_rounds):
@@ -193,14 +201,41 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
                                   augmented=opts.detect_augment)
             fit = float((given_label_margin(model, bank)[rest] > 0).float().mean())
             fit_history.append(fit)
+            if observe is not None:
+                observe(round_index + 1, model, unlearn)
             full = float(unlearn.float().mean()) + opts.partition_rate > opts.max_unlearn_fraction
             if full or round_index == opts.enhance_rounds - 1:
                 break
             kl = robustness_kl(model, bank, rest, opts, opts.seed + 200 + round_index)
-            unlearn = grow_unlearn_set(unlearn, kl, rest, step)
+            grown = grow_unlearn_set(unlearn, kl, rest, step)
+            entered[grown & ~unlearn] = round_index + 1
+            unlearn = grown
     metrics.update(enhance_rounds=len(fit_history), rest_fit_history=[round(f, 4) for f in fit_history],
                    unlearn_fraction=round(float(unlearn.float().mean()), 4))
-    return unlearn, warmup_kl
+    return entered, warmup_kl
+
+
+@dataclass
+class Detection:
+    """Stages 1-5. score: the enhanced model's given-label margin [N]; suspected: score > split_margin;
+    warmup_kl [N]; unlearn_round int16 [N] (see ``enhance_backdoor``)."""
+
+    score: torch.Tensor
+    suspected: torch.Tensor
+    warmup_kl: torch.Tensor
+    unlearn_round: torch.Tensor
+
+
+def detect(bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, observe=None) -> Detection:
+    """Stages 1-5 (warm-up, partition, enhancement, split) with ``opts`` as run (``scaled()``)."""
+    model = fresh_model(opts, bank, seed_offset=0)
+    with clock("warmup"):
+        train.train_supervised(model, bank, epochs=opts.warmup_epochs, batch_size=opts.batch_size, lr=opts.lr,
+                               weight_decay=opts.weight_decay, seed=opts.seed, augmented=opts.detect_augment)
+    unlearn_round, warmup_kl = enhance_backdoor(model, bank, opts, clock, metrics, observe)
+    with clock("split"):
+        score = given_label_margin(model, bank)
+    return Detection(score, score > opts.split_margin, warmup_kl, unlearn_round)
 
 
 # ------------------------------------------------------------- stage 6/7: clean
@@ -220,16 +255,8 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
     clock = StageClock(bank.device, progress)
     metrics: dict = {}
     everything = train.all_indices(bank)
-
-    model = fresh_model(opts, bank, seed_offset=0)
-    with clock("warmup"):
-        train.train_supervised(model, bank, epochs=opts.warmup_epochs, batch_size=opts.batch_size, lr=opts.lr,
-                               weight_decay=opts.weight_decay, seed=opts.seed, augmented=opts.detect_augment)
-    unlearn, warmup_kl = enhance_backdoor(model, bank, opts, clock, metrics)
-    with clock("split"):
-        score = given_label_margin(model, bank)
-        suspected = score > opts.split_margin
-    del model
+    found = detect(bank, opts, clock, metrics)
+    suspected = found.suspected
 
     clean_model = fresh_model(opts, bank, seed_offset=1)
     with clock("clean_train"):
@@ -247,11 +274,13 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
         relabel = train.predict_logits(clean_model, bank.images).argmax(1)
     clean_model.eval()
     metrics.update(suspected=int(suspected.sum()), finetune_excluded=int((~keep).sum()),
-                   unlearn_set=int(unlearn.sum()))
-    return MethodResult(score=score.double().cpu().numpy(), suspected=suspected.cpu().numpy(),
+                   unlearn_set=int((found.unlearn_round >= 0).sum()))
+    return MethodResult(score=found.score.double().cpu().numpy(), suspected=suspected.cpu().numpy(),
                         relabel=relabel.cpu().numpy().astype(np.int64), model=clean_model,
                         timings_s=clock.timings_s, metrics=metrics,
-                        details={"warmup_kl": warmup_kl.cpu().numpy(), "unlearn": unlearn.cpu().numpy(),
+                        details={"warmup_kl": found.warmup_kl.cpu().numpy(),
+                                 "unlearn": (found.unlearn_round >= 0).cpu().numpy(),
+                                 "unlearn_round": found.unlearn_round.cpu().numpy(),
                                  "finetune_kept": keep.cpu().numpy(),
                                  "finetune_label": finetune_label.cpu().numpy()})
 

@@ -1,0 +1,39 @@
+"""benchmarks/calibrate_advrbd.py: the per-round figures of AdvrBD's detection stages."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sanitize import methods
+from sanitize.attacks import make_attack
+from sanitize.data import Bank
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # calibrate imports bench
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_detection_only_reports_every_round_and_consistent_counts(cifar_arrays, cifar_classes):
+    calibrate = load("calibrate_advrbd")
+    images, labels = cifar_arrays
+    poisoned = make_attack("badnets", kind="checkerboard").poison(images, labels, rate=0.1, target=0, seed=0,
+                                                                 num_classes=len(cifar_classes))
+    bank = Bank.from_arrays(poisoned.images, poisoned.labels, cifar_classes)
+    options = methods.resolve_options("advrbd", arch="small", quick=True, enhance_rounds=2, batch_size=64)
+    found = calibrate.calibrate(bank, options, poisoned.poisoned, detect_only=True)
+    assert [r["round"] for r in found["rounds"]] == [0, 1, 2]
+    assert found["rounds"][-1]["poisons_in_unlearn_set"] == found["poisons_in_unlearn_set"]
+    assert found["unlearn_set"] == 2 * round(options.partition_rate * bank.n)  # the partition and one growth
+    assert set(found["timings_s"]) == {"warmup", "score", "enhance", "split"}
+    assert 0 <= found["recall"] <= 100 and 0 <= found["fpr"] <= 100
+    assert np.isfinite(found["score_auroc"]) and np.isfinite(found["warmup_kl_auroc"])
