@@ -6,7 +6,8 @@
 
 Prints one JSON line per variant: the options changed, the AUROC of the warm-up KL (low KL =
 robust = poisoned), how many poisons fell into the unlearn set, the AUROC of the final score,
-recall and FPR of the split, the method's metrics and stage timings; with ``--detect-only``
+recall and FPR of the split (and ``split_at`` other margins), the method's metrics and stage
+timings; with ``--detect-only``
 also ``rounds``: after the partition (round 0) and after each enhancement round, the share of
 poisons and of clean samples outside the unlearn set that the model fits (given-label margin
 > 0) and the poisons in the unlearn set. Unlike bench.py it writes nothing and trains no final ONNX model: it is for
@@ -32,6 +33,9 @@ from sanitize.data import Bank
 from sanitize.formats import read_dataset
 from sanitize.methods import advrbd
 from sanitize.methods.base import StageClock
+
+
+SPLIT_MARGINS = (0.0, 0.3, 0.5, 0.7, 0.9)
 
 
 def main():
@@ -98,6 +102,9 @@ def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
         "score_auroc": round(100 * auroc(score, positive), 2),
         "recall": round(100 * float(suspected[positive].mean()), 2),
         "fpr": round(100 * float(suspected[~positive].mean()), 2),
+        # the split at other margins, from the same score: {margin: [recall, FPR]}
+        "split_at": {str(m): [round(100 * float((score > m)[positive].mean()), 2),
+                              round(100 * float((score > m)[~positive].mean()), 2)] for m in SPLIT_MARGINS},
         "rounds": rounds, "metrics": metrics, "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
 

@@ -35,5 +35,7 @@ def test_detection_only_reports_every_round_and_consistent_counts(cifar_arrays, 
     assert found["rounds"][-1]["poisons_in_unlearn_set"] == found["poisons_in_unlearn_set"]
     assert found["unlearn_set"] == 2 * round(options.partition_rate * bank.n)  # the partition and one growth
     assert set(found["timings_s"]) == {"warmup", "score", "enhance", "split"}
-    assert 0 <= found["recall"] <= 100 and 0 <= found["fpr"] <= 100
+    assert found["split_at"][str(options.split_margin)] == [found["recall"], found["fpr"]]
+    recalls = [recall for recall, _ in found["split_at"].values()]
+    assert recalls == sorted(recalls, reverse=True)  # a higher margin flags fewer
     assert np.isfinite(found["score_auroc"]) and np.isfinite(found["warmup_kl_auroc"])
