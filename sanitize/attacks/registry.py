@@ -13,6 +13,7 @@ from sanitize.attacks.sig import SIG
 from sanitize.attacks.tact import TaCT
 from sanitize.attacks.wanet import WaNet
 from sanitize.formats.records import InputError
+from sanitize.methods import coerce
 
 REGISTRY: dict[str, type[Attack]] = {attack.name: attack for attack in (
     BadNets, Blend, SIG, WaNet, PhysicalBA, TaCT, AdaptiveBlend, AdaptivePatch, LabelConsistent)}
@@ -34,16 +35,5 @@ def make_attack(name: str, **params) -> Attack:
 
 def _coerce(attack: str, key: str, value, default):
     """``value`` as the type of ``default``; a tuple accepts a list or a comma-separated string."""
-    kind = type(default)
-    try:
-        if isinstance(default, tuple):
-            items = value.split(",") if isinstance(value, str) else value
-            item_kind = type(default[0]) if default else int
-            return tuple(item_kind(item) for item in items if str(item).strip())
-        converted = kind(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{attack} parameter {key} must be {kind.__name__}, got {value!r}") from None
-    if kind is int and converted != float(value):  # 2.5 must not silently become 2
-        raise InputError(f"{attack} parameter {key} must be a whole number, got {value!r}")
-    return converted
-
+    item_kind = type(default[0]) if isinstance(default, tuple) and default else int
+    return coerce(f"{attack} parameter {key}", value, type(default), item_kind)

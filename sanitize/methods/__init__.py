@@ -47,7 +47,7 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
         raise InputError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     hints = typing.get_type_hints(options_class)
     for key, value in values.items():
-        values[key] = _coerce(key, value, _value_type(hints[key]))
+        values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
     return options_class(**values).scaled()
 
 
@@ -70,15 +70,24 @@ def _value_type(hint) -> type:
     return kinds[0] if kinds else hint
 
 
-def _coerce(key: str, value, kind: type):
+def coerce(what: str, value, kind: type, item_kind: type = int):
+    """``value`` (from TOML, JSON or a command line) as ``kind``, or an InputError naming ``what``.
+
+    A bool must already be one (``bool("false")`` is True); an int must be whole (0.5
+    must not silently become 0); a tuple takes a list or a comma-separated string of
+    ``item_kind``. Also used for the attacks' parameters.
+    """
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise InputError(f"option {key} must be true or false, got {value!r}")
+        raise InputError(f"{what} must be true or false, got {value!r}")
     try:
+        if kind is tuple:
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(item_kind(item) for item in items if str(item).strip())
         converted = kind(value)
     except (TypeError, ValueError):
-        raise InputError(f"option {key} must be {kind.__name__}, got {value!r}") from None
-    if kind is int and converted != float(value):  # 0.5 must not silently become 0
-        raise InputError(f"option {key} must be a whole number, got {value!r}")
+        raise InputError(f"{what} must be {kind.__name__}, got {value!r}") from None
+    if kind is int and converted != float(value):
+        raise InputError(f"{what} must be a whole number, got {value!r}")
     return converted
