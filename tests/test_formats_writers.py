@@ -15,6 +15,7 @@ import webdataset
 from conftest import write_shard
 from sanitize.formats import InputError, read_dataset, writers, staged_output, write_dataset, write_outputs
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key, safe_key
+from sanitize.formats.writers import write_folder
 from sanitize.formats.records import Sample
 
 
@@ -285,3 +286,14 @@ def test_class_dir_names_keep_torchvision_numbering():
     assert class_dir_names(["a/b", "c"]) == ["0-a_b", "1-c"]
     names = class_dir_names([f"c{i}" for i in range(12)][::-1])
     assert sorted(names) == names
+
+
+def test_names_that_differ_only_in_case_never_share_a_path(tmp_path):
+    # On macOS or Windows "Cat" and "cat" are one directory, "x" and "X" one file: a copy would lose samples.
+    assert dedupe_keys(["Cat/x", "cat/x", "cat/X"], ignore_case=True)[0] == ["Cat/x", "cat/x~1", "cat/X~2"]
+    assert dedupe_keys(["a", "A"])[0] == ["a", "A"]  # case-sensitive by default (tar members, scores.csv)
+    assert class_dir_names(["Cat", "cat"]) == ["0-Cat", "1-cat"]
+    samples = [Sample(key, f"src/{key}", 0, "png", "", b"bytes " + key.encode()) for key in ("x", "X")]
+    written = write_folder(tmp_path / "copy", samples, [0, 0], ["c0", "c1"])
+    assert written == ["c0/x.png", "c0/X~1.png"]
+    assert len({path.casefold() for path in written}) == 2

@@ -38,21 +38,24 @@ def is_safe_key(key: str) -> bool:
     return safe_key(key) == key
 
 
-def dedupe_keys(keys: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def dedupe_keys(keys: list[str], *, ignore_case: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """Keys made unique in order: the first keeps its key, later ones become ``key~1``, ``key~2`` ...
 
     Returns the unique keys and the (original, renamed) pairs. Every candidate
     is checked against all keys seen so far, so a renamed key never collides
-    with an original ``key~1`` either (that one becomes ``key~1~1``).
+    with an original ``key~1`` either (that one becomes ``key~1~1``). With
+    ``ignore_case``, keys that differ only in case collide too: as file names on
+    a case-insensitive file system (macOS, Windows) the second would overwrite the first.
     """
     seen: set[str] = set()
+    fold = str.casefold if ignore_case else str
     unique, renamed = [], []
     for key in keys:
         candidate, count = key, 0
-        while candidate in seen:
+        while fold(candidate) in seen:
             count += 1
             candidate = f"{key}~{count}"
-        seen.add(candidate)
+        seen.add(fold(candidate))
         unique.append(candidate)
         if candidate != key:
             renamed.append((key, candidate))
@@ -63,11 +66,12 @@ def class_dir_names(classes: list[str]) -> list[str]:
     """Directory names for an ImageFolder copy whose sorted order gives back each class's index.
 
     torchvision numbers ImageFolder classes by sorted directory name, so the
-    class names are used as they are only when they are safe, unique and
-    already sorted; otherwise every directory is prefixed with its index.
+    class names are used as they are only when they are safe, unique (also
+    ignoring case, for case-insensitive file systems) and already sorted;
+    otherwise every directory is prefixed with its index.
     """
     safe = [safe_component(name) for name in classes]
-    if safe == classes and sorted(safe) == safe and len(set(safe)) == len(safe):
+    if safe == classes and sorted(safe) == safe and len({name.casefold() for name in safe}) == len(safe):
         return safe
     width = len(str(len(classes) - 1))
     return [f"{index:0{width}d}-{name}" for index, name in enumerate(safe)]

@@ -241,7 +241,8 @@ def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: 
     for name in dirs:
         (root / name).mkdir(parents=True, exist_ok=True)
     stems = [_placement(sample.key, dirs[label]) for sample, label in zip(samples, labels)]
-    written = [f"{stem}.{sample.ext}" for stem, sample in zip(dedupe_keys(stems)[0], samples)]
+    # A path that differs from another only in case is renamed: on macOS or Windows it would overwrite it.
+    written = [f"{stem}.{sample.ext}" for stem, sample in zip(dedupe_keys(stems, ignore_case=True)[0], samples)]
     for relative, sample in zip(written, samples):
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
