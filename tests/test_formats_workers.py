@@ -30,5 +30,5 @@ def test_a_script_without_a_main_guard_still_works(tmp_path):
 
 def test_a_worker_killed_from_outside_is_one_clear_error():
     # os._exit ends the worker without a Python exception, as the OOM killer or a decoder crash would.
-    with Workers(2) as pool, pytest.raises(InputError, match="worker process reading the input died"):
+    with Workers(2) as pool, pytest.raises(InputError, match="worker process reading or writing the data died"):
         list(pool.map(os._exit, [1, 1]))

@@ -51,8 +51,9 @@ def _reported(results: Iterator, count: int) -> Iterator:
     try:
         yield from results
     except BrokenProcessPool:
-        raise InputError(f"a worker process reading the input died (out of memory, or a file that crashes the "
-                         f"image decoder?); {count} workers were running: try --workers 1 or fewer") from None
+        raise InputError(f"a worker process reading or writing the data died (out of memory, or a file that "
+                         f"crashes the image decoder?); {count} workers were running: try --workers 1 or fewer"
+                         ) from None
 
 
 @contextlib.contextmanager
