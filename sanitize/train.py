@@ -10,6 +10,7 @@ import contextlib
 import math
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -188,6 +189,15 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
         with autocast(images.device):
             outputs.append(model(inputs).float())
     return torch.cat(outputs) if outputs else torch.zeros(0, 0, device=images.device)
+
+
+def predictor(model: torch.nn.Module, device: torch.device):
+    """``model`` as a function: uint8 numpy images [N, H, W, 3] -> predicted labels, numpy int64 [N]."""
+    def predict(images: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).contiguous()
+        return predict_logits(model, tensor).argmax(1).cpu().numpy()
+
+    return predict
 
 
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:

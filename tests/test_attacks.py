@@ -229,3 +229,19 @@ def test_poison_rejects_bad_inputs(subset):
         attack.poison(images.astype(np.float32), labels, rate=0.1, target=1, seed=0, num_classes=NUM_CLASSES)
     with pytest.raises(InputError, match="rate"):
         attack.poison(images, labels, rate=1.5, target=1, seed=0, num_classes=NUM_CLASSES)
+
+
+def test_success_rate_counts_triggered_non_target_images_sent_to_the_target(subset):
+    images, labels = subset
+    attack = build("badnets")
+    seen = []
+
+    def spy(batch):
+        seen.append(batch)
+        return np.full(len(batch), TARGET)
+
+    assert attack.success_rate(spy, images, labels, TARGET) == 100.0
+    assert len(seen[0]) == int((labels != TARGET).sum())
+    assert np.array_equal(seen[0], attack.trigger(images[labels != TARGET]))  # triggered, not the clean images
+    assert attack.success_rate(lambda batch: np.zeros(len(batch), int) + TARGET + 1, images, labels, TARGET) == 0.0
+    assert np.isnan(attack.success_rate(spy, images[labels == TARGET], labels[labels == TARGET], TARGET))

@@ -30,8 +30,10 @@ def test_detection_and_model_figures():
     manifest = {"suspects": [{"key": key} for key in ("a", "b", "x")]}
     assert demo._detection(manifest, truth) == {"poisoned": 4, "suspected": 3, "found": 2, "recall": 50.0,
                                                 "precision": 200 / 3}
-    test = demo._test_set(make_attack("badnets", **demo.ATTACK_PARAMS))
-    assert len(test["triggered"]) == int((test["labels"] != demo.TARGET).sum())  # the ASR counts non-target images
-    always_target = demo._model_figures(lambda images: np.full(len(images), demo.TARGET), test)
+    test = read_dataset(demo.shipped("cifar10-test-500.tar.gz"))
+    attack = make_attack("badnets", **demo.ATTACK_PARAMS)
+    always_target = demo._model_figures(lambda images: np.full(len(images), demo.TARGET), test, attack)
     assert always_target["asr"] == 100.0
-    assert always_target["acc"] == pytest.approx(100 * (test["labels"] == demo.TARGET).mean())
+    assert always_target["acc"] == pytest.approx(100 * (test.labels == demo.TARGET).mean())
+    truthful = demo._model_figures(lambda images: np.full(len(images), -1), test, attack)
+    assert truthful == {"acc": 0.0, "asr": 0.0}

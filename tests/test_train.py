@@ -60,3 +60,12 @@ def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
     with pytest.raises(InputError, match="no CUDA"):
         train.resolve_device("cuda")
     assert train.resolve_device("auto").type == "cpu"
+
+
+def test_predictor_takes_numpy_images_as_they_are_stored(cifar_arrays):
+    images, _ = cifar_arrays
+    torch.manual_seed(0)
+    model = build_model("small", 10, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    predicted = train.predictor(model, torch.device("cpu"))(images[:40])
+    expected = train.predict_logits(model, torch.from_numpy(images[:40]).permute(0, 3, 1, 2).contiguous()).argmax(1)
+    assert predicted.shape == (40,) and (predicted == expected.numpy()).all()

@@ -83,6 +83,15 @@ class Attack:
         """bool [N]: the test samples that count for the ASR (default: every non-target sample)."""
         return np.asarray(labels) != target
 
+    def success_rate(self, predict, images: np.ndarray, labels: np.ndarray, target: int, *, seed: int = 0) -> float:
+        """Attack success rate in percent: of the test ``images`` the ASR counts (``asr_mask``), the share
+        that ``predict`` (uint8 [N, H, W, 3] -> labels [N]) assigns to ``target`` once triggered."""
+        counted = self.asr_mask(labels, target)
+        if not counted.any():
+            return float("nan")
+        predicted = np.asarray(predict(self.trigger(images[counted], seed=seed)))
+        return float((predicted == target).mean() * 100)
+
     # Hooks -------------------------------------------------------------------------------
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

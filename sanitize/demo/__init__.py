@@ -34,6 +34,7 @@ def run_demo(out: Path, *, device: str = "cpu", echo=print, progress=None) -> di
     """Poison, sanitize and score; returns the figures it printed. ``progress`` as in :func:`sanitize.run`."""
     from sanitize import pipeline
     from sanitize.attacks import make_attack, poison_dataset
+    from sanitize.formats import read_dataset
 
     _claim(out)
     echo(f"1/3 poisoning {shipped('cifar10-train-2000.tar.gz').name} with {ATTACK} "
@@ -46,11 +47,11 @@ def run_demo(out: Path, *, device: str = "cpu", echo=print, progress=None) -> di
     echo("3/3 scoring against the ground truth (truth.json) and the shipped test images, "
          "beside a model trained on the poisoned copy without defense")
     attack = make_attack(ATTACK, **truth["params"])
-    test = _test_set(attack)
+    test = read_dataset(shipped("cifar10-test-500.tar.gz"))
     undefended = _undefended_model(out / "poisoned", result.manifest["options"], device)
-    cleaned = _model_figures(_onnx_predictor(out / "sanitized" / "model.onnx"), test)
+    cleaned = _model_figures(_onnx_predictor(out / "sanitized" / "model.onnx"), test, attack)
     figures = {**_detection(result.manifest, truth), **cleaned,
-               **{f"undefended_{key}": value for key, value in _model_figures(undefended, test).items()}}
+               **{f"undefended_{key}": value for key, value in _model_figures(undefended, test, attack).items()}}
     echo(f"  poisons found: recall {figures['recall']:.1f}%, precision {figures['precision']:.1f}% "
          f"({figures['found']} of {figures['poisoned']} poisons among {figures['suspected']} suspects)")
     echo(f"  clean model (model.onnx):     accuracy {figures['acc']:.1f}%, attack success rate {figures['asr']:.1f}%")
@@ -78,15 +79,6 @@ def _detection(manifest: dict, truth: dict) -> dict:
             "recall": 100 * found / max(1, len(poisoned)), "precision": 100 * found / max(1, len(suspected))}
 
 
-def _test_set(attack) -> dict:
-    """The shipped test images, their labels, and the triggered copies of those the ASR counts."""
-    from sanitize.formats import read_dataset
-
-    test = read_dataset(shipped("cifar10-test-500.tar.gz"))
-    counted = attack.asr_mask(test.labels, TARGET)
-    return {"images": test.images, "labels": test.labels, "triggered": attack.trigger(test.images[counted], seed=0)}
-
-
 def _onnx_predictor(model_path: Path):
     from sanitize.formats.onnx import onnx_logits
 
@@ -111,16 +103,10 @@ def _undefended_model(poisoned: Path, options: dict, device: str):
     for epochs, lr, seed in schedule:
         train.train_supervised(model, bank, epochs=epochs, batch_size=options["batch_size"], lr=lr,
                                weight_decay=options["weight_decay"], seed=seed)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(bank.device)
-        return train.predict_logits(model, tensor).argmax(1).cpu().numpy()
-
-    return predict
+    return train.predictor(model, bank.device)
 
 
-def _model_figures(predict, test: dict) -> dict:
+def _model_figures(predict, test, attack) -> dict:
     """Clean accuracy and attack success rate (percent) of ``predict`` (uint8 NHWC -> labels) on the test images."""
-    acc = float((predict(test["images"]) == test["labels"]).mean() * 100)
-    asr = float((predict(test["triggered"]) == TARGET).mean() * 100)
-    return {"acc": acc, "asr": asr}
+    acc = float((predict(test.images) == test.labels).mean() * 100)
+    return {"acc": acc, "asr": attack.success_rate(predict, test.images, test.labels, TARGET)}
