@@ -107,6 +107,25 @@ def stage_table(records: list[dict]) -> str:
     return "Wall time per stage (seconds):\n\n" + "\n".join(lines)
 
 
+def diagnostics_table(records: list[dict]) -> str:
+    """What each defense stage did, for the runs that recorded it (see bench.diagnostics)."""
+    shown = [r for r in ordered(records) if r.get("diagnostics", {}).keys() - {"metrics"}]
+    if not shown:
+        return ""
+    lines = ["| attack | rate | method | warm-up KL AUROC | poisons in unlearn set (by round) | unlearn set | "
+             "clean rest fit per round (%) | recall at 5% FPR |", "|---|---|---|---|---|---|---|---|"]
+    for r in shown:
+        d = r["diagnostics"]
+        rounds = d.get("poisons_by_unlearn_round")
+        fits = d["metrics"].get("rest_fit_history") or []
+        lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | {fmt(d.get('warmup_kl_auroc'))} | "
+                     f"{d.get('poisons_in_unlearn', '–')}{f' ({rounds})' if rounds else ''} | "
+                     f"{d.get('unlearn_size', '–')} | {' '.join(f'{100 * f:.0f}' for f in fits) or '–'} | "
+                     f"{fmt(d.get('recall_at_fpr5'))} |")
+    return ("Detection diagnostics (AdvrBD: a warm-up KL AUROC near 0 means the poisons were the most robust; "
+            "the clean rest fit should fall round by round):\n\n" + "\n".join(lines))
+
+
 def paper_setting(paper: dict) -> str:
     """What sets a published figure apart beyond attack and defense: the defense variant, the attack's eps."""
     parts = [paper["variant"]] if paper.get("variant") else []
@@ -227,7 +246,8 @@ def main():
     records = json.loads(args.results.read_text()) if args.results.exists() else []
     papers = json.loads(args.papers.read_text()) if args.papers.exists() else []
     body = table(records) if records else "No runs recorded yet."
-    parts = (body, comparison_table(records, papers), stage_table(records), f"![ACC against ASR]({args.plot.name})",
+    parts = (body, comparison_table(records, papers), stage_table(records), diagnostics_table(records),
+             f"![ACC against ASR]({args.plot.name})",
              published_tables(papers))
     generated = "\n\n".join(part for part in parts if part)
     text = args.markdown.read_text() if args.markdown.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"

@@ -186,3 +186,13 @@ def test_papers_json_matches_the_papers_averages_and_spot_checks():
 def test_runs_made_with_overrides_are_labelled_with_them():
     text = report.table([BASELINE, record(), record(set={"detect_augment": True})])
     assert "| advrbd detect_augment=true |" in text and "| advrbd |" in text
+
+
+def test_diagnostics_table_shows_only_runs_that_recorded_stage_figures():
+    diagnosed = record(diagnostics={"metrics": {"rest_fit_history": [0.61, 0.55]}, "warmup_kl_auroc": 3.25,
+                                    "poisons_in_unlearn": 7, "unlearn_size": 5000,
+                                    "poisons_by_unlearn_round": [0, 7], "recall_at_fpr5": 91.0})
+    text = report.diagnostics_table([BASELINE, record(), diagnosed])
+    rows = [line for line in text.splitlines() if line.startswith("| badnets")]
+    assert rows == ["| badnets | 5% | advrbd | 3.2 | 7 ([0, 7]) | 5000 | 61 55 | 91.0 |"]
+    assert report.diagnostics_table([BASELINE, record(diagnostics={"metrics": {}})]) == ""
