@@ -30,6 +30,7 @@ from sanitize.formats import read_dataset, read_scores
 from sanitize.models import build_model
 
 TARGET = 0
+SPLIT_MARGINS = (0.0, 0.3, 0.5, 0.7, 0.9)  # AdvrBD's split_margin candidates, recorded from each run's score
 
 
 def parse_args():
@@ -168,13 +169,17 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
     how many poisons have each round number 0, 1, ... (-1, none, is left out); a float -> the AUROC of
     the raw value against the poisons (far from 50 either way separates them; AdvrBD's warm-up
     KL is low on poisons, so near 0 is best there); and ``recall_at_fpr5``: the share of
-    poisons scoring above the 95th percentile of the clean samples' scores.
+    poisons scoring above the 95th percentile of the clean samples' scores. For AdvrBD, with or
+    without a ground truth, ``split_at``: recall and FPR at other split margins.
     """
     found = {"metrics": {k: v for k, v in result.metrics.items() if k != "onnx_check"}}
+    poisoned_keys = set(truth["poisoned"]) if truth else set()
+    is_poison = np.array([row["key"] in poisoned_keys for row in scores])
+    score = np.array([row["score"] for row in scores])
+    if "split_margin" in result.manifest.get("options", {}):
+        found["split_at"] = split_at(score, is_poison)
     if truth is None:
         return found
-    poisoned_keys = set(truth["poisoned"])
-    is_poison = np.array([row["key"] in poisoned_keys for row in scores])
     for name, values in result.details.items():
         values = np.asarray(values)
         if values.dtype == np.bool_:
@@ -184,9 +189,17 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
             found[f"poisons_by_{name}"] = [int((rounds == r).sum()) for r in range(int(values.max(initial=-1)) + 1)]
         elif np.issubdtype(values.dtype, np.floating):
             found[f"{name}_auroc"] = round(100 * auroc(values.astype(np.float64), is_poison), 2)
-    score = np.array([row["score"] for row in scores])
     found["recall_at_fpr5"] = round(100 * float((score[is_poison] > np.quantile(score[~is_poison], 0.95)).mean()), 2)
     return found
+
+
+def split_at(score: np.ndarray, is_poison: np.ndarray) -> dict:
+    """{margin: [recall, FPR]} had the split used that margin (AdvrBD: suspected = score > margin);
+    recall is None without poisons (the clean set: the FPR is then the share flagged)."""
+    def share(selected: np.ndarray) -> float | None:
+        return round(100 * float(selected.mean()), 2) if selected.size else None
+
+    return {str(m): [share((score > m)[is_poison]), share((score > m)[~is_poison])] for m in SPLIT_MARGINS}
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:

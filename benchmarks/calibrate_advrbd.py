@@ -26,16 +26,13 @@ import time
 
 import torch
 
-from bench import TARGET, auroc
+from bench import TARGET, auroc, split_at
 from sanitize import methods, train
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
 from sanitize.formats import read_dataset
 from sanitize.methods import advrbd
 from sanitize.methods.base import StageClock
-
-
-SPLIT_MARGINS = (0.0, 0.3, 0.5, 0.7, 0.9)
 
 
 def main():
@@ -102,9 +99,7 @@ def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
         "score_auroc": round(100 * auroc(score, positive), 2),
         "recall": round(100 * float(suspected[positive].mean()), 2),
         "fpr": round(100 * float(suspected[~positive].mean()), 2),
-        # the split at other margins, from the same score: {margin: [recall, FPR]}
-        "split_at": {str(m): [round(100 * float((score > m)[positive].mean()), 2),
-                              round(100 * float((score > m)[~positive].mean()), 2)] for m in SPLIT_MARGINS},
+        "split_at": split_at(score, positive),  # the split at other margins, from the same score
         "rounds": rounds, "metrics": metrics, "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
 

@@ -113,7 +113,8 @@ def diagnostics_table(records: list[dict]) -> str:
     if not shown:
         return ""
     lines = ["| attack | rate | method | warm-up KL AUROC | poisons in unlearn set (by round) | unlearn set | "
-             "clean rest fit per round (%) | recall at 5% FPR |", "|---|---|---|---|---|---|---|---|"]
+             "clean rest fit per round (%) | recall at 5% FPR | "
+             "recall/FPR had the split margin been 0 · 0.3 · 0.5 · 0.7 · 0.9 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in shown:
         d = r["diagnostics"]
         rounds = d.get("poisons_by_unlearn_round")
@@ -121,9 +122,15 @@ def diagnostics_table(records: list[dict]) -> str:
         lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | {fmt(d.get('warmup_kl_auroc'))} | "
                      f"{d.get('poisons_in_unlearn', '–')}{f' ({rounds})' if rounds else ''} | "
                      f"{d.get('unlearn_size', '–')} | {' '.join(f'{100 * f:.0f}' for f in fits) or '–'} | "
-                     f"{fmt(d.get('recall_at_fpr5'))} |")
+                     f"{fmt(d.get('recall_at_fpr5'))} | {split_cell(d.get('split_at'))} |")
     return ("Detection diagnostics (AdvrBD: a warm-up KL AUROC near 0 means the poisons were the most robust; "
             "the clean rest fit should fall round by round):\n\n" + "\n".join(lines))
+
+
+def split_cell(split: dict | None) -> str:
+    if not split:
+        return "–"
+    return " · ".join(f"{fmt(recall, 0)}/{fmt(fpr, 1)}" for recall, fpr in split.values())
 
 
 def paper_setting(paper: dict) -> str:

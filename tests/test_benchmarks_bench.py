@@ -28,6 +28,7 @@ def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
     unlearn = np.zeros(10, bool)
     unlearn[[0, 1, 9]] = True
     result = SimpleNamespace(metrics={"enhance_rounds": 3, "onnx_check": {"max_abs_diff": 0.0}},
+                             manifest={"options": {}},
                              details={"unlearn": unlearn, "warmup_kl": np.linspace(1.0, 0.0, 10),
                                       "finetune_label": np.arange(10),
                                       "unlearn_round": np.array([0, 0, -1, -1, 1, -1, -1, -1, -1, 2])})
@@ -40,3 +41,12 @@ def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
     # the clean scores' 95th percentile is 0.765: only the 0.9 poison is above it
     assert found["recall_at_fpr5"] == 50.0
     assert bench.diagnostics(result, SCORES, None) == {"metrics": {"enhance_rounds": 3}}
+
+
+def test_split_at_other_margins_for_advrbd_runs_with_and_without_poisons():
+    result = SimpleNamespace(metrics={}, details={}, manifest={"options": {"split_margin": 0.5}})
+    found = bench.diagnostics(result, SCORES, TRUTH)
+    assert found["split_at"]["0.5"] == [100.0, 37.5]  # 0.9, 0.55 above; of the clean 0.6, 0.7, 0.8 above: 3 of 8
+    assert found["split_at"]["0.7"] == [50.0, 12.5]
+    clean = bench.diagnostics(result, SCORES, None)["split_at"]
+    assert clean["0.5"] == [None, 50.0] and set(clean) == {str(m) for m in bench.SPLIT_MARGINS}

@@ -191,8 +191,9 @@ def test_runs_made_with_overrides_are_labelled_with_them():
 def test_diagnostics_table_shows_only_runs_that_recorded_stage_figures():
     diagnosed = record(diagnostics={"metrics": {"rest_fit_history": [0.61, 0.55]}, "warmup_kl_auroc": 3.25,
                                     "poisons_in_unlearn": 7, "unlearn_size": 5000,
-                                    "poisons_by_unlearn_round": [0, 7], "recall_at_fpr5": 91.0})
+                                    "poisons_by_unlearn_round": [0, 7], "recall_at_fpr5": 91.0,
+                                    "split_at": {"0.5": [99.0, 14.7], "0.7": [95.0, 4.0]}})
     text = report.diagnostics_table([BASELINE, record(), diagnosed])
     rows = [line for line in text.splitlines() if line.startswith("| badnets")]
-    assert rows == ["| badnets | 5% | advrbd | 3.2 | 7 ([0, 7]) | 5000 | 61 55 | 91.0 |"]
+    assert rows == ["| badnets | 5% | advrbd | 3.2 | 7 ([0, 7]) | 5000 | 61 55 | 91.0 | 99/14.7 · 95/4.0 |"]
     assert report.diagnostics_table([BASELINE, record(diagnostics={"metrics": {}})]) == ""
