@@ -243,14 +243,31 @@ def svg_plot(records: list[dict], width: int = 520, height: int = 360) -> str:
     return "\n".join(parts + ["</svg>"]) + "\n"
 
 
+def merged(records: list[dict], additions: list[list[dict]]) -> list[dict]:
+    """``records`` plus every added record not already among them (the same run added twice counts once)."""
+    seen = {json.dumps(r, sort_keys=True) for r in records}
+    result = list(records)
+    for record in (r for added in additions for r in added):
+        key = json.dumps(record, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            result.append(record)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=HERE / "results.json")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=HERE / "acc_vs_asr.svg")
     parser.add_argument("--papers", type=Path, default=HERE / "papers.json", help="the papers' published figures")
+    parser.add_argument("--add", type=Path, action="append", default=[], metavar="FILE",
+                        help="results.json from a GPU run: its new records are appended to --results first")
     args = parser.parse_args()
     records = json.loads(args.results.read_text()) if args.results.exists() else []
+    if args.add:
+        records = merged(records, [json.loads(path.read_text()) for path in args.add])
+        args.results.write_text(json.dumps(records, indent=1) + "\n")
     papers = json.loads(args.papers.read_text()) if args.papers.exists() else []
     body = table(records) if records else "No runs recorded yet."
     parts = (body, comparison_table(records, papers), stage_table(records), diagnostics_table(records),

@@ -197,3 +197,8 @@ def test_diagnostics_table_shows_only_runs_that_recorded_stage_figures():
     rows = [line for line in text.splitlines() if line.startswith("| badnets")]
     assert rows == ["| badnets | 5% | advrbd | 3.2 | 7 ([0, 7]) | 5000 | 61 55 | 91.0 | 99/14.7 · 95/4.0 |"]
     assert report.diagnostics_table([BASELINE, record(diagnostics={"metrics": {}})]) == ""
+
+
+def test_added_runs_are_appended_once():
+    first, second = record(), record(attack="blend")
+    assert report.merged([first], [[first, second], [second]]) == [first, second]
