@@ -94,7 +94,8 @@ def cli():
 @click.option("--quick", is_flag=True, help="Scale every stage down (demos, tests, smoke runs).")
 @click.option("--image-size", type=int, help="Working size in pixels (default: see README).")
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="classes.json for shards.")
-@click.option("--workers", type=int, help="Processes that decode the input and write the shards (default: all cores).")
+@click.option("--workers", type=int,
+              help="Processes that decode the input and write the shards (default: the CPUs available).")
 @click.option("--shard-size", type=int, default=10_000, show_default=True)
 @click.option("--relabeled-format", type=click.Choice(["webdataset", "imagefolder"]), default="webdataset",
               show_default=True)

@@ -32,3 +32,21 @@ def test_a_worker_killed_from_outside_is_one_clear_error():
     # os._exit ends the worker without a Python exception, as the OOM killer or a decoder crash would.
     with Workers(2) as pool, pytest.raises(InputError, match="worker process reading or writing the data died"):
         list(pool.map(os._exit, [1, 1]))
+
+
+def test_available_cpus_follow_a_container_quota(tmp_path, monkeypatch):
+    from sanitize.formats import workers
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(workers, "CGROUP_CPU_MAX", quota)
+    assert workers.available_cpus() == affinity  # no cgroup file: the affinity
+    quota.write_text("max 100000\n")
+    assert workers.available_cpus() == affinity
+    quota.write_text("150000 100000\n")  # one and a half CPUs: two workers
+    assert workers.available_cpus() == min(affinity, 2)
+    quota.write_text("1000 100000\n")
+    assert workers.available_cpus() == 1
+    quota.write_text("garbage")
+    assert workers.available_cpus() == affinity
+    assert Workers().count == affinity

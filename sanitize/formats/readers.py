@@ -42,7 +42,7 @@ def read_dataset(path, *, classes_file=None, image_size=None, workers=None) -> I
     else, if at least half of the readable images share one size whose longer
     side is <= 64, that size (the others are resized to it); else 224x224.
     Resizing scales the image to cover the target and center-crops it.
-    workers: processes (default ``os.cpu_count()``) that read shards (4 MiB or
+    workers: processes (default: the CPUs available to us) that read shards (4 MiB or
     more in all) or files (2,000 or more) and decode images (2,000 or more) in
     parallel, in chunks; smaller inputs are read and decoded inline.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import sys
@@ -9,12 +10,35 @@ import types
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from sanitize.formats.records import InputError
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2).
+
+    ``os.cpu_count()`` counts the host's CPUs, so in a container limited to 2 CPUs on a
+    64-CPU host it would start 64 workers that fight over 2.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
 class Workers:
-    """``map`` inline or over a pool of ``count`` processes (default ``os.cpu_count()``), started on first need.
+    """``map`` inline or over a pool of ``count`` processes (default ``available_cpus()``), started on first need.
 
     Use as a context manager so the pool is shut down. The pool uses spawn, not
     fork: the caller may already hold CUDA or torch threads, which fork can
@@ -25,7 +49,7 @@ class Workers:
     """
 
     def __init__(self, count: int | None = None):
-        self.count = count or os.cpu_count() or 1
+        self.count = count or available_cpus()
         self._pool: ProcessPoolExecutor | None = None
 
     def map(self, function, *iterables, parallel: bool = True) -> Iterator:

@@ -22,7 +22,7 @@ from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import Ingested, InputError, Sample
-from sanitize.formats.workers import Workers
+from sanitize.formats.workers import Workers, available_cpus
 
 SCORES_HEADER = ("key", "source", "label", "score", "suspected", "relabel")
 FORMATS = ("webdataset", "imagefolder")
@@ -200,7 +200,7 @@ def write_shard_sets(sets: list[tuple[Path, str, Iterable[dict]]], shard_size: i
         paths += [directory / name for name in names[-1]]
         groups += chunks
     parallel = len(groups) > 1 and sum(map(len, groups)) >= WRITE_POOL_MIN_SAMPLES
-    with Workers(min(workers or os.cpu_count() or 1, max(1, len(groups)))) as pool:
+    with Workers(min(workers or available_cpus(), max(1, len(groups)))) as pool:
         for _ in pool.map(_write_shard, paths, groups, parallel=parallel):
             pass
     return names
