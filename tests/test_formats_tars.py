@@ -33,6 +33,15 @@ PLAIN = [("a/000.jpg", b"\xff\xd8 jpeg"), ("a/000.cls", b"3"), ("a/", b"", {"typ
          ("a/001.jpg", b"x" * 600), ("a/001.cls", b""), ("a/big.jpg", b"y" * (CAP + 1)), ("a/skip.txt", b"text")]
 
 
+def with_field(raw: bytes, start: int, value: bytes) -> bytes:
+    """``raw`` with the first header's bytes at ``start`` replaced and its checksum made valid again."""
+    header = bytearray(raw[:512])
+    header[start:start + len(value)] = value
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + raw[512:]
+
+
 def damaged(raw: bytes) -> dict[str, bytes]:
     ustar_header_end = 512 + 512  # first member's header + its one data block
     bad_checksum = bytearray(raw)
@@ -44,6 +53,8 @@ def damaged(raw: bytes) -> dict[str, bytes]:
         "cut_in_header": raw[:512 * 2 + 100],
         "bad_checksum": bytes(bad_checksum),
         "garbage_after": raw[:-1024] + b"garbage!" * 64 + raw[-512:],
+        "bad_mtime": with_field(raw, 136, b"garbage\0"),  # checksum valid, but tarfile stops here
+        "base256_size": with_field(raw, 124, b"\x80" + bytes(10) + b"\x0e"),
     }
 
 
@@ -76,7 +87,7 @@ def test_in_memory_parse_gives_what_tarfile_gives(case, compress, tmp_path, monk
     fast = scan(path)
     if case == "no_end_marker":
         assert fast[3] == tars.END_NOTE and fast[0]
-    if case in ("cut_in_data", "cut_in_header", "bad_checksum"):
+    if case in ("cut_in_data", "cut_in_header", "bad_checksum", "bad_mtime"):
         assert fast[1]  # damage reported
     monkeypatch.setattr(tars, "IN_MEMORY_BYTES", -1)  # every shard through tarfile
     assert fast == scan(path)
@@ -85,7 +96,8 @@ def test_in_memory_parse_gives_what_tarfile_gives(case, compress, tmp_path, monk
 @pytest.mark.parametrize("case, plain", [
     ("ustar", True), ("gnu", True), ("pax_plain", True), ("empty", True), ("no_end_marker", True),
     ("long_name_gnu", False), ("long_name_pax", False), ("prefix_ustar", False), ("unicode", False),
-    ("symlink", False), ("cut_in_data", False), ("cut_in_header", False), ("bad_checksum", False)])
+    ("symlink", False), ("cut_in_data", False), ("cut_in_header", False), ("bad_checksum", False),
+    ("bad_mtime", False), ("base256_size", False)])
 def test_only_plain_shards_are_parsed_in_memory(case, plain):
     parsed = tars.parse_plain(cases()[case], lambda name: True, CAP)
     assert (parsed is not None) == plain

@@ -6,8 +6,8 @@ the stream and, once tarfile stops, looks at what really follows the last
 member. Nothing here interprets member names or contents.
 
 Most shards are plain: ASCII names, regular files and directories, intact. Those
-(up to IN_MEMORY_BYTES decompressed) are parsed in memory, about five times faster
-than tarfile's per-header Python; the first thing that is not plain (damage,
+(up to IN_MEMORY_BYTES decompressed) are parsed in memory, several times faster
+than tarfile's per-header Python (a CIFAR shard lists in half the time); the first thing that is not plain (damage,
 links, PAX or GNU long-name headers, a bad checksum, a name prefix, non-ASCII)
 hands the whole shard to the tarfile path, which reads and reports it as always.
 """
@@ -25,6 +25,7 @@ _KEEP = 4 * tarfile.RECORDSIZE  # tarfile reads a record at a time, so the block
 DAMAGE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 IN_MEMORY_BYTES = 256 * 2**20  # larger shards stream through tarfile: 16 workers must not hold 16 GB
 END_NOTE = "no end-of-archive marker: possibly truncated at a member boundary"
+_OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode ... devminor
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,8 @@ def _plain_header(header: bytes) -> tuple[str, int, bool] | None:
     """(name, size, regular?) of a plain header (see ``parse_plain``), or None."""
     checksum, size = _octal(header[148:156]), _octal(header[124:136])
     if checksum is None or size is None or size < 0 or checksum != sum(header) - sum(header[148:156]) + 8 * 32:
+        return None
+    if any(_octal(header[start:end]) is None for start, end in _OTHER_NUMBERS):  # tarfile would stop there
         return None
     if header[345:500].split(b"\0", 1)[0]:  # a ustar name prefix: leave it to tarfile
         return None
