@@ -6,10 +6,11 @@ the stream and, once tarfile stops, looks at what really follows the last
 member. Nothing here interprets member names or contents.
 
 Most shards are plain: ASCII names, regular files and directories, intact. Those
-(up to IN_MEMORY_BYTES decompressed) are parsed in memory, several times faster
-than tarfile's per-header Python (a CIFAR shard lists in half the time); the first thing that is not plain (damage,
-links, PAX or GNU long-name headers, a bad checksum, a name prefix, non-ASCII)
-hands the whole shard to the tarfile path, which reads and reports it as always.
+(up to IN_MEMORY_BYTES decompressed) are parsed in memory, faster than tarfile's
+per-header Python (a CIFAR shard lists in half the time, hashing and all); the first
+thing that is not plain (damage, links, PAX or GNU long-name headers, a bad checksum
+or number, a name prefix, non-ASCII) hands the whole shard to the tarfile path,
+which reads and reports it as always.
 """
 from __future__ import annotations
 
