@@ -148,7 +148,7 @@ def parse_plain(raw: bytes, wanted, max_member_bytes: int) -> tuple[list[Member]
     size and type regular or directory (a directory with no data); every member's data
     and padding are all there; the archive ends in a zero block or exactly after a member.
     """
-    members, position = [], 0
+    members, position, numbers_seen = [], 0, set()
     while True:
         header = raw[position:position + BLOCK]
         if not header:
@@ -157,7 +157,7 @@ def parse_plain(raw: bytes, wanted, max_member_bytes: int) -> tuple[list[Member]
             return None
         if header.count(0) == BLOCK:
             return members, None
-        parsed = _plain_header(header)
+        parsed = _plain_header(header, numbers_seen)
         if parsed is None:
             return None
         name, size, regular = parsed
@@ -170,13 +170,20 @@ def parse_plain(raw: bytes, wanted, max_member_bytes: int) -> tuple[list[Member]
             members.append(Member(name, size, raw[start:start + size] if take else None))
 
 
-def _plain_header(header: bytes) -> tuple[str, int, bool] | None:
-    """(name, size, regular?) of a plain header (see ``parse_plain``), or None."""
+def _plain_header(header: bytes, numbers_seen: set) -> tuple[str, int, bool] | None:
+    """(name, size, regular?) of a plain header (see ``parse_plain``), or None.
+
+    ``numbers_seen`` holds the mode ... devminor bytes of headers already checked: the
+    members of one shard nearly always share them, so each distinct run is parsed once.
+    """
     checksum, size = _octal(header[148:156]), _octal(header[124:136])
     if checksum is None or size is None or size < 0 or checksum != sum(header) - sum(header[148:156]) + 8 * 32:
         return None
-    if any(_octal(header[start:end]) is None for start, end in _OTHER_NUMBERS):  # tarfile would stop there
-        return None
+    numbers = header[100:124] + header[136:148] + header[329:345]
+    if numbers not in numbers_seen:
+        if any(_octal(header[start:end]) is None for start, end in _OTHER_NUMBERS):  # tarfile would stop there
+            return None
+        numbers_seen.add(numbers)
     if header[345:500].split(b"\0", 1)[0]:  # a ustar name prefix: leave it to tarfile
         return None
     name_bytes, kind = header[:100].split(b"\0", 1)[0], header[156:157]
