@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -106,6 +107,8 @@ class TarScan:
 
     def _read_plain(self, wanted) -> tuple[list[Member], str | None] | None:
         """(members, end note) of a plain shard read whole into memory, or None: use tarfile."""
+        if os.path.getsize(self.path) > IN_MEMORY_BYTES:  # image shards barely compress: too big either way
+            return None
         with open(self.path, "rb") as file:
             try:
                 raw = _decompressed(file).read(IN_MEMORY_BYTES + 1)
@@ -134,7 +137,7 @@ class TarScan:
         if stream.position < offset:
             self.damage = f"cut inside the data of the last member ({stream.position} of {offset} bytes)"
         elif not block:
-            self.end_note = "no end-of-archive marker: possibly truncated at a member boundary"
+            self.end_note = END_NOTE
         elif len(block) < BLOCK:
             self.damage = f"cut inside a member header at byte {offset}"
         elif block.count(0) != BLOCK:
