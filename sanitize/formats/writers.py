@@ -186,7 +186,7 @@ def write_shard_sets(sets: list[tuple[Path, str, Iterable[dict]]], shard_size: i
     """``write_shards`` for several (directory, prefix, samples) sets at once; the shard names of each.
 
     Shards are independent, so from WRITE_POOL_MIN_SAMPLES samples in all they are
-    written in parallel by one pool of ``workers`` processes (default: one per CPU, at
+    written in parallel by one pool of ``workers`` processes (default: one per available CPU, at
     most one per shard) shared by every set; each shard's bytes are the same either way.
     """
     if shard_size < 1:
