@@ -8,7 +8,8 @@ AUROC of ``score``, wall time per stage, peak GPU memory. ``--methods none`` is 
 same architecture trained on the poisoned set without defense (the baseline).
 
 Resumable: a cell already in the results file (same dataset, attack, rate, method,
-commit and options) is skipped. Run it on the GPU machine; see RESULTS.md for the
+commit and options) is skipped. A cell that fails is reported (traceback, exit status 1
+at the end), not recorded, and the others still run: GPU time is scarce. Run it on the GPU machine; see RESULTS.md for the
 exact commands.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +62,34 @@ def main():
     records = json.loads(args.results.read_text()) if args.results.exists() else []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     test = read_dataset(args.test)
+    failed = 0
     for rate in map(float, args.rates.split(",")):
         for attack_name in args.attacks.split(","):
-            poisoned = prepare_data(args, attack_name, rate)
+            try:
+                poisoned = prepare_data(args, attack_name, rate)
+            except Exception:  # noqa: BLE001 - one broken attack must not cost the other cells their GPU time
+                failed += 1
+                traceback.print_exc()
+                continue
             for method in args.methods.split(","):
                 cell = {"dataset": "cifar10", "attack": attack_name, "rate": rate if attack_name != "none" else 0.0,
                         "method": method, "commit": args.commit, "options_id": options_id(method, options)}
                 if any(all(r.get(k) == v for k, v in cell.items()) for r in records):
                     print("skip (done)", cell, flush=True)
                     continue
-                record = run_cell(args, method, poisoned, test, options, device)
+                try:
+                    record = run_cell(args, method, poisoned, test, options, device)
+                except Exception:  # noqa: BLE001 - reported, not recorded; the next cell still runs
+                    failed += 1
+                    print("FAILED", cell, file=sys.stderr, flush=True)
+                    traceback.print_exc()
+                    continue
                 overrides = {} if method == "none" else {k: v for k, v in options.items() if k not in ("arch", "quick")}
                 records.append({**cell, **record, **({"set": overrides} if overrides else {})})
                 args.results.write_text(json.dumps(records, indent=1))
                 print(json.dumps(records[-1]), flush=True)
+    if failed:
+        raise SystemExit(f"{failed} cell(s) or attack(s) failed; see the tracebacks above")
 
 
 def options_id(method: str, options: dict) -> str:

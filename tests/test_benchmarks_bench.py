@@ -1,5 +1,6 @@
 """benchmarks/bench.py: the detection figures and stage diagnostics it records."""
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,3 +51,22 @@ def test_split_at_other_margins_for_advrbd_runs_with_and_without_poisons():
     assert found["split_at"]["0.7"] == [50.0, 12.5]
     clean = bench.diagnostics(result, SCORES, None)["split_at"]
     assert clean["0.5"] == [None, 50.0] and set(clean) == {str(m) for m in bench.SPLIT_MARGINS}
+
+
+def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def run_cell(args, method, poisoned, test, options, device):
+        if method == "dbd":
+            raise RuntimeError("out of memory")
+        return {"acc": 90.0, "asr": 1.0}
+
+    monkeypatch.setattr(bench, "read_dataset", lambda path: None)
+    monkeypatch.setattr(bench, "prepare_data", lambda args, attack, rate: {"attack": attack})
+    monkeypatch.setattr(bench, "run_cell", run_cell)
+    results = tmp_path / "results.json"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--data", "d", "--test", "t", "--results", str(results),
+                                     "--attacks", "badnets,blend", "--methods", "dbd,none"])
+    with pytest.raises(SystemExit, match="2 cell"):
+        bench.main()
+    recorded = json.loads(results.read_text())
+    assert [(r["attack"], r["method"]) for r in recorded] == [("badnets", "none"), ("blend", "none")]
+    assert capsys.readouterr().err.count("FAILED") == 2
