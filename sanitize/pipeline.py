@@ -72,6 +72,8 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
         raise InputError(f"--relabeled-format must be webdataset or imagefolder, not {relabeled_format!r}")
     if shard_size < 1:
         raise InputError("--shard-size must be at least 1")
+    if workers is not None and workers < 1:
+        raise InputError("--workers must be at least 1")
     progress = progress or Progress()
     options = methods.resolve_options(method, config, seed=seed, **method_options)
     module, _ = methods.load(method)

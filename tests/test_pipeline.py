@@ -125,6 +125,7 @@ def test_a_failed_onnx_check_writes_nothing(make_shards, tmp_path, monkeypatch):
     ({"not_an_option": 1}, "unknown option"),
     ({"warmup_epochs": 1.5}, "whole number"),
     ({"shard_size": 0}, "--shard-size"),
+    ({"workers": 0}, "--workers"),
     ({"out": None}, "output directory is required"),
 ])
 def test_bad_options_are_user_errors(options, message, make_shards, tmp_path):
