@@ -32,7 +32,7 @@ timeout 270 python3 benchmarks/bench.py --data .data/train --test .data/test/tes
 # 4. why the white-square BadNets escapes (2026-11-26: recall 63.6, ASR 92.7): the detection
 #    stages per round under the default and two one-change variants (about 55 s each)
 timeout 200 python3 benchmarks/calibrate_advrbd.py --data .data/train --attack badnets --detect-only \
-    --variants '[{}, {"warmup_epochs": 10}, {"unlearn_weight": 1.0}]' \
+    --variants '[{}, {"warmup_epochs": 10}, {"unlearn_fitted_only": true}]' \
     > "$OUT/calibrate.jsonl" 2> "$OUT/calibrate.log"
 
 tail -n 3 "$OUT/gpu_tests.log"; grep -h samples_per_s "$OUT/ingest.json"

@@ -70,6 +70,10 @@ def test_grow_unlearn_set_takes_the_least_robust_of_the_rest():
     rest = torch.tensor([1, 2, 3, 4])
     grown = advrbd.grow_unlearn_set(unlearn, torch.tensor([0.1, 0.9, 0.5, 0.7]), rest, 2)
     assert grown.tolist() == [True, False, True, False, True]
+    # only fitted samples are eligible: sample 2 (KL 0.9) is not, so 4 and 3 go
+    eligible = torch.tensor([True, True, False, True, True])
+    grown = advrbd.grow_unlearn_set(unlearn, torch.tensor([0.1, 0.9, 0.5, 0.7]), rest, 2, eligible)
+    assert grown.tolist() == [True, False, False, True, True]
 
 
 def test_clean_label_rule_keeps_relabel_equals_given_suspects_out():
