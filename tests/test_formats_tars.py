@@ -106,3 +106,20 @@ def test_only_plain_shards_are_parsed_in_memory(case, plain):
         assert [m.name for m in members] == ["a/000.jpg", "a/000.cls", "a/001.jpg", "a/001.cls", "a/big.jpg",
                                              "a/skip.txt"]
         assert members[0].data == b"\xff\xd8 jpeg" and members[4].data is None and end_note is None
+
+
+def test_real_cifar_shards_read_the_same_through_both_paths(make_shards, tmp_path, monkeypatch):
+    from sanitize.formats import read_dataset, write_dataset
+
+    made = read_dataset(make_shards(300, 100), workers=1)
+    # the shards this project writes (webdataset's TarWriter) take the fast path
+    ours = write_dataset(tmp_path / "ours", made.samples, made.classes, shard_size=100)
+    paths = sorted(ours.glob("*.tar"))
+    assert len(paths) == 3 and all(tars.parse_plain(path.read_bytes(), lambda name: True, CAP) for path in paths)
+    fast = read_dataset(ours, workers=1)
+    monkeypatch.setattr(tars, "IN_MEMORY_BYTES", -1)
+    slow = read_dataset(ours, workers=1)
+    assert [(s.key, s.source, s.label, s.sha256) for s in fast.samples] == \
+        [(s.key, s.source, s.label, s.sha256) for s in slow.samples]
+    assert (fast.images == slow.images).all() and fast.fingerprint == slow.fingerprint
+    assert [s.data for s in fast.samples] == [s.data for s in made.samples]
