@@ -9,8 +9,8 @@ same architecture trained on the poisoned set without defense (the baseline).
 
 Resumable: a cell already in the results file (same dataset, attack, rate, method,
 commit and options) is skipped. A cell that fails is reported (traceback, exit status 1
-at the end), not recorded, and the others still run: GPU time is scarce. Run it on the GPU machine; see RESULTS.md for the
-exact commands.
+at the end), not recorded, and the others still run: GPU time is scarce. Run it on the
+GPU machine; see RESULTS.md for the exact commands.
 """
 from __future__ import annotations
 

@@ -7,12 +7,12 @@
 Prints one JSON line per variant: the options changed, the AUROC of the warm-up KL (low KL =
 robust = poisoned), how many poisons fell into the unlearn set, the AUROC of the final score,
 recall and FPR of the split (and ``split_at`` other margins), the method's metrics and stage
-timings; with ``--detect-only``
-also ``rounds``: after the partition (round 0) and after each enhancement round, the share of
-poisons and of clean samples outside the unlearn set that the model fits (given-label margin
-> 0) and the poisons in the unlearn set. Unlike bench.py it writes nothing and trains no final ONNX model: it is for
-choosing defaults (the figures quoted in sanitize/methods/advrbd.py came from it), on a CPU
-with the small CNN or on a GPU.
+timings; with ``--detect-only`` also ``rounds``: after the partition (round 0) and after
+each enhancement round, the share of poisons and of clean samples outside the unlearn set
+that the model fits (given-label margin > 0) and the poisons in the unlearn set. Unlike
+bench.py it writes nothing and trains no final ONNX model: it is for choosing defaults
+(the figures quoted in sanitize/methods/advrbd.py came from it), on a CPU with the small
+CNN or on a GPU.
 
 ``--variants '[{"warmup_epochs": 10}, {"unlearn_weight": 1.0}]'`` runs each option set (on
 top of ``--set``) on the same poisoned bank in one process; ``--detect-only`` stops after the
@@ -74,8 +74,7 @@ def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
     is_poison = torch.from_numpy(positive).to(bank.device)
     rounds = []
 
-    def observe(round_index, model, unlearn):
-        fits = advrbd.given_label_margin(model, bank) > 0
+    def observe(round_index, fits, unlearn):
         rounds.append({"round": round_index, "poisons_fit": _share(fits[is_poison & ~unlearn], is_poison.sum()),
                        "clean_rest_fit": _share(fits[~is_poison & ~unlearn], (~is_poison & ~unlearn).sum()),
                        "poisons_in_unlearn_set": int((unlearn & is_poison).sum())})

@@ -114,7 +114,8 @@ def diagnostics_table(records: list[dict]) -> str:
         return ""
     lines = ["| attack | rate | method | warm-up KL AUROC | poisons in unlearn set (by round) | unlearn set | "
              "clean rest fit per round (%) | recall at 5% FPR | "
-             "recall/FPR had the split margin been 0 · 0.3 · 0.5 · 0.7 · 0.9 |", "|---|---|---|---|---|---|---|---|---|"]
+             "recall/FPR had the split margin been 0 · 0.3 · 0.5 · 0.7 · 0.9 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in shown:
         d = r["diagnostics"]
         rounds = d.get("poisons_by_unlearn_round")

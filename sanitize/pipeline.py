@@ -44,7 +44,8 @@ class RunResult:
     details: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("manifest", "model", "details")}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("manifest", "model", "details")}
         data["out"] = str(self.out)
         return data
 

@@ -200,20 +200,21 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
     """Alg. 2. Returns (unlearn round int16 [N], warm-up KL [N]); ``model`` is enhanced in place.
 
     A sample's unlearn round is the round it entered the unlearn set (0: the partition
-    from the warm-up KL), -1 if it never did. ``observe(round, model, unlearn)``, if
-    given, sees the model and the unlearn mask after the partition (round 0) and after
-    each enhancement round (1, 2, ...): a hook for calibration, not used by a run.
+    from the warm-up KL), -1 if it never did. ``observe(round, fits, unlearn)``, if
+    given, sees which samples the model fits with their given label (bool [N]) and the
+    unlearn mask after the partition (round 0) and after each enhancement round (1, 2,
+    ...): a hook for calibration, not used by a run.
     """
     everything = train.all_indices(bank)
     step = max(1, round(opts.partition_rate * bank.n))
     with clock("score"):
         warmup_kl = robustness_kl(model, bank, everything, opts, opts.seed)
-        fitted = given_label_margin(model, bank) > 0 if opts.unlearn_fitted_only else None
+        fitted = given_label_margin(model, bank) > 0 if opts.unlearn_fitted_only or observe is not None else None
     unlearn = grow_unlearn_set(torch.zeros(bank.n, dtype=torch.bool, device=bank.device), warmup_kl, everything, step,
-                               fitted)
+                               fitted if opts.unlearn_fitted_only else None)
     entered = torch.where(unlearn, 0, -1).to(torch.int16)
     if observe is not None:
-        observe(0, model, unlearn)
+        observe(0, fitted, unlearn)
     fit_history = []
     with clock("enhance"):
         for round_index in range(opts.enhance_rounds):
@@ -226,7 +227,7 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
             fits = given_label_margin(model, bank) > 0
             fit_history.append(float(fits[rest].float().mean()))
             if observe is not None:
-                observe(round_index + 1, model, unlearn)
+                observe(round_index + 1, fits, unlearn)
             full = float(unlearn.float().mean()) + opts.partition_rate > opts.max_unlearn_fraction
             if full or round_index == opts.enhance_rounds - 1:
                 break
