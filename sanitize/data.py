@@ -71,12 +71,11 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
-    """Random crop after reflect padding, then horizontal flip, drawn per sample.
+    """Random crop after reflect padding, then horizontal flip, drawn per sample (``pad`` 0: flip only).
 
     images: uint8 or float [B, C, H, W]. One gather does the crop for the whole batch.
     """
     batch, _, height, width = images.shape
-    padded = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect")
     device = images.device
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
     dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
@@ -84,18 +83,30 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int)
     rows = dy[:, None] + torch.arange(height, device=device)
     cols = torch.arange(width, device=device).expand(batch, width)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
+    source = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect")
     batch_idx = torch.arange(batch, device=device)[:, None, None, None]
     chan_idx = torch.arange(images.shape[1], device=device)[None, :, None, None]
-    out = padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+    out = source[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
     return out.to(images.dtype)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard training augmentation: uint8 [B,3,H,W] -> float32 [B,3,H,W] in [0,1].
+# Training augmentations by name (``augment``'s ``kind``). "crop": the usual CIFAR crop
+# with padding, and flip. "flip": the flip alone, which keeps every pixel and its
+# neighbours: a small trigger by the border survives it whole, where the crop cuts it
+# off in about 40% of views (see AdvrbdOptions.detect_augment).
+AUGMENTATIONS = ("crop", "flip", "none")
 
-    Padding is 1/8 of the side (4 px at 32 px, as is usual for CIFAR).
+
+def augment(images: torch.Tensor, generator: torch.Generator, kind: str = "crop") -> torch.Tensor:
+    """Training augmentation ``kind`` (one of AUGMENTATIONS): uint8 [B,3,H,W] -> float32 [B,3,H,W] in [0,1].
+
+    The crop's padding is 1/8 of the side (4 px at 32 px, as is usual for CIFAR).
     """
-    pad = max(1, images.shape[-1] // 8)
+    if kind == "none":
+        return to_float(images)
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}; choose one of {AUGMENTATIONS}")
+    pad = 0 if kind == "flip" else max(1, images.shape[-1] // 8)
     return to_float(random_crop_flip(images, generator, pad))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class RunResult:
     method: str
     counts: dict[str, int]
     per_class: dict[str, dict[str, int]]
-    suspect_target: dict | None  # the class most suspects carry, if any: {"class", "share"}
+    suspect_target: dict | None  # the class the suspects point to, if any (see suspect_target())
     outputs: dict[str, str]
     timings_s: dict[str, float]
     metrics: dict
@@ -117,15 +118,21 @@ def summarise(manifest: dict, out: Path, outputs: dict[str, str] | None = None) 
 # A dirty-label backdoor gives its poisons one label, so that class is over-represented among the
 # suspects. More than twice its share of the data counts as a pointer; below that the most common
 # label of the suspects may be just the hardest class. (DBD flags half of any dataset, so no class
-# can pass twice its share there: its pointer is never shown.)
+# can pass twice its share there: its pointer is never shown.) A handful of suspects can pass that
+# by chance, so the excess must also be significant (``suspect_target``).
 TARGET_LIFT = 2.0
+TARGET_P = 1e-3
 
 
 def suspect_target(manifest: dict) -> dict | None:
-    """The class the suspects point to, {"class", "label", "share", "lift"}, or None if none stands out.
+    """The class the suspects point to, {"class", "label", "share", "lift", "p_value"}, or None if none stands out.
 
     ``share``: the fraction of suspects that carry the label; ``lift``: that fraction
-    over the label's fraction of all readable samples.
+    over the label's fraction of all readable samples. A class stands out when its lift
+    passes TARGET_LIFT and so many suspects would carry it by chance with probability
+    ``p_value`` < TARGET_P divided by the number of classes (the most common label is
+    picked from all of them): ten suspects, four of one class in ten, are a lift of 4
+    and a p-value of 0.013, which chance explains.
     """
     suspects = manifest["suspects"]
     if not suspects:
@@ -133,11 +140,26 @@ def suspect_target(manifest: dict) -> dict | None:
     classes = manifest["input"]["classes"]
     label, count = collections.Counter(s["label"] for s in suspects).most_common(1)[0]
     readable = sum(row["total"] for row in manifest["per_class"].values())
+    expected = manifest["per_class"][classes[label]]["total"] / readable
     share = count / len(suspects)
-    lift = share / (manifest["per_class"][classes[label]]["total"] / readable)
-    if lift <= TARGET_LIFT:
+    lift = share / expected
+    p_value = binomial_tail(count, len(suspects), expected)
+    if lift <= TARGET_LIFT or p_value >= TARGET_P / len(classes):
         return None
-    return {"class": classes[label], "label": label, "share": round(share, 4), "lift": round(lift, 2)}
+    return {"class": classes[label], "label": label, "share": round(share, 4), "lift": round(lift, 2),
+            "p_value": float(f"{p_value:.3g}")}
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (n may be tens of thousands)."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if p <= 0:
+        return 0.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                 + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
 
 def _listed_outputs(out: Path) -> dict[str, str]:

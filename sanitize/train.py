@@ -86,19 +86,16 @@ def warmup_linear(total_steps: int, warmup_fraction: float = 0.15) -> Callable[[
     return factor
 
 
-def _inputs(images: torch.Tensor, generator: torch.Generator, augmented: bool) -> torch.Tensor:
-    return augment(images, generator) if augmented else to_float(images)
-
-
 def all_indices(bank: Bank) -> torch.Tensor:
     return torch.arange(bank.n, device=bank.device)
 
 
 def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, epochs: int = 20, batch_size: int = 512,
-                     lr: float = 0.2, weight_decay: float = 5e-4, seed: int = 0, augmented: bool = True,
+                     lr: float = 0.2, weight_decay: float = 5e-4, seed: int = 0, augmentation: str = "crop",
                      progress: Progress | None = None) -> dict:
-    """Cross-entropy training on ``indices`` (default: all samples), augmented unless ``augmented=False``.
+    """Cross-entropy training on ``indices`` (default: all samples), each batch augmented as ``augmentation``
+    (``sanitize.data.AUGMENTATIONS``; "none" for none).
 
     ``labels`` [N] overrides the bank's given labels (used for relabeled fine-tuning).
     Returns ``{"loss": last-epoch mean loss, "steps": n}``.
@@ -118,7 +115,7 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
         loss_sum.zero_()
         count = 0
         for batch in batches(indices, batch_size, generator, drop_last):
-            inputs = _layout(_inputs(bank.images[batch], generator, augmented))
+            inputs = _layout(augment(bank.images[batch], generator, augmentation))
             with autocast(bank.device):
                 loss = F.cross_entropy(model(inputs), labels[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -146,7 +143,7 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor, relearn: torch.Tensor,
                     epochs: int = 1, batch_size: int = 512, lr: float = 0.01, unlearn_weight: float = 1.0,
                     unlearn_share: float = 0.125, weight_decay: float = 5e-4, seed: int = 0,
-                    augmented: bool = True, progress: Progress | None = None) -> dict:
+                    augmentation: str = "crop", progress: Progress | None = None) -> dict:
     """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``.
 
     The unlearn batch is drawn with replacement at the set's relative size, but at least
@@ -164,7 +161,7 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
         for batch in batches(relearn, batch_size, generator, drop_last=len(relearn) >= 2 * batch_size):
             pick = torch.randint(0, len(unlearn), (unlearn_batch,), generator=generator, device=bank.device)
             forget = unlearn[pick]
-            inputs = _layout(_inputs(bank.images[torch.cat([batch, forget])], generator, augmented))
+            inputs = _layout(augment(bank.images[torch.cat([batch, forget])], generator, augmentation))
             with autocast(bank.device):
                 logits = model(inputs)
             learn_loss = F.cross_entropy(logits[:len(batch)].float(), bank.labels[batch])

@@ -47,6 +47,31 @@ def test_crop_flip_is_a_shifted_view_of_the_padded_image():
         assert any(torch.equal(row, w) or torch.equal(row, w.flip(-1)) for w in windows)
 
 
+def test_a_corner_trigger_survives_every_flip_but_not_every_crop(cifar_arrays, cifar_classes):
+    # A white 3x3 patch in the bottom-right corner, as BadNets stamps it. The usual crop
+    # (4 px of padding) cuts it off in about 40% of views; the flip keeps it whole, in
+    # one bottom corner or the other.
+    bank = Bank.from_arrays(*cifar_arrays, cifar_classes)
+    images = bank.images[:200].clone()
+    images[:, :, -3:, -3:] = 255
+    flipped = augment(images, make_generator(0, "cpu"), "flip")
+    right = (flipped[:, :, -3:, -3:] == 1).flatten(1).all(1)
+    left = (flipped[:, :, -3:, :3] == 1).flatten(1).all(1)
+    assert bool((right | left).all()) and 0.3 < float(left.float().mean()) < 0.7
+    for view, image in zip(flipped, images.float() / 255):
+        assert torch.equal(view, image) or torch.equal(view, image.flip(-1))
+    cropped = augment(images, make_generator(0, "cpu"), "crop")
+    whole = (cropped == 1).all(1).flatten(1).sum(1) >= 9
+    assert 0.25 < float((~whole).float().mean()) < 0.75
+
+
+def test_augment_kinds(cifar_arrays, cifar_classes):
+    images = Bank.from_arrays(*cifar_arrays, cifar_classes).images[:8]
+    assert torch.equal(augment(images, make_generator(0, "cpu"), "none"), images.float() / 255)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment(images, make_generator(0, "cpu"), "rotate")
+
+
 def test_augment_is_seeded_and_in_unit_range(cifar_arrays, cifar_classes):
     bank = Bank.from_arrays(*cifar_arrays, cifar_classes)
     first = augment(bank.images[:32], make_generator(3, "cpu"))

@@ -156,18 +156,31 @@ def test_suspects_point_to_a_class_only_when_it_is_over_represented():
     totals = {"cat": 100, "dog": 100, "ship": 100, "frog": 100}
     # 30 of 40 suspects are cats, who are a quarter of the data: 3x their share.
     target = pipeline.suspect_target(_manifest(totals, [0] * 30 + [1] * 5 + [2] * 5))
-    assert target == {"class": "cat", "label": 0, "share": 0.75, "lift": 3.0}
+    assert {k: v for k, v in target.items() if k != "p_value"} == {"class": "cat", "label": 0, "share": 0.75, "lift": 3.0}
+    assert 0 < target["p_value"] < 1e-9
     # Half of all samples flagged, every cat among them: 2x, as a method flagging half the data always allows.
     assert pipeline.suspect_target(_manifest(totals, [0] * 100 + [1] * 50 + [2] * 50)) is None
     assert pipeline.suspect_target(_manifest(totals, [])) is None
+    # A few suspects, most of one class: a lift of 3, and what chance gives 5% of the time.
+    assert pipeline.suspect_target(_manifest(totals, [0] * 3 + [1])) is None
+
+
+def test_binomial_tail_matches_the_sum_of_the_pmf():
+    from math import comb
+    for k, n, p in ((4, 10, 0.1), (0, 5, 0.3), (7, 7, 0.5), (30, 40, 0.25)):
+        exact = sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+        assert pipeline.binomial_tail(k, n, p) == pytest.approx(exact, rel=1e-9)
+    assert pipeline.binomial_tail(2600, 50000, 0.1) > 0.999  # tens of thousands of terms, no overflow
+    assert pipeline.binomial_tail(5000, 5500, 0.1) < 1e-300
 
 
 def test_detection_augmentation_follows_quick_unless_set(tmp_path):
-    assert methods.resolve_options("advrbd").detect_augment is True
-    assert methods.resolve_options("advrbd", quick=True).detect_augment is False
-    assert methods.resolve_options("advrbd", quick=True, detect_augment=True).detect_augment is True
+    assert methods.resolve_options("advrbd").detect_augment == "crop"
+    assert methods.resolve_options("advrbd", quick=True).detect_augment == "none"
+    assert methods.resolve_options("advrbd", quick=True, detect_augment="flip").detect_augment == "flip"
     config = tmp_path / "options.toml"
-    config.write_text("[advrbd]\ndetect_augment = false\n")
-    assert methods.resolve_options("advrbd", config).detect_augment is False
-    with pytest.raises(InputError, match="true or false"):
-        methods.resolve_options("advrbd", detect_augment="yes")
+    config.write_text('[advrbd]\ndetect_augment = "none"\n')
+    assert methods.resolve_options("advrbd", config).detect_augment == "none"
+    for wrong in ("yes", True, 1):
+        with pytest.raises(InputError, match="detect_augment must be one of 'crop', 'flip', 'none'"):
+            methods.resolve_options("advrbd", detect_augment=wrong)

@@ -65,7 +65,8 @@ def _read_config(path: Path, name: str) -> dict:
 
 
 def _value_type(hint) -> type:
-    """``bool | None`` -> bool (None means "decided by the method"); a plain type stays."""
+    """``bool | None`` -> bool (None means "decided by the method"), ``Literal[...] | None`` -> the
+    Literal; a plain type stays."""
     kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
     return kinds[0] if kinds else hint
 
@@ -73,10 +74,15 @@ def _value_type(hint) -> type:
 def coerce(what: str, value, kind: type, item_kind: type = int):
     """``value`` (from TOML, JSON or a command line) as ``kind``, or an InputError naming ``what``.
 
-    A bool must already be one (``bool("false")`` is True); an int must be whole (0.5
+    A Literal takes one of its strings; a bool must already be one (``bool("false")`` is True); an int must be whole (0.5
     must not silently become 0); a tuple takes a list or a comma-separated string of
     ``item_kind``. Also used for the attacks' parameters.
     """
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise InputError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     if kind is bool:
         if isinstance(value, bool):
             return value
