@@ -47,7 +47,7 @@ def parse_args():
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--epochs", type=int, default=20, help="no-defense training epochs")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="method option (JSON value), e.g. --set split_margin=0.6")
+                        help="method option (a JSON value, else a string), e.g. --set split_margin=0.6")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sanitize-bench"))
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("results.json"))
     parser.add_argument("--commit", default="unknown")
@@ -57,7 +57,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    options = {key: json.loads(value) for key, value in (s.split("=", 1) for s in args.sets)}
+    options = parse_sets(args.sets)
     options.update(arch=args.arch, quick=args.quick)
     records = json.loads(args.results.read_text()) if args.results.exists() else []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -217,6 +217,18 @@ def split_at(score: np.ndarray, is_poison: np.ndarray) -> dict:
         return round(100 * float(selected.mean()), 2) if selected.size else None
 
     return {str(m): [share((score > m)[is_poison]), share((score > m)[~is_poison])] for m in SPLIT_MARGINS}
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs -> {key: value}; a value is JSON if it parses (0.6, true, [1, 2]), else a string."""
+    values = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:

@@ -39,3 +39,22 @@ def test_detection_only_reports_every_round_and_consistent_counts(cifar_arrays, 
     recalls = [recall for recall, _ in found["split_at"].values()]
     assert recalls == sorted(recalls, reverse=True)  # a higher margin flags fewer
     assert np.isfinite(found["score_auroc"]) and np.isfinite(found["warmup_kl_auroc"])
+
+
+def test_warmup_only_reports_the_fitted_shares_and_the_crop_hides_a_corner_trigger(cifar_arrays, cifar_classes):
+    calibrate = load("calibrate_advrbd")
+    images, labels = cifar_arrays
+    poisoned = make_attack("badnets", kind="checkerboard").poison(images, labels, rate=0.1, target=0, seed=0,
+                                                                 num_classes=len(cifar_classes))
+    bank = Bank.from_arrays(poisoned.images, poisoned.labels, cifar_classes)
+    found = {}
+    for augmentation in ("none", "crop"):
+        options = methods.resolve_options("advrbd", arch="small", quick=True, warmup_epochs=6, batch_size=64,
+                                          detect_augment=augmentation)
+        found[augmentation] = calibrate.warmup(bank, options, poisoned.poisoned)
+    assert set(found["none"]) == {"seconds", "poisons_fit", "clean_fit", "margin_auroc"}
+    # Without augmentation the patch is learned (100% of the poisons fitted, 51% of the
+    # clean samples, chance is 10%); the crop cuts it off in ~40% of views and the warm-up
+    # fits 13% (torch 2.14, CPU).
+    assert found["none"]["clean_fit"] > 25 and found["none"]["poisons_fit"] > 80 and found["none"]["margin_auroc"] > 80
+    assert found["crop"]["poisons_fit"] < found["none"]["poisons_fit"] - 40
