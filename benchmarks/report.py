@@ -73,9 +73,18 @@ def fmt(value, digits: int = 1) -> str:
 
 
 def label(record: dict) -> str:
-    """The method, with any ``--set`` overrides the run was made with."""
-    overrides = record.get("set") or {}
-    return record["method"] + "".join(f" {key}={json.dumps(value)}" for key, value in sorted(overrides.items()))
+    """The method, with any ``--set`` overrides the run was made with. AdvrBD's detection
+    augmentation is named from the options as run, set or not: its default has changed
+    between runs (off until 895dc9b, where ``detect_augment=true`` meant the crop)."""
+    shown = dict(record.get("set") or {})
+    augmentation = (record.get("options") or {}).get("detect_augment")
+    if augmentation is not None:
+        shown["detect_augment"] = augmentation
+    return record["method"] + "".join(f" {key}={_bare(value)}" for key, value in sorted(shown.items()))
+
+
+def _bare(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def ordered(records: list[dict]) -> list[dict]:

@@ -186,6 +186,10 @@ def test_papers_json_matches_the_papers_averages_and_spot_checks():
 def test_runs_made_with_overrides_are_labelled_with_them():
     text = report.table([BASELINE, record(), record(set={"detect_augment": True})])
     assert "| advrbd detect_augment=true |" in text and "| advrbd |" in text
+    # The detection augmentation as run is named whether it was set or defaulted.
+    text = report.table([BASELINE, record(options={"detect_augment": "flip", "epsilon": 0.03}),
+                         record(set={"split_margin": 0.6}, options={"detect_augment": "crop"})])
+    assert "| advrbd detect_augment=flip |" in text and "| advrbd detect_augment=crop split_margin=0.6 |" in text
 
 
 def test_diagnostics_table_shows_only_runs_that_recorded_stage_figures():
