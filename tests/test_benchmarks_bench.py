@@ -1,6 +1,8 @@
-"""benchmarks/bench.py: the figures it computes from a run and how it reads its options."""
+"""benchmarks/bench.py: the detection figures and stage diagnostics it records."""
 import importlib.util
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +10,66 @@ import pytest
 spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "benchmarks" / "bench.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
+
+# Ten samples, the last two poisoned: the score ranks one poison on top and one in the middle.
+SCORES = [{"key": f"k{i}", "score": s, "suspected": s > 0.85}
+          for i, s in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.55])]
+TRUTH = {"poisoned": ["k8", "k9"]}
+
+
+def test_detection_figures_count_against_the_ground_truth():
+    figures = bench.detection_figures(SCORES, TRUTH)
+    assert figures["recall"] == 50.0 and figures["fpr"] == 0.0
+    # poison 0.9 beats all 8 clean, poison 0.55 beats 5 of 8: (8 + 5) / 16
+    assert figures["auroc"] == pytest.approx(100 * 13 / 16, abs=0.01)
+    assert bench.detection_figures(SCORES, None) == {"recall": None, "fpr": 10.0, "auroc": None}
+
+
+def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
+    unlearn = np.zeros(10, bool)
+    unlearn[[0, 1, 9]] = True
+    result = SimpleNamespace(metrics={"enhance_rounds": 3, "onnx_check": {"max_abs_diff": 0.0}},
+                             manifest={"options": {}},
+                             details={"unlearn": unlearn, "warmup_kl": np.linspace(1.0, 0.0, 10),
+                                      "finetune_label": np.arange(10),
+                                      "unlearn_round": np.array([0, 0, -1, -1, 1, -1, -1, -1, -1, 2])})
+    found = bench.diagnostics(result, SCORES, TRUTH)
+    assert found["metrics"] == {"enhance_rounds": 3}
+    assert found["poisons_in_unlearn"] == 1 and found["unlearn_size"] == 3
+    assert found["warmup_kl_auroc"] == 0.0  # both poisons have the lowest KL
+    assert "finetune_label_auroc" not in found
+    assert found["poisons_by_unlearn_round"] == [0, 0, 1]  # k8 never, k9 in round 2
+    # the clean scores' 95th percentile is 0.765: only the 0.9 poison is above it
+    assert found["recall_at_fpr5"] == 50.0
+    assert bench.diagnostics(result, SCORES, None) == {"metrics": {"enhance_rounds": 3}}
+
+
+def test_split_at_other_margins_for_advrbd_runs_with_and_without_poisons():
+    result = SimpleNamespace(metrics={}, details={}, manifest={"options": {"split_margin": 0.5}})
+    found = bench.diagnostics(result, SCORES, TRUTH)
+    assert found["split_at"]["0.5"] == [100.0, 37.5]  # 0.9, 0.55 above; of the clean 0.6, 0.7, 0.8 above: 3 of 8
+    assert found["split_at"]["0.7"] == [50.0, 12.5]
+    clean = bench.diagnostics(result, SCORES, None)["split_at"]
+    assert clean["0.5"] == [None, 50.0] and set(clean) == {str(m) for m in bench.SPLIT_MARGINS}
+
+
+def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def run_cell(args, method, poisoned, test, options, device):
+        if method == "dbd":
+            raise RuntimeError("out of memory")
+        return {"acc": 90.0, "asr": 1.0}
+
+    monkeypatch.setattr(bench, "read_dataset", lambda path: None)
+    monkeypatch.setattr(bench, "prepare_data", lambda args, attack, rate: {"attack": attack})
+    monkeypatch.setattr(bench, "run_cell", run_cell)
+    results = tmp_path / "results.json"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--data", "d", "--test", "t", "--results", str(results),
+                                     "--attacks", "badnets,blend", "--methods", "dbd,none"])
+    with pytest.raises(SystemExit, match="2 cell"):
+        bench.main()
+    recorded = json.loads(results.read_text())
+    assert [(r["attack"], r["method"]) for r in recorded] == [("badnets", "none"), ("blend", "none")]
+    assert capsys.readouterr().err.count("FAILED") == 2
 
 
 def test_auroc_counts_pairs_and_ties_half():
@@ -17,14 +79,6 @@ def test_auroc_counts_pairs_and_ties_half():
     assert bench.auroc(np.zeros(5), positive) == 0.5
     # one positive ties one negative, the rest are ordered: (5 + 0.5) / 6 pairs
     assert bench.auroc(np.array([0.3, 0.9, 0.3, 0.1, 0.2]), positive) == pytest.approx(5.5 / 6)
-
-
-def test_split_at_gives_recall_and_fpr_per_margin():
-    score = np.array([0.95, 0.6, 0.2, 0.7, -0.3])
-    positive = np.array([True, True, True, False, False])
-    table = bench.split_at(score, positive)
-    assert table["0.5"] == [66.67, 50.0]
-    assert bench.split_at(score, np.zeros(5, bool))["0.5"] == [None, 60.0]
 
 
 def test_sets_are_json_when_they_parse_and_strings_otherwise():
