@@ -33,7 +33,7 @@ if [ "$PART" = 1 ]; then
     #    trigger off in ~40% of views (white-square BadNets 2026-11-26: recall 63.6, ASR
     #    92.7), no augmentation lets ResNet-18 memorise the clean rest (clean set 32% flagged).
     #    BadNets, Blend and the clean set, to compare with the crop runs (about 5 min)
-    timeout 330 $BENCH --attacks badnets,blend,none --methods advrbd --set detect_augment=flip \
+    timeout 345 $BENCH --attacks badnets,blend,none --methods advrbd --set detect_augment=flip \
         > "$OUT/bench.log" 2>&1
     # 4. the default's detection stages per round on BadNets, and a longer warm-up (about 2 min)
     timeout 130 python3 benchmarks/calibrate_advrbd.py --data .data/train --attack badnets --detect-only \
