@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sanitize import methods
 from sanitize.attacks import make_attack
@@ -23,12 +24,18 @@ def load(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_detection_only_reports_every_round_and_consistent_counts(cifar_arrays, cifar_classes):
-    calibrate = load("calibrate_advrbd")
+@pytest.fixture
+def checkerboard(cifar_arrays, cifar_classes):
+    """(bank, poisoned): the 600 test images, 10% of them with a checkerboard BadNets patch, target 0."""
     images, labels = cifar_arrays
     poisoned = make_attack("badnets", kind="checkerboard").poison(images, labels, rate=0.1, target=0, seed=0,
                                                                  num_classes=len(cifar_classes))
-    bank = Bank.from_arrays(poisoned.images, poisoned.labels, cifar_classes)
+    return Bank.from_arrays(poisoned.images, poisoned.labels, cifar_classes), poisoned
+
+
+def test_detection_only_reports_every_round_and_consistent_counts(checkerboard):
+    calibrate = load("calibrate_advrbd")
+    bank, poisoned = checkerboard
     options = methods.resolve_options("advrbd", arch="small", quick=True, enhance_rounds=2, batch_size=64)
     found = calibrate.calibrate(bank, options, poisoned.poisoned, detect_only=True)
     assert [r["round"] for r in found["rounds"]] == [0, 1, 2]
@@ -41,12 +48,9 @@ def test_detection_only_reports_every_round_and_consistent_counts(cifar_arrays, 
     assert np.isfinite(found["score_auroc"]) and np.isfinite(found["warmup_kl_auroc"])
 
 
-def test_warmup_only_reports_the_fitted_shares_and_the_crop_hides_a_corner_trigger(cifar_arrays, cifar_classes):
+def test_warmup_only_reports_the_fitted_shares_and_the_crop_hides_a_corner_trigger(checkerboard):
     calibrate = load("calibrate_advrbd")
-    images, labels = cifar_arrays
-    poisoned = make_attack("badnets", kind="checkerboard").poison(images, labels, rate=0.1, target=0, seed=0,
-                                                                 num_classes=len(cifar_classes))
-    bank = Bank.from_arrays(poisoned.images, poisoned.labels, cifar_classes)
+    bank, poisoned = checkerboard
     found = {}
     for augmentation in ("none", "crop"):
         options = methods.resolve_options("advrbd", arch="small", quick=True, warmup_epochs=6, batch_size=64,
