@@ -27,6 +27,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 from bench import TARGET, auroc, parse_sets, split_at
@@ -43,7 +44,7 @@ def main():
     parser.add_argument("--data", required=True, help="training shard(s) or folder")
     parser.add_argument("--classes", help="classes.json, if not beside the data")
     parser.add_argument("--limit", type=int, help="use the first N samples only")
-    parser.add_argument("--attack", default="badnets")
+    parser.add_argument("--attack", default="badnets", help="an attack name, or none: the clean set")
     parser.add_argument("--attack-set", dest="attack_sets", action="append", default=[], metavar="KEY=VALUE",
                         help="attack parameter (a JSON value, else a string), e.g. --attack-set kind=checkerboard")
     parser.add_argument("--rate", type=float, default=0.05)
@@ -60,17 +61,21 @@ def main():
 
     data = read_dataset(args.data, classes_file=args.classes)
     images, labels = data.images[:args.limit], data.labels[:args.limit]
-    poisoned = make_attack(args.attack, **attack_params).poison(images, labels, rate=args.rate, target=TARGET,
-                                                                seed=0, num_classes=len(data.classes))
+    if args.attack == "none":  # the clean set: every figure that needs poisons is None
+        positive = np.zeros(len(labels), bool)
+    else:
+        poisoned = make_attack(args.attack, **attack_params).poison(images, labels, rate=args.rate, target=TARGET,
+                                                                    seed=0, num_classes=len(data.classes))
+        images, labels, positive = poisoned.images, poisoned.labels, poisoned.poisoned
     device = train.resolve_device(args.device)
-    bank = Bank.from_arrays(poisoned.images, poisoned.labels, data.classes, device=device)
+    bank = Bank.from_arrays(images, labels, data.classes, device=device)
     train.configure_determinism()
     for variant in json.loads(args.variants):
         changes = {**common, **variant}
         options = methods.resolve_options("advrbd", arch=args.arch, **changes)
         print(json.dumps({"attack": args.attack, "attack_params": attack_params, "samples": bank.n,
-                          "changes": changes, **(warmup(bank, options, poisoned.poisoned) if args.warmup_only else
-                                                 calibrate(bank, options, poisoned.poisoned, args.detect_only))}),
+                          "changes": changes, **(warmup(bank, options, positive) if args.warmup_only else
+                                                 calibrate(bank, options, positive, args.detect_only))}),
               flush=True)
 
 
@@ -98,10 +103,10 @@ def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
         warmup_kl, unlearn = result.details["warmup_kl"], result.details["unlearn"]
     return {
         "seconds": round(time.perf_counter() - start, 1),
-        "warmup_kl_auroc": round(100 * auroc(-warmup_kl, positive), 2),
+        "warmup_kl_auroc": _auroc(-warmup_kl, positive),
         "poisons_in_unlearn_set": int((unlearn & positive).sum()), "unlearn_set": int(unlearn.sum()),
-        "score_auroc": round(100 * auroc(score, positive), 2),
-        "recall": round(100 * float(suspected[positive].mean()), 2),
+        "score_auroc": _auroc(score, positive),
+        "recall": round(100 * float(suspected[positive].mean()), 2) if positive.any() else None,
         "fpr": round(100 * float(suspected[~positive].mean()), 2),
         "split_at": split_at(score, positive),  # the split at other margins, from the same score
         "rounds": rounds, "metrics": metrics, "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -125,11 +130,16 @@ def warmup(bank: Bank, options, positive) -> dict:
     return {"seconds": round(time.perf_counter() - start, 1),
             "poisons_fit": _share(fits[is_poison], is_poison.sum()),
             "clean_fit": _share(fits[~is_poison], (~is_poison).sum()),
-            "margin_auroc": round(100 * auroc(margin.double().cpu().numpy(), positive), 2)}
+            "margin_auroc": _auroc(margin.double().cpu().numpy(), positive)}
 
 
-def _share(selected: torch.Tensor, total) -> float:
-    return round(100 * float(selected.sum()) / max(1, int(total)), 2)
+def _auroc(score, positive) -> float | None:
+    """AUROC in percent, None without poisons (the clean set)."""
+    return round(100 * auroc(score, positive), 2) if positive.any() else None
+
+
+def _share(selected: torch.Tensor, total) -> float | None:
+    return round(100 * float(selected.sum()) / int(total), 2) if int(total) else None
 
 
 if __name__ == "__main__":

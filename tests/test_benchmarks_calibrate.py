@@ -62,3 +62,15 @@ def test_warmup_only_reports_the_fitted_shares_and_the_crop_hides_a_corner_trigg
     # fits 13% (torch 2.14, CPU).
     assert found["none"]["clean_fit"] > 25 and found["none"]["poisons_fit"] > 80 and found["none"]["margin_auroc"] > 80
     assert found["crop"]["poisons_fit"] < found["none"]["poisons_fit"] - 40
+
+
+def test_the_clean_set_gives_flagged_shares_and_no_poison_figures(cifar_arrays, cifar_classes):
+    calibrate = load("calibrate_advrbd")
+    bank = Bank.from_arrays(*cifar_arrays, cifar_classes)
+    none = np.zeros(bank.n, bool)
+    options = methods.resolve_options("advrbd", arch="small", quick=True, enhance_rounds=1, batch_size=64)
+    found = calibrate.calibrate(bank, options, none, detect_only=True)
+    assert found["recall"] is None and found["score_auroc"] is None and found["warmup_kl_auroc"] is None
+    assert 0 <= found["fpr"] <= 100 and found["poisons_in_unlearn_set"] == 0
+    assert found["rounds"][0]["poisons_fit"] is None and found["rounds"][0]["clean_rest_fit"] is not None
+    assert found["split_at"]["0.0"][0] is None
