@@ -63,9 +63,10 @@ class AdvrbdOptions:
     # poisons / clean samples fitted with their given label: crop 7.0 / 68.6, flip 92.2 /
     # 85.8, none 100 / 99.3. The small CNN there, detection stages, recall / FPR: BadNets
     # crop 0.2 / 4.6, flip 79.2 / 6.7, none 93.4 / 16.6; Blend crop 69.0 / 11.1, flip 97.8 /
-    # 17.3, none 86.4 / 15.6. The flip keeps the trigger whole and still slows memorising;
-    # whether it keeps the clean rest from being flagged at full scale is for the H100
-    # (benchmarks/gpu_session.sh); until then the default stays with the measured crop.
+    # 17.3, none 86.4 / 15.6; clean set flagged: crop 5.1, flip 10.1, none 13.8. The flip
+    # keeps the trigger whole and memorises less than none, but flags twice as many clean
+    # samples as the crop; the H100 decides (benchmarks/gpu_session.sh). Until then the
+    # default stays with the crop, measured there.
     # At --quick scale (a small CNN, a few hundred steps) no augmentation is best (2,000
     # CIFAR images, checkerboard BadNets: warm-up KL AUROC 0.50, recall 0% with the crop;
     # 0.98 / 100% / FPR 8% without). The clean model (stages 6-7) always uses the crop.
