@@ -137,6 +137,31 @@ def inspect(out, as_json, show):
 
 
 @cli.command()
+@click.argument("method", type=click.Choice(["advrbd", "dbd"]), metavar="METHOD")
+@click.option("--json", "as_json", is_flag=True, help="Print the options as JSON.")
+def options(method, as_json):
+    """List METHOD's options (for --set KEY=VALUE or --config FILE.toml) with their defaults."""
+    from sanitize import methods
+
+    rows = methods.describe(method)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(row["name"]) for row in rows)
+    click.echo(f"{'option':<{width}}  {'type':<16}  {'default':<12}  under --quick")
+    for row in rows:
+        quick = "" if row["quick"] == row["default"] else _value(row["quick"])
+        click.echo(f"{row['name']:<{width}}  {row['type']:<16}  {_value(row['default']):<12}  {quick}".rstrip())
+
+
+def _value(value) -> str:
+    """An option's value as it is written after --set."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+@cli.command()
 @click.argument("data")
 @click.option("--attack", required=True, help="badnets, blend, sig, wanet, physicalba, tact, adaptive_blend, ...")
 @click.option("--rate", type=float, required=True, help="Fraction of the dataset to poison, e.g. 0.05.")

@@ -1,4 +1,5 @@
 """The command line: one line per user error, exit codes, JSON output, inspect."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,6 +68,25 @@ def test_help_and_version():
     assert code == 0 and "run" in stdout and "poison" in stdout and "inspect" in stdout
     code, stdout, _ = sanitize_cli("--version")
     assert code == 0 and "sanitize" in stdout
+
+
+def test_options_lists_every_option_with_defaults_that_resolve_back():
+    from sanitize import methods
+
+    code, stdout, _ = sanitize_cli("options", "advrbd", "--json")
+    rows = {row["name"]: row for row in json.loads(stdout)}
+    assert code == 0 and rows["detect_augment"] == {"name": "detect_augment", "type": "crop|flip|none",
+                                                    "default": "crop", "quick": "none"}
+    assert rows["batch_size"]["type"] == "int" and rows["batch_size"]["quick"] < rows["batch_size"]["default"]
+    for method in ("advrbd", "dbd"):
+        described = methods.describe(method)
+        assert [row["name"] for row in described] == list(dataclasses.asdict(methods.resolve_options(method)))
+        for row in described:  # what the listing shows is what --set accepts
+            assert getattr(methods.resolve_options(method, **{row["name"]: row["default"]}), row["name"]) \
+                == row["default"]
+    code, stdout, _ = sanitize_cli("options", "dbd")
+    assert code == 0 and stdout.splitlines()[0].split() == ["option", "type", "default", "under", "--quick"]
+    assert any(line.split()[:3] == ["ss_epochs", "int", "60"] for line in stdout.splitlines())
 
 
 def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, tmp_path, capsys):

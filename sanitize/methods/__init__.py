@@ -51,6 +51,21 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     return options_class(**values).scaled()
 
 
+def describe(name: str) -> list[dict]:
+    """Method ``name``'s options as run by default: [{"name", "type", "default", "quick"}], in
+    declaration order; ``type`` lists a Literal's choices, ``quick`` is the value under --quick."""
+    _, options_class = load(name)
+    hints = typing.get_type_hints(options_class)
+    defaults, quick = resolve_options(name), resolve_options(name, quick=True)
+    rows = []
+    for option in dataclasses.fields(options_class):
+        kind = _value_type(hints[option.name])
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
+        rows.append({"name": option.name, "type": "|".join(choices) or kind.__name__,
+                     "default": getattr(defaults, option.name), "quick": getattr(quick, option.name)})
+    return rows
+
+
 def _read_config(path: Path, name: str) -> dict:
     try:
         data = tomllib.loads(path.read_text())
