@@ -15,6 +15,7 @@ import click
 
 from sanitize import __version__
 from sanitize.formats.records import InputError
+from sanitize.methods import REGISTRY as METHODS
 
 EXIT_USER_ERROR = 2
 EXIT_ONNX_CHECK = 3
@@ -83,7 +84,7 @@ def cli():
 
 @cli.command()
 @click.argument("data")
-@click.option("--method", type=click.Choice(["advrbd", "dbd"]), default="advrbd", show_default=True)
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="advrbd", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (created).")
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML file of method options ([advrbd] table).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any method option, e.g. --set epsilon=0.03.")
@@ -137,7 +138,7 @@ def inspect(out, as_json, show):
 
 
 @cli.command()
-@click.argument("method", type=click.Choice(["advrbd", "dbd"]), metavar="METHOD")
+@click.argument("method", type=click.Choice(sorted(METHODS)), metavar="METHOD")
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON.")
 def options(method, as_json):
     """List METHOD's options (for --set KEY=VALUE or --config FILE.toml) with their defaults."""

@@ -76,6 +76,7 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int)
     images: uint8 or float [B, C, H, W]. One gather does the crop for the whole batch.
     """
     batch, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect")
     device = images.device
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
     dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
@@ -83,10 +84,9 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int)
     rows = dy[:, None] + torch.arange(height, device=device)
     cols = torch.arange(width, device=device).expand(batch, width)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
-    source = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect")
     batch_idx = torch.arange(batch, device=device)[:, None, None, None]
     chan_idx = torch.arange(images.shape[1], device=device)[None, :, None, None]
-    out = source[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+    out = padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
     return out.to(images.dtype)
 
 

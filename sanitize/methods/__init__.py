@@ -89,9 +89,9 @@ def _value_type(hint) -> type:
 def coerce(what: str, value, kind: type, item_kind: type = int):
     """``value`` (from TOML, JSON or a command line) as ``kind``, or an InputError naming ``what``.
 
-    A Literal takes one of its strings; a bool must already be one (``bool("false")`` is True); an int must be whole (0.5
-    must not silently become 0); a tuple takes a list or a comma-separated string of
-    ``item_kind``. Also used for the attacks' parameters.
+    A Literal takes one of its strings; a bool must already be one (``bool("false")`` is
+    True); an int must be whole (0.5 must not silently become 0); a tuple takes a list or
+    a comma-separated string of ``item_kind``. Also used for the attacks' parameters.
     """
     if typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
