@@ -122,10 +122,7 @@ def warmup(bank: Bank, options, positive) -> dict:
     is_poison = torch.from_numpy(positive).to(bank.device)
     opts = options.scaled()
     start = time.perf_counter()
-    model = advrbd.fresh_model(opts, bank, seed_offset=0)
-    train.train_supervised(model, bank, epochs=opts.warmup_epochs, batch_size=opts.batch_size, lr=opts.lr,
-                           weight_decay=opts.weight_decay, seed=opts.seed, augmentation=opts.detect_augment)
-    margin = advrbd.given_label_margin(model, bank)
+    margin = advrbd.given_label_margin(advrbd.warm_up(bank, opts), bank)
     fits = margin > 0
     return {"seconds": round(time.perf_counter() - start, 1),
             "poisons_fit": _share(fits[is_poison], is_poison.sum()),

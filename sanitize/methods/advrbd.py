@@ -260,12 +260,18 @@ class Detection:
     unlearn_round: torch.Tensor
 
 
+def warm_up(bank: Bank, opts: AdvrbdOptions):
+    """Stage 1: a fresh model trained briefly on everything, with the detection augmentation."""
+    model = fresh_model(opts, bank, seed_offset=0)
+    train.train_supervised(model, bank, epochs=opts.warmup_epochs, batch_size=opts.batch_size, lr=opts.lr,
+                           weight_decay=opts.weight_decay, seed=opts.seed, augmentation=opts.detect_augment)
+    return model
+
+
 def detect(bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, observe=None) -> Detection:
     """Stages 1-5 (warm-up, partition, enhancement, split) with ``opts`` as run (``scaled()``)."""
-    model = fresh_model(opts, bank, seed_offset=0)
     with clock("warmup"):
-        train.train_supervised(model, bank, epochs=opts.warmup_epochs, batch_size=opts.batch_size, lr=opts.lr,
-                               weight_decay=opts.weight_decay, seed=opts.seed, augmentation=opts.detect_augment)
+        model = warm_up(bank, opts)
     unlearn_round, warmup_kl = enhance_backdoor(model, bank, opts, clock, metrics, observe)
     with clock("split"):
         score = given_label_margin(model, bank)
