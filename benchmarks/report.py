@@ -75,11 +75,13 @@ def fmt(value, digits: int = 1) -> str:
 def label(record: dict) -> str:
     """The method, with any ``--set`` overrides the run was made with. AdvrBD's detection
     augmentation is named from the options as run, set or not: its default has changed
-    between runs (off until 895dc9b, where ``detect_augment=true`` meant the crop)."""
-    shown = dict(record.get("set") or {})
-    augmentation = (record.get("options") or {}).get("detect_augment")
-    if augmentation is not None:
-        shown["detect_augment"] = augmentation
+    between runs (off until 895dc9b, where ``detect_augment=true`` meant the crop); the
+    enhancement's, where it differs."""
+    shown, options = dict(record.get("set") or {}), record.get("options") or {}
+    if options.get("detect_augment") is not None:
+        shown["detect_augment"] = options["detect_augment"]
+        if options.get("enhance_augment", options["detect_augment"]) != options["detect_augment"]:
+            shown["enhance_augment"] = options["enhance_augment"]
     return record["method"] + "".join(f" {key}={_bare(value)}" for key, value in sorted(shown.items()))
 
 

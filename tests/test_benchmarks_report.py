@@ -190,6 +190,9 @@ def test_runs_made_with_overrides_are_labelled_with_them():
     text = report.table([BASELINE, record(options={"detect_augment": "flip", "epsilon": 0.03}),
                          record(set={"split_margin": 0.6}, options={"detect_augment": "crop"})])
     assert "| advrbd detect_augment=flip |" in text and "| advrbd detect_augment=crop split_margin=0.6 |" in text
+    text = report.table([BASELINE, record(options={"detect_augment": "flip", "enhance_augment": "crop"}),
+                         record(options={"detect_augment": "crop", "enhance_augment": "crop"})])
+    assert "| advrbd detect_augment=flip enhance_augment=crop |" in text and "| advrbd detect_augment=crop |" in text
 
 
 def test_diagnostics_table_shows_only_runs_that_recorded_stage_figures():

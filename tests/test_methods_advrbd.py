@@ -108,3 +108,19 @@ def test_fine_tuning_obeyed_the_clean_label_rule(poisoned_bank, result):
     excluded = result.suspected & (label == bank.labels.numpy())
     assert np.array_equal(kept, ~excluded)
     assert result.metrics["finetune_excluded"] == int(excluded.sum())
+
+
+def test_warm_up_and_enhancement_train_with_their_own_augmentation(poisoned_bank, monkeypatch):
+    from sanitize import train
+    from sanitize.methods.base import StageClock
+
+    seen = []
+    for name in ("train_supervised", "unlearn_relearn"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k:
+                            seen.append((_name, k["augmentation"])) or _real(*a, **{**k, "epochs": 1}))
+    bank, _ = poisoned_bank
+    opts = advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64, enhance_rounds=2,
+                                detect_augment="flip", enhance_augment="crop").scaled()
+    advrbd.detect(bank, opts, StageClock(bank.device), {})
+    assert seen == [("train_supervised", "flip"), ("unlearn_relearn", "crop"), ("unlearn_relearn", "crop")]

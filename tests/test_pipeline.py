@@ -188,3 +188,7 @@ def test_detection_augmentation_follows_quick_unless_set(tmp_path):
     for wrong in ("yes", True, 1):
         with pytest.raises(InputError, match="detect_augment must be one of 'crop', 'flip', 'none'"):
             methods.resolve_options("advrbd", detect_augment=wrong)
+    # The enhancement follows the warm-up's augmentation unless set on its own.
+    assert methods.resolve_options("advrbd", detect_augment="none").enhance_augment == "none"
+    both = methods.resolve_options("advrbd", detect_augment="flip", enhance_augment="crop")
+    assert (both.detect_augment, both.enhance_augment) == ("flip", "crop")
