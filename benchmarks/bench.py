@@ -168,14 +168,26 @@ def evaluate(model, test, attacks: list, device: torch.device) -> dict:
 
 def detection_figures(scores: list[dict], truth: dict | None) -> dict:
     """Recall and FPR of ``suspected`` and AUROC of ``score`` against the ground truth (0-100)."""
-    suspected = np.array([row["suspected"] for row in scores])
-    if truth is None:
-        return {"recall": None, "fpr": round(100 * suspected.mean(), 2), "auroc": None}
-    poisoned_keys = set(truth["poisoned"])
-    is_poison = np.array([row["key"] in poisoned_keys for row in scores])
-    score = np.array([row["score"] for row in scores])
-    return {"recall": round(100 * suspected[is_poison].mean(), 2), "fpr": round(100 * suspected[~is_poison].mean(), 2),
-            "auroc": round(100 * auroc(score, is_poison), 2)}
+    poisoned_keys = set(truth["poisoned"]) if truth else set()
+    return detection_rates(np.array([row["score"] for row in scores]), np.array([row["suspected"] for row in scores]),
+                           np.array([row["key"] in poisoned_keys for row in scores]))
+
+
+def detection_rates(score: np.ndarray, suspected: np.ndarray, is_poison: np.ndarray) -> dict:
+    """{"recall", "fpr", "auroc"} in percent from per-sample arrays; recall and AUROC are None
+    without poisons (the clean set: the FPR is then the share flagged)."""
+    return {"recall": _percent(suspected[is_poison]), "fpr": _percent(suspected[~is_poison]),
+            "auroc": percent_auroc(score, is_poison)}
+
+
+def percent_auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """``auroc`` in percent, rounded; None without positives."""
+    return round(100 * auroc(np.asarray(score, dtype=np.float64), positive), 2) if positive.any() else None
+
+
+def _percent(selected: np.ndarray) -> float | None:
+    """The share of True in ``selected`` in percent, rounded; None if it is empty."""
+    return round(100 * float(selected.mean()), 2) if selected.size else None
 
 
 def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
@@ -205,7 +217,7 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
             rounds = values[is_poison]
             found[f"poisons_by_{name}"] = [int((rounds == r).sum()) for r in range(int(values.max(initial=-1)) + 1)]
         elif np.issubdtype(values.dtype, np.floating):
-            found[f"{name}_auroc"] = round(100 * auroc(values.astype(np.float64), is_poison), 2)
+            found[f"{name}_auroc"] = percent_auroc(values, is_poison)
     found["recall_at_fpr5"] = round(100 * float((score[is_poison] > np.quantile(score[~is_poison], 0.95)).mean()), 2)
     return found
 
@@ -213,10 +225,7 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
 def split_at(score: np.ndarray, is_poison: np.ndarray) -> dict:
     """{margin: [recall, FPR]} had the split used that margin (AdvrBD: suspected = score > margin);
     recall is None without poisons (the clean set: the FPR is then the share flagged)."""
-    def share(selected: np.ndarray) -> float | None:
-        return round(100 * float(selected.mean()), 2) if selected.size else None
-
-    return {str(m): [share((score > m)[is_poison]), share((score > m)[~is_poison])] for m in SPLIT_MARGINS}
+    return {str(m): [_percent((score > m)[is_poison]), _percent((score > m)[~is_poison])] for m in SPLIT_MARGINS}
 
 
 def parse_sets(pairs: list[str]) -> dict:

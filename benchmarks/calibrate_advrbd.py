@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from bench import TARGET, auroc, parse_sets, split_at
+from bench import TARGET, detection_rates, parse_sets, percent_auroc, split_at
 from sanitize import methods, train
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
@@ -101,13 +101,12 @@ def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
         result = advrbd.run(bank, options)  # the seam takes no observer: no per-round figures here
         score, suspected, metrics, timings = result.score, result.suspected, result.metrics, result.timings_s
         warmup_kl, unlearn = result.details["warmup_kl"], result.details["unlearn"]
+    rates = detection_rates(score, suspected, positive)
     return {
         "seconds": round(time.perf_counter() - start, 1),
-        "warmup_kl_auroc": _auroc(-warmup_kl, positive),
+        "warmup_kl_auroc": percent_auroc(-warmup_kl, positive),
         "poisons_in_unlearn_set": int((unlearn & positive).sum()), "unlearn_set": int(unlearn.sum()),
-        "score_auroc": _auroc(score, positive),
-        "recall": round(100 * float(suspected[positive].mean()), 2) if positive.any() else None,
-        "fpr": round(100 * float(suspected[~positive].mean()), 2),
+        "score_auroc": rates["auroc"], "recall": rates["recall"], "fpr": rates["fpr"],
         "split_at": split_at(score, positive),  # the split at other margins, from the same score
         "rounds": rounds, "metrics": metrics, "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -127,12 +126,7 @@ def warmup(bank: Bank, options, positive) -> dict:
     return {"seconds": round(time.perf_counter() - start, 1),
             "poisons_fit": _share(fits[is_poison], is_poison.sum()),
             "clean_fit": _share(fits[~is_poison], (~is_poison).sum()),
-            "margin_auroc": _auroc(margin.double().cpu().numpy(), positive)}
-
-
-def _auroc(score, positive) -> float | None:
-    """AUROC in percent, None without poisons (the clean set)."""
-    return round(100 * auroc(score, positive), 2) if positive.any() else None
+            "margin_auroc": percent_auroc(margin.double().cpu().numpy(), positive)}
 
 
 def _share(selected: torch.Tensor, total) -> float | None:
