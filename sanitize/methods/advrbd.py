@@ -213,7 +213,8 @@ def given_label_margin(model, bank: Bank) -> torch.Tensor:
 
 
 def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, observe=None):
-    """Alg. 2. Returns (unlearn round int16 [N], warm-up KL [N]); ``model`` is enhanced in place.
+    """Alg. 2. Returns (unlearn round int16 [N], warm-up KL [N], the enhanced model's given-label
+    margin [N], or None if no round ran); ``model`` is enhanced in place.
 
     A sample's unlearn round is the round it entered the unlearn set (0: the partition
     from the warm-up KL), -1 if it never did. ``observe(round, fits, unlearn)``, if
@@ -231,7 +232,7 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
     entered = torch.where(unlearn, 0, -1).to(torch.int16)
     if observe is not None:
         observe(0, fitted, unlearn)
-    fit_history = []
+    fit_history, margin = [], None
     with clock("enhance"):
         for round_index in range(opts.enhance_rounds):
             rest = everything[~unlearn]
@@ -240,7 +241,8 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
                                   unlearn_weight=opts.unlearn_weight, unlearn_share=opts.unlearn_share,
                                   weight_decay=opts.weight_decay, seed=opts.seed + 100 + round_index,
                                   augmentation=opts.enhance_augment)
-            fits = given_label_margin(model, bank) > 0
+            margin = given_label_margin(model, bank)  # the split's score if this round is the last
+            fits = margin > 0
             fit_history.append(float(fits[rest].float().mean()))
             if observe is not None:
                 observe(round_index + 1, fits, unlearn)
@@ -253,7 +255,7 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
             unlearn = grown
     metrics.update(enhance_rounds=len(fit_history), rest_fit_history=[round(f, 4) for f in fit_history],
                    unlearn_fraction=round(float(unlearn.float().mean()), 4))
-    return entered, warmup_kl
+    return entered, warmup_kl, margin
 
 
 @dataclass
@@ -279,9 +281,9 @@ def detect(bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, ob
     """Stages 1-5 (warm-up, partition, enhancement, split) with ``opts`` as run (``scaled()``)."""
     with clock("warmup"):
         model = warm_up(bank, opts)
-    unlearn_round, warmup_kl = enhance_backdoor(model, bank, opts, clock, metrics, observe)
+    unlearn_round, warmup_kl, score = enhance_backdoor(model, bank, opts, clock, metrics, observe)
     with clock("split"):
-        score = given_label_margin(model, bank)
+        score = given_label_margin(model, bank) if score is None else score
     return Detection(score, score > opts.split_margin, warmup_kl, unlearn_round)
 
 
