@@ -214,15 +214,35 @@ def _report(result, as_json: bool, show: int = 5) -> None:
         target = result.suspect_target
         click.echo(f"  suspects point to class {target['class']!r}: {target['share']:.0%} of suspects carry it, "
                    f"{target['lift']:.1f}x its share of the data")
-    flagged = [f"{name} {row['suspected']}/{row['total']}" for name, row in result.per_class.items()]
-    click.echo("  suspected per class: " + ", ".join(flagged))
+    click.echo("  suspected per class: " + per_class_line(result.per_class))
+    classes = result.manifest["input"]["classes"]
     for suspect in result.manifest["suspects"][:show]:
-        click.echo(f"    {suspect['score']:+.3f}  {suspect['key']}  label {suspect['label']} -> {suspect['relabel']}")
+        click.echo(f"    {suspect['score']:+.3f}  {suspect['key']}  {classes[suspect['label']]} -> "
+                   f"{classes[suspect['relabel']]}")
     if result.manifest["unreadable"]:
         click.echo(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
     click.echo(f"  time: {times}")
     click.echo(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))
+
+
+# Beyond this many classes the per-class line lists only the classes with the most suspects.
+PER_CLASS_SHOWN = 10
+
+
+def per_class_line(per_class: dict[str, dict[str, int]], shown: int = PER_CLASS_SHOWN) -> str:
+    """"name suspected/total, ..." for every class, or, past ``shown`` classes, for the (at most
+    ``shown``) classes with the most suspects and one total for the rest: one screen for any K."""
+    if len(per_class) <= shown:
+        return ", ".join(f"{name} {row['suspected']}/{row['total']}" for name, row in per_class.items())
+    ranked = sorted(per_class, key=lambda name: -per_class[name]["suspected"])
+    named = [name for name in ranked[:shown] if per_class[name]["suspected"]]
+    if not named:
+        return f"none in all {len(per_class)} classes"
+    rest = [per_class[name] for name in ranked if name not in named]
+    return ", ".join([f"{name} {per_class[name]['suspected']}/{per_class[name]['total']}" for name in named]
+                     + [f"{sum(row['suspected'] for row in rest)}/{sum(row['total'] for row in rest)} in the "
+                        f"{len(rest)} other classes"])
 
 
 def main(argv=None) -> None:

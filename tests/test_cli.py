@@ -99,3 +99,19 @@ def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, t
     assert truth["target"] == 1 and truth["warnings"]
     assert "target class 1" in captured.out
     assert captured.err.count("warning: ") == len(truth["warnings"])
+
+
+def test_per_class_line_stays_one_screen_for_many_classes():
+    from sanitize.cli import per_class_line
+
+    few = {"cat": {"suspected": 0, "total": 5}, "dog": {"suspected": 2, "total": 5}}
+    assert per_class_line(few) == "cat 0/5, dog 2/5"
+    many = {f"c{k:03d}": {"suspected": int(k % 7 == 0), "total": 3} for k in range(1000)}
+    many["c500"] = {"suspected": 3, "total": 3}
+    line = per_class_line(many)
+    named = line.split(", ")[:-1]
+    assert named[0] == "c500 3/3" and len(named) == 10 and all(part.endswith("1/3") for part in named[1:])
+    # Every suspect and sample is accounted for: the shown classes plus the total of the rest.
+    flagged = sum(row["suspected"] for row in many.values())
+    assert line.endswith(f"{flagged - 3 - 9}/{3000 - 30} in the 990 other classes")
+    assert per_class_line({f"c{k}": {"suspected": 0, "total": 1} for k in range(50)}) == "none in all 50 classes"
