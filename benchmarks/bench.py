@@ -135,6 +135,9 @@ def run_cell(args, method: str, poisoned: dict, test, options: dict, device: tor
         scores = read_scores(out)
         detection = {**detection_figures(scores, poisoned["truth"]),
                      "diagnostics": diagnostics(result, scores, poisoned["truth"]),
+                     # The class the run's summary says the suspects point to (TARGET for the attacks
+                     # here; none on the clean set), to check that pointer at full scale.
+                     "suspect_target": result.suspect_target,
                      "options": result.manifest["options"]}  # as run, defaults resolved
     seconds = time.perf_counter() - start
     return {**evaluate(model, test, poisoned["attacks"], device), **detection, "seconds": round(seconds, 1),

@@ -84,3 +84,26 @@ def test_auroc_counts_pairs_and_ties_half():
 def test_sets_are_json_when_they_parse_and_strings_otherwise():
     assert bench.parse_sets(["split_margin=0.6", "detect_augment=flip", "quick=true", "name=\"x=y\"", "rounds=[1, 2]"]) \
         == {"split_margin": 0.6, "detect_augment": "flip", "quick": True, "name": "x=y", "rounds": [1, 2]}
+
+
+def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp_path, monkeypatch, capsys):
+    """bench.py end to end on 200 real CIFAR images (CPU, --quick): poison, sanitize, evaluate, resume."""
+    data = make_shards(200, root=tmp_path / "train")
+    test = make_shards(100, root=tmp_path / "test")
+    results = tmp_path / "results.json"
+    argv = ["bench.py", "--data", str(data), "--test", str(test), "--results", str(results), "--work",
+            str(tmp_path / "work"), "--attacks", "badnets", "--methods", "none,advrbd", "--arch", "small",
+            "--quick", "--set", "batch_size=64"]
+    monkeypatch.setattr("sys.argv", argv)
+    bench.main()
+    none, advrbd = json.loads(results.read_text())
+    assert (none["method"], advrbd["method"]) == ("none", "advrbd") and none["attack"] == "badnets"
+    for record in (none, advrbd):
+        assert 0 <= record["acc"] <= 100 and 0 <= record["asr"] <= 100 and record["device"] == "cpu"
+    assert all(0 <= advrbd[k] <= 100 for k in ("recall", "fpr", "auroc"))
+    assert advrbd["options"]["batch_size"] == 64 and advrbd["set"] == {"batch_size": 64}
+    assert "suspect_target" in advrbd and set(advrbd["diagnostics"]["split_at"]) == {str(m) for m in bench.SPLIT_MARGINS}
+    assert set(advrbd["timings_s"]) >= {"ingest", "warmup", "enhance", "write", "export", "total"}
+    capsys.readouterr()
+    bench.main()  # resumed: both cells are done
+    assert capsys.readouterr().out.count("skip (done)") == 2 and len(json.loads(results.read_text())) == 2
