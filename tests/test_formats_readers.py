@@ -421,3 +421,37 @@ def test_input_errors(tmp_path, make_imagefolder, cifar_samples):
         (broken / name / "x.jpg").write_bytes(b"junk")
     with pytest.raises(InputError, match="none of the 2 samples is readable"):
         read_dataset(broken)
+
+
+def test_randomly_damaged_shards_never_crash_the_reader(tmp_path, cifar_samples):
+    """Bytes flipped, cuts and a corrupted gzip stream, 60 times: each read ends in samples plus
+    recorded damage, or in one InputError, never another exception; the shard is left unchanged."""
+    import random
+
+    raw = write_shard(tmp_path / "source.tar", members_of(cifar_samples[:30])).read_bytes()
+    rng = random.Random(0)
+    outcomes = set()
+    for index in range(60):
+        data = bytearray(raw)
+        if index % 3 == 0:
+            for _ in range(rng.randint(1, 20)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif index % 3 == 1:
+            data = data[:rng.randrange(len(data))]
+        blob = gzip.compress(bytes(data), mtime=0) if index % 2 else bytes(data)
+        if index % 2 and index % 3 == 2:  # damage the compressed stream itself
+            blob = bytearray(blob)
+            blob[rng.randrange(10, len(blob))] ^= 0xFF
+        folder = tmp_path / f"case{index}"
+        folder.mkdir()
+        shard = folder / ("part.tar.gz" if index % 2 else "part.tar")
+        shard.write_bytes(bytes(blob))
+        try:
+            ingested = read_dataset(folder, workers=1)
+        except InputError:
+            outcomes.add("input error")
+        else:
+            assert len(ingested.samples) + len(ingested.unreadable) <= 30 and len(ingested.samples) > 0
+            outcomes.add("damage recorded" if ingested.unreadable or ingested.warnings else "read")
+        assert shard.read_bytes() == bytes(blob)
+    assert {"input error", "damage recorded", "read"} <= outcomes
