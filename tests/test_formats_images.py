@@ -177,7 +177,7 @@ def test_decode_images_keeps_order_and_reports_failures():
     assert decoded.images[2].shape == (32, 32, 3)  # the 40x60 one, resized to the common size
 
 
-@pytest.mark.filterwarnings("ignore")  # Pillow warns about the corrupt EXIF some of these carry
+@pytest.mark.filterwarnings("error")  # Pillow's warnings (corrupt EXIF in some of these) must not leak out
 @pytest.mark.parametrize("fmt, params", [("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("GIF", {}), ("BMP", {}),
                                          ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"})])
 def test_randomly_damaged_images_decode_or_become_reasons(fmt, params):

@@ -57,8 +57,12 @@ def open_image(data: bytes) -> Image.Image:
 
 @contextlib.contextmanager
 def bomb_guard():
-    """Pillow only *warns* about images a little over its own limit; make that an error too."""
+    """Pillow only *warns* about images a little over its own limit; make that an error too.
+
+    Its other warnings (corrupt EXIF, odd TIFF tags) concern images that still decode: they
+    would reach the terminal once per file from every worker, so they are dropped."""
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
 
