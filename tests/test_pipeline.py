@@ -192,3 +192,15 @@ def test_detection_augmentation_follows_quick_unless_set(tmp_path):
     assert methods.resolve_options("advrbd", detect_augment="none").enhance_augment == "none"
     both = methods.resolve_options("advrbd", detect_augment="flip", enhance_augment="crop")
     assert (both.detect_augment, both.enhance_augment) == ("flip", "crop")
+
+
+@pytest.mark.parametrize("method, scaled, value", [("advrbd", "warmup_epochs", 10), ("advrbd", "batch_size", 512),
+                                                   ("dbd", "ss_epochs", 10), ("dbd", "mixmatch_epochs", 7)])
+def test_quick_scales_only_the_options_not_set(method, scaled, value, tmp_path):
+    default = getattr(methods.resolve_options(method), scaled)
+    quick = getattr(methods.resolve_options(method, quick=True), scaled)
+    assert quick < default and value > quick  # the case where --quick would have cut the value
+    assert getattr(methods.resolve_options(method, quick=True, **{scaled: value}), scaled) == value
+    config = tmp_path / "options.toml"
+    config.write_text(f"[{method}]\n{scaled} = {value}\n")
+    assert getattr(methods.resolve_options(method, config, quick=True), scaled) == value

@@ -34,7 +34,8 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     """The method's options: dataclass defaults < the ``[<name>]`` table (or top level) of a TOML file < overrides.
 
     Unknown keys are a user error, reported with the valid ones. With ``quick`` the
-    values come back scaled down, as the method runs them (and the manifest records them).
+    values come back scaled down, as the method runs them (and the manifest records them),
+    except those the file or the overrides set: ``--quick --set warmup_epochs=10`` runs 10.
     """
     _, options_class = load(name)
     values: dict = {}
@@ -48,7 +49,7 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     hints = typing.get_type_hints(options_class)
     for key, value in values.items():
         values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
-    return options_class(**values).scaled()
+    return dataclasses.replace(options_class(**values).scaled(), **values)
 
 
 def describe(name: str) -> list[dict]:
