@@ -17,6 +17,12 @@ CNN or on a GPU.
 ``--warmup-only`` stops after stage 1 and reports the share of poisons and of clean samples the
 warm-up fits (no PGD: cheap enough for ResNet-18 on a CPU subset).
 
+``--score-steps 3,2,1`` asks what fewer PGD steps cost the robustness score (stage 2, and the
+re-scoring that dominates the enhancement's time): after the warm-up and after one enhancement
+round, each step count's seconds and the overlap of its partition (the ``partition_rate`` least
+robust samples) with that of ``pgd_steps``, beside the overlap of ``pgd_steps`` with itself
+under another seed (other masks and starts: the noise floor of the selection).
+
 ``--variants '[{"warmup_epochs": 10}, {"unlearn_weight": 1.0}]'`` runs each option set (on
 top of ``--set``) on the same poisoned bank in one process; ``--detect-only`` stops after the
 split (stages 1-5), which is all that the detection figures need.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -56,6 +63,8 @@ def main():
     parser.add_argument("--detect-only", action="store_true", help="stop after the split (stages 1-5)")
     parser.add_argument("--warmup-only", action="store_true",
                         help="stop after the warm-up: how many poisons and clean samples it fits (no PGD)")
+    parser.add_argument("--score-steps", help="comma-separated PGD step counts to set beside pgd_steps "
+                                              "(the partition each one picks; no split)")
     args = parser.parse_args()
     common, attack_params = parse_sets(args.sets), parse_sets(args.attack_sets)
 
@@ -75,6 +84,8 @@ def main():
         options = methods.resolve_options("advrbd", arch=args.arch, **changes)
         print(json.dumps({"attack": args.attack, "attack_params": attack_params, "samples": bank.n,
                           "changes": changes, **(warmup(bank, options, positive) if args.warmup_only else
+                                                 score_steps(bank, options, positive, args.score_steps)
+                                                 if args.score_steps else
                                                  calibrate(bank, options, positive, args.detect_only))}),
               flush=True)
 
@@ -127,6 +138,41 @@ def warmup(bank: Bank, options, positive) -> dict:
             "poisons_fit": _share(fits[is_poison], is_poison.sum()),
             "clean_fit": _share(fits[~is_poison], (~is_poison).sum()),
             "margin_auroc": percent_auroc(margin.double().cpu().numpy(), positive)}
+
+
+def score_steps(bank: Bank, options, positive, steps: str) -> dict:
+    """What fewer PGD steps change in the partition: see the module docstring (``--score-steps``)."""
+    opts = options.scaled()
+    everything = train.all_indices(bank)
+    count = max(1, round(opts.partition_rate * bank.n))
+    model = advrbd.warm_up(bank, opts)
+    found = {}
+    for stage in ("warmup", "enhanced"):
+        if stage == "enhanced":
+            advrbd.enhance_backdoor(model, bank, replace(opts, enhance_rounds=1), StageClock(bank.device), {})
+        chosen, rows = {}, {}
+        for count_of_steps in [opts.pgd_steps, *(int(s) for s in steps.split(","))]:
+            start = _synced_clock(bank.device)
+            kl = advrbd.robustness_kl(model, bank, everything, replace(opts, pgd_steps=count_of_steps), opts.seed)
+            seconds = _synced_clock(bank.device) - start
+            chosen[count_of_steps] = kl.topk(count).indices.cpu().numpy()
+            rows[str(count_of_steps)] = {
+                "seconds": round(seconds, 2), "overlap": _overlap(chosen[count_of_steps], chosen[opts.pgd_steps]),
+                "poisons_in_partition": int(positive[chosen[count_of_steps]].sum())}
+        reseeded = advrbd.robustness_kl(model, bank, everything, opts, opts.seed + 1).topk(count).indices.cpu().numpy()
+        found[stage] = {"steps": rows, "reseeded_overlap": _overlap(reseeded, chosen[opts.pgd_steps])}
+    return found
+
+
+def _overlap(first: np.ndarray, second: np.ndarray) -> float:
+    """The share of ``second``'s samples that ``first`` also holds (equal sizes)."""
+    return round(len(np.intersect1d(first, second)) / max(1, len(second)), 4)
+
+
+def _synced_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _share(selected: torch.Tensor, total) -> float | None:

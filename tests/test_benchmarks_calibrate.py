@@ -74,3 +74,22 @@ def test_the_clean_set_gives_flagged_shares_and_no_poison_figures(cifar_arrays, 
     assert 0 <= found["fpr"] <= 100 and found["poisons_in_unlearn_set"] == 0
     assert found["rounds"][0]["poisons_fit"] is None and found["rounds"][0]["clean_rest_fit"] is not None
     assert found["split_at"]["0.0"][0] is None
+
+
+def test_score_steps_compares_each_partition_with_the_default_and_a_reseeded_one(checkerboard):
+    calibrate = load("calibrate_advrbd")
+    bank, poisoned = checkerboard
+    options = methods.resolve_options("advrbd", arch="small", quick=True, batch_size=64, pgd_steps=3)
+    found = calibrate.score_steps(bank, options, poisoned.poisoned, "2,1")
+    for stage in ("warmup", "enhanced"):
+        rows = found[stage]["steps"]
+        assert list(rows) == ["3", "2", "1"] and rows["3"]["overlap"] == 1.0
+        assert all(0 <= row["overlap"] <= 1 and row["seconds"] > 0 for row in rows.values())
+        assert 0 <= found[stage]["reseeded_overlap"] < 1  # other masks and starts pick other samples
+        assert all(0 <= row["poisons_in_partition"] <= round(0.05 * bank.n) for row in rows.values())
+    assert rows["1"]["seconds"] < rows["3"]["seconds"]
+
+
+def test_overlap_counts_shared_samples():
+    calibrate = load("calibrate_advrbd")
+    assert calibrate._overlap(np.array([1, 2, 3, 4]), np.array([3, 4, 5, 6])) == 0.5
