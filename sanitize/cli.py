@@ -22,27 +22,55 @@ EXIT_ONNX_CHECK = 3
 
 
 class StageProgress:
-    """Stage progress on stderr: a bar redrawn in place on a terminal, plain lines otherwise."""
+    """Stage progress on stderr: a bar redrawn in place on a terminal, plain lines otherwise.
+
+    Within a stage, ``advance(done, total)`` adds the steps (or rounds, or epochs) done and
+    an estimate of the time the stage has left: redrawn at most every REDRAW_S on a
+    terminal, a plain line at most every LINE_S otherwise (logs stay short).
+    """
+
+    REDRAW_S, LINE_S = 0.25, 30.0
 
     def __init__(self, stages: list[str], enabled: bool = True):
         self.stages, self.enabled = stages, enabled
         self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
         self.done = 0
+        self.name, self.stage_start, self.shown = "", self.start, self.start
 
     def stage(self, name: str) -> None:
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        self.name, self.stage_start, self.shown = name, now, now
         position = self.stages.index(name) if name in self.stages else self.done
         self.done = position + 1
         if self.tty:
-            width = 24
-            filled = round(width * position / max(1, len(self.stages)))
-            bar = "#" * filled + "-" * (width - filled)
-            click.echo(f"\r[{bar}] {position + 1}/{len(self.stages)} {name:<14} {elapsed:7.1f}s", nl=False, err=True)
+            self._draw(now, "")
         else:
-            click.echo(f"[{elapsed:7.1f}s] stage {position + 1}/{len(self.stages)}: {name}", err=True)
+            click.echo(f"[{now - self.start:7.1f}s] stage {position + 1}/{len(self.stages)}: {name}", err=True)
+
+    def advance(self, done: int, total: int) -> None:
+        if not self.enabled or done <= 0:
+            return
+        now = time.perf_counter()
+        if now - self.shown < (self.REDRAW_S if self.tty else self.LINE_S) and done < total:
+            return
+        self.shown = now
+        left = (now - self.stage_start) / done * (total - done)
+        detail = f"{done}/{total}" + (f", ~{left:.0f}s left" if done < total else "")
+        if self.tty:
+            self._draw(now, detail)
+        elif done < total:
+            click.echo(f"[{now - self.start:7.1f}s]   {self.name} {detail}", err=True)
+
+    def _draw(self, now: float, detail: str) -> None:
+        width = 24
+        filled = round(width * (self.done - 1) / max(1, len(self.stages)))
+        bar = "#" * filled + "-" * (width - filled)
+        label = f"{self.name} {detail}".strip()
+        click.echo(f"\r[{bar}] {self.done}/{len(self.stages)} {label:<34} {now - self.start:7.1f}s", nl=False,
+                   err=True)
 
     def close(self) -> None:
         if self.enabled and self.tty:

@@ -54,10 +54,13 @@ class RunResult:
 
 
 class Progress:
-    """Receives stage names as a run goes; subclass to show them (the CLI does)."""
+    """Receives stage names as a run goes, and steps within a stage; subclass to show them (the CLI does)."""
 
     def stage(self, name: str) -> None:
         pass
+
+    def advance(self, done: int, total: int) -> None:
+        """``done`` of ``total`` steps (or rounds) of the current stage; called often, so keep it cheap."""
 
 
 def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "auto", seed: int = 0,

@@ -115,3 +115,20 @@ def test_per_class_line_stays_one_screen_for_many_classes():
     flagged = sum(row["suspected"] for row in many.values())
     assert line.endswith(f"{flagged - 3 - 9}/{3000 - 30} in the 990 other classes")
     assert per_class_line({f"c{k}": {"suspected": 0, "total": 1} for k in range(50)}) == "none in all 50 classes"
+
+
+def test_stage_progress_prints_steps_within_a_stage_sparingly(capsys, monkeypatch):
+    from sanitize.cli import StageProgress
+
+    progress = StageProgress(["ingest", "warmup"])
+    assert not progress.tty  # pytest captures stderr: the plain-line form
+    progress.stage("ingest")
+    progress.stage("warmup")
+    for done in range(1, 11):
+        progress.advance(done, 10)  # within LINE_S of the stage's start: no line
+    monkeypatch.setattr(StageProgress, "LINE_S", 0.0)
+    progress.advance(3, 10)
+    progress.advance(10, 10)  # the stage's end is not a line of its own: the next stage says it
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == ["stage 1/2: ingest", "stage 2/2: warmup",
+                                                        "  warmup 3/10, ~0s left"]

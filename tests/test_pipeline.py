@@ -99,10 +99,31 @@ def test_imagefolder_input_with_imagefolder_relabeled_output(make_imagefolder, t
     assert read_manifest(tmp_path / "out")["input"]["format"] == "imagefolder"
 
 
+class RecordingProgress(pipeline.Progress):
+    def __init__(self):
+        self.stages, self.steps = [], {}
+
+    def stage(self, name):
+        self.stages.append(name)
+
+    def advance(self, done, total):
+        self.steps.setdefault(self.stages[-1], []).append((done, total))
+
+
+# The stages whose steps (or rounds, or epochs) a run reports as it goes.
+ADVANCING = {"advrbd": {"warmup", "score", "enhance", "clean_train", "relearn"}, "dbd": {"simclr", "mixmatch"}}
+
+
 @pytest.mark.parametrize("method", sorted(methods.REGISTRY))
 def test_every_registered_method_honours_the_output_contract(method, make_shards, tmp_path):
     data = make_shards(120, per_shard=60)
-    result = sanitize.run(data, method=method, out=tmp_path / "out", **FAST)
+    progress = RecordingProgress()
+    result = sanitize.run(data, method=method, out=tmp_path / "out", progress=progress, **FAST)
+    assert progress.stages[0] == "ingest" and set(progress.stages[-2:]) == {"write", "export"}
+    assert set(progress.steps) >= ADVANCING[method]
+    for steps in progress.steps.values():  # counting up to a fixed total, which is reached
+        assert [done for done, _ in steps] == sorted(done for done, _ in steps) and len({t for _, t in steps}) == 1
+        assert 0 < steps[-1][0] == steps[-1][1]
     scores = read_scores(tmp_path / "out")
     assert len(scores) == 120 and result.counts["suspected"] == sum(r["suspected"] for r in scores)
     assert all(np.isfinite(r["score"]) for r in scores)

@@ -162,16 +162,18 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
-def robustness_kl(model, bank: Bank, indices: torch.Tensor, opts: AdvrbdOptions, seed: int) -> torch.Tensor:
+def robustness_kl(model, bank: Bank, indices: torch.Tensor, opts: AdvrbdOptions, seed: int,
+                  progress: train.Progress | None = None) -> torch.Tensor:
     """Eq. 3 for each sample in ``indices``: float32 [len(indices)], higher = less robust.
 
     PGD maximises the KL inside the mask; it starts from a random point in the
-    ball because the KL's gradient is exactly zero at delta = 0.
+    ball because the KL's gradient is exactly zero at delta = 0. ``progress(done, total)``
+    hears of each batch.
     """
     model.eval()
     generator = make_generator(seed, bank.device)
     step_size = 2.5 * opts.epsilon / max(1, opts.pgd_steps)
-    scores = []
+    scores, total = [], -(-len(indices) // (opts.batch_size * 2))
     for batch in train.batches(indices, opts.batch_size * 2, None):
         inputs = to_float(bank.images[batch])
         with torch.no_grad(), train.autocast(bank.device):
@@ -187,6 +189,8 @@ def robustness_kl(model, bank: Bank, indices: torch.Tensor, opts: AdvrbdOptions,
         with torch.no_grad(), train.autocast(bank.device):
             log_q = F.log_softmax(model((inputs + delta).clamp(0, 1)).float(), 1)
         scores.append(kl_rows(log_p, log_q))
+        if progress:
+            progress(len(scores), total)
     return torch.cat(scores)
 
 
@@ -227,7 +231,7 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
     everything = train.all_indices(bank)
     step = max(1, round(opts.partition_rate * bank.n))
     with clock("score"):
-        warmup_kl = robustness_kl(model, bank, everything, opts, opts.seed)
+        warmup_kl = robustness_kl(model, bank, everything, opts, opts.seed, clock.advance)
         fitted = given_label_margin(model, bank) > 0 if opts.unlearn_fitted_only or observe is not None else None
     unlearn = grow_unlearn_set(torch.zeros(bank.n, dtype=torch.bool, device=bank.device), warmup_kl, everything, step,
                                fitted if opts.unlearn_fitted_only else None)
@@ -249,7 +253,9 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
             if observe is not None:
                 observe(round_index + 1, fits, unlearn)
             full = float(unlearn.float().mean()) + opts.partition_rate > opts.max_unlearn_fraction
-            if full or round_index == opts.enhance_rounds - 1:
+            last = full or round_index == opts.enhance_rounds - 1
+            clock.advance(opts.enhance_rounds if last else round_index + 1, opts.enhance_rounds)
+            if last:
                 break
             kl = robustness_kl(model, bank, rest, opts, opts.seed + 200 + round_index)
             grown = grow_unlearn_set(unlearn, kl, rest, step, fits if opts.unlearn_fitted_only else None)
@@ -271,18 +277,19 @@ class Detection:
     unlearn_round: torch.Tensor
 
 
-def warm_up(bank: Bank, opts: AdvrbdOptions):
+def warm_up(bank: Bank, opts: AdvrbdOptions, progress: train.Progress | None = None):
     """Stage 1: a fresh model trained briefly on everything, with the detection augmentation."""
     model = fresh_model(opts, bank, seed_offset=0)
     train.train_supervised(model, bank, epochs=opts.warmup_epochs, batch_size=opts.batch_size, lr=opts.lr,
-                           weight_decay=opts.weight_decay, seed=opts.seed, augmentation=opts.detect_augment)
+                           weight_decay=opts.weight_decay, seed=opts.seed, augmentation=opts.detect_augment,
+                           progress=progress)
     return model
 
 
 def detect(bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, observe=None) -> Detection:
     """Stages 1-5 (warm-up, partition, enhancement, split) with ``opts`` as run (``scaled()``)."""
     with clock("warmup"):
-        model = warm_up(bank, opts)
+        model = warm_up(bank, opts, clock.advance)
     unlearn_round, warmup_kl, score = enhance_backdoor(model, bank, opts, clock, metrics, observe)
     with clock("split"):
         score = given_label_margin(model, bank) if score is None else score
@@ -313,14 +320,14 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
     with clock("clean_train"):
         train.train_supervised(clean_model, bank, indices=everything[~suspected], epochs=opts.clean_epochs,
                                batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
-                               seed=opts.seed + 1)
+                               seed=opts.seed + 1, progress=clock.advance)
     with clock("relearn"):
         relabel = torch.where(suspected, train.predict_logits(clean_model, bank.images).argmax(1), bank.labels)
         finetune_label = relabel
         keep = keep_for_finetune(suspected, relabel, bank.labels)
         train.train_supervised(clean_model, bank, indices=everything[keep], labels=relabel,
                                epochs=opts.finetune_epochs, batch_size=opts.batch_size, lr=opts.finetune_lr,
-                               weight_decay=opts.weight_decay, seed=opts.seed + 2)
+                               weight_decay=opts.weight_decay, seed=opts.seed + 2, progress=clock.advance)
         # The label every sample gets comes from the fine-tuned clean model.
         relabel = train.predict_logits(clean_model, bank.images).argmax(1)
     clean_model.eval()

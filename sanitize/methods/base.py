@@ -35,7 +35,8 @@ class MethodResult:
 class StageClock:
     """Times named stages (synchronising CUDA so the figures are real) and reports them to ``progress``.
 
-    ``progress`` is any object with ``stage(name)``; ``None`` is silent.
+    ``progress`` is any object with ``stage(name)`` and, optionally, ``advance(done, total)``
+    (steps or rounds within the current stage); ``None`` is silent.
     """
 
     def __init__(self, device: torch.device, progress=None):
@@ -52,3 +53,9 @@ class StageClock:
         if self.sync:
             torch.cuda.synchronize()
         self.timings_s[name] = round(self.timings_s.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    def advance(self, done: int, total: int) -> None:
+        """Report progress within the current stage; the signature of ``train.Progress``."""
+        report = getattr(self.progress, "advance", None)
+        if report is not None:
+            report(done, total)

@@ -165,7 +165,8 @@ class SimCLR(nn.Module):
         return nt_xent(first, second, self.temperature)
 
 
-def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, opts: DbdOptions) -> list[float]:
+def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, opts: DbdOptions,
+                      progress: train.Progress | None = None) -> list[float]:
     """Stage 1 on every image, labels unused. Returns the mean loss of each epoch."""
     generator = make_generator(opts.seed, bank.device)
     parameters = [*model.backbone.parameters(), *objective.parameters()]
@@ -187,6 +188,8 @@ def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, 
             optimizer.step()
             schedule.step()
             epoch_loss[epoch] += loss.detach().float()
+        if progress:
+            progress(epoch + 1, opts.ss_epochs)
     return rounded(epoch_loss / steps)
 
 
@@ -291,7 +294,8 @@ def mixmatch_loss(model: Classifier, bank: Bank, labeled: torch.Tensor, unlabele
     return loss_x, loss_u
 
 
-def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: DbdOptions) -> dict:
+def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: DbdOptions,
+                      progress: train.Progress | None = None) -> dict:
     """Eq. 3: the whole model, the labeled set (lowest ``loss`` [N]) with its labels, the rest without,
     re-filtered after every epoch by the SCE loss under the current model.
 
@@ -327,6 +331,8 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
         loss = sample_losses(model, bank, opts)
         labeled, unlabeled = split_by_loss(loss, opts.filter_ratio)
         history[epoch, 2] = len(labeled) - torch.isin(labeled, previous).sum()
+        if progress:
+            progress(epoch + 1, opts.mixmatch_epochs)
     return {"loss": loss, "labeled": labeled, "history": history}
 
 
@@ -341,14 +347,14 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
     objective = SimCLR(model.feature_dim, opts.projection_dim, opts.temperature, opts.crop_scale).to(bank.device)
 
     with clock("simclr"):
-        ss_loss = pretrain_backbone(model, objective, bank, opts)
+        ss_loss = pretrain_backbone(model, objective, bank, opts, clock.advance)
     with clock("head"):
         features = backbone_features(model, bank.images)
         head_loss = train_head(model.head, features, bank.labels, opts)
         with torch.no_grad():
             first_loss = sce_loss(model.head(features), bank.labels, opts.sce_alpha, opts.sce_beta)
     with clock("mixmatch"):
-        final = mixmatch_finetune(model, bank, first_loss, opts)
+        final = mixmatch_finetune(model, bank, first_loss, opts, clock.advance)
         relabel = train.predict_logits(model, bank.images).argmax(1)
     model.eval()
 
