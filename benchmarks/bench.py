@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import sanitize
-from sanitize import train
+from sanitize import methods, train
+from sanitize.cli import StageProgress
 from sanitize.attacks import make_attack, poison_dataset
 from sanitize.data import Bank
 from sanitize.formats import read_dataset, read_scores
@@ -129,8 +130,11 @@ def run_cell(args, method: str, poisoned: dict, test, options: dict, device: tor
         model, timings, detection = train_without_defense(args, poisoned["path"], device), {}, {}
     else:
         out = args.work / "out" / f"{method}-{poisoned['path'].name}"
+        # Stage lines with timestamps on stderr (the log): a run cut off by the device's time limit
+        # still tells how far it got and how fast.
+        progress = StageProgress(["ingest", *methods.load(method)[0].STAGES, "write", "export"])
         result = sanitize.run(poisoned["path"], method=method, out=out, device=device.type, overwrite=True,
-                              **options)
+                              progress=progress, **options)
         model, timings = result.model, result.timings_s
         scores = read_scores(out)
         detection = {**detection_figures(scores, poisoned["truth"]),

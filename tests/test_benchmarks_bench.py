@@ -104,6 +104,6 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     assert advrbd["options"]["batch_size"] == 64 and advrbd["set"] == {"batch_size": 64}
     assert "suspect_target" in advrbd and set(advrbd["diagnostics"]["split_at"]) == {str(m) for m in bench.SPLIT_MARGINS}
     assert set(advrbd["timings_s"]) >= {"ingest", "warmup", "enhance", "write", "export", "total"}
-    capsys.readouterr()
+    assert "stage 2/9: warmup" in capsys.readouterr().err  # stage lines in the log as the run goes
     bench.main()  # resumed: both cells are done
     assert capsys.readouterr().out.count("skip (done)") == 2 and len(json.loads(results.read_text())) == 2
