@@ -120,7 +120,8 @@ def cli():
 @click.option("--device", default="auto", show_default=True, help="auto, cuda, cuda:N or cpu.")
 @click.option("--batch-size", type=int)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quick", is_flag=True, help="Scale every stage down (demos, tests, smoke runs); options you set keep their values.")
+@click.option("--quick", is_flag=True,
+              help="Scale every stage down (demos, tests, smoke runs); options you set keep their values.")
 @click.option("--image-size", type=int, help="Working size in pixels (default: see README).")
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="classes.json for shards.")
 @click.option("--workers", type=int,
