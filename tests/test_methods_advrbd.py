@@ -1,4 +1,6 @@
 """AdvrBD stage contracts on real CIFAR-10 images with a planted BadNets-style patch."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,19 @@ def test_grow_unlearn_set_takes_the_least_robust_of_the_rest():
     eligible = torch.tensor([True, True, False, True, True])
     grown = advrbd.grow_unlearn_set(unlearn, torch.tensor([0.1, 0.9, 0.5, 0.7]), rest, 2, eligible)
     assert grown.tolist() == [True, False, False, True, True]
+
+
+def test_unlearn_candidates_follow_the_options():
+    margin = torch.tensor([-0.5, 0.2, 0.5, 0.8])
+    options = advrbd.AdvrbdOptions(split_margin=0.5)
+    assert advrbd.unlearn_candidates(options, margin) is None
+    assert advrbd.unlearn_candidates(replace(options, unlearn_fitted_only=True), margin).tolist() == \
+        [False, True, True, True]
+    # a sample the split would flag (margin > 0.5) is never unlearned
+    assert advrbd.unlearn_candidates(replace(options, unlearn_skips_suspects=True), margin).tolist() == \
+        [True, True, True, False]
+    both = replace(options, unlearn_fitted_only=True, unlearn_skips_suspects=True)
+    assert advrbd.unlearn_candidates(both, margin).tolist() == [False, True, True, False]
 
 
 def test_clean_label_rule_keeps_relabel_equals_given_suspects_out():
