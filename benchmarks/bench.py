@@ -27,8 +27,8 @@ import torch
 
 import sanitize
 from sanitize import methods, train
-from sanitize.cli import StageProgress
 from sanitize.attacks import make_attack, poison_dataset
+from sanitize.cli import StageProgress
 from sanitize.data import Bank
 from sanitize.formats import read_dataset, read_scores
 from sanitize.models import build_model

@@ -150,14 +150,14 @@ def score_steps(bank: Bank, options, positive, steps: str) -> dict:
     for stage in ("warmup", "enhanced"):
         if stage == "enhanced":
             advrbd.enhance_backdoor(model, bank, replace(opts, enhance_rounds=1), StageClock(bank.device), {})
-        chosen, rows = {}, {}
+        chosen, rows, clock = {}, {}, StageClock(bank.device)
         for count_of_steps in [opts.pgd_steps, *(int(s) for s in steps.split(","))]:
-            start = _synced_clock(bank.device)
-            kl = advrbd.robustness_kl(model, bank, everything, replace(opts, pgd_steps=count_of_steps), opts.seed)
-            seconds = _synced_clock(bank.device) - start
+            with clock(str(count_of_steps)):
+                kl = advrbd.robustness_kl(model, bank, everything, replace(opts, pgd_steps=count_of_steps), opts.seed)
             chosen[count_of_steps] = kl.topk(count).indices.cpu().numpy()
             rows[str(count_of_steps)] = {
-                "seconds": round(seconds, 2), "overlap": _overlap(chosen[count_of_steps], chosen[opts.pgd_steps]),
+                "seconds": round(clock.timings_s[str(count_of_steps)], 2),
+                "overlap": _overlap(chosen[count_of_steps], chosen[opts.pgd_steps]),
                 "poisons_in_partition": int(positive[chosen[count_of_steps]].sum())}
         reseeded = advrbd.robustness_kl(model, bank, everything, opts, opts.seed + 1).topk(count).indices.cpu().numpy()
         found[stage] = {"steps": rows, "reseeded_overlap": _overlap(reseeded, chosen[opts.pgd_steps])}
@@ -167,12 +167,6 @@ def score_steps(bank: Bank, options, positive, steps: str) -> dict:
 def _overlap(first: np.ndarray, second: np.ndarray) -> float:
     """The share of ``second``'s samples that ``first`` also holds (equal sizes)."""
     return round(len(np.intersect1d(first, second)) / max(1, len(second)), 4)
-
-
-def _synced_clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def _share(selected: torch.Tensor, total) -> float | None:
