@@ -67,6 +67,21 @@ def test_pgd_finds_a_larger_kl_than_random_noise_and_none_without_a_budget(poiso
     assert (pgd >= -1e-6).all() and pgd.mean() > 3 * noise.mean()
 
 
+def test_more_masks_make_the_score_depend_less_on_the_seed(poisoned_bank):
+    bank, _ = poisoned_bank
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+    indices = torch.arange(128)
+
+    def agreement(masks):  # rank correlation of the scores under two seeds
+        first, second = (advrbd.robustness_kl(model, bank, indices, advrbd.AdvrbdOptions(
+            batch_size=64, pgd_steps=2, score_masks=masks), seed=seed) for seed in (0, 1))
+        ranks = [torch.argsort(torch.argsort(v)).float() for v in (first, second)]
+        return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+    assert agreement(4) > agreement(1) + 0.05
+
+
 def test_grow_unlearn_set_takes_the_least_robust_of_the_rest():
     unlearn = torch.tensor([True, False, False, False, False])
     rest = torch.tensor([1, 2, 3, 4])
