@@ -85,8 +85,10 @@ class AdvrbdOptions:
     pgd_steps: int = 5
     mask_fraction: float = 0.5
     # The KL averaged over this many random masks (each with its own PGD). One mask, as in Eq. 3;
-    # another seed's masks change 50-70% of the partition (see pgd_steps), so averaging might
-    # steady it. Under test on the CPU (benchmarks/RESULTS.md).
+    # another seed's masks change 50-70% of the partition (see pgd_steps). Two masks on the CPU
+    # (small CNN, 10,000 images, Blend, seeds 0 / 1 / 2; benchmarks/RESULTS.md): recall 84.0 /
+    # 47.6 / 81.4 -> 98.8 / 26.8 / 87.4 at 1.8x the time. The seed-to-seed swings are not the
+    # score's noise, so 1.
     score_masks: int = 1
     # Stage 3/4. Partition rate p: the paper found little sensitivity to it (Fig. 7).
     # Measured on the H100 (full CIFAR-10, ResNet-18, 5% poisons; benchmarks/RESULTS.md):
