@@ -187,29 +187,33 @@ def robustness_kl(model, bank: Bank, indices: torch.Tensor, opts: AdvrbdOptions,
     """
     model.eval()
     generator = make_generator(seed, bank.device)
-    step_size = 2.5 * opts.epsilon / max(1, opts.pgd_steps)
     scores, total = [], -(-len(indices) // (opts.batch_size * 2))
     for batch in train.batches(indices, opts.batch_size * 2, None):
         inputs = to_float(bank.images[batch])
         with torch.no_grad(), train.autocast(bank.device):
             log_p = F.log_softmax(model(inputs).float(), 1)
-        kl = torch.zeros(len(batch), device=bank.device)
-        for _ in range(opts.score_masks):
-            mask = patch_masks(len(batch), bank.image_size, opts.mask_fraction, generator)
-            delta = (torch.rand(inputs.shape, generator=generator, device=bank.device) * 2 - 1) * opts.epsilon * mask
-            for _ in range(opts.pgd_steps):
-                delta.requires_grad_(True)
-                with train.autocast(bank.device):
-                    log_q = F.log_softmax(model((inputs + delta).clamp(0, 1)).float(), 1)
-                grad, = torch.autograd.grad(kl_rows(log_p, log_q).sum(), delta)
-                delta = ((delta.detach() + step_size * grad.sign()).clamp(-opts.epsilon, opts.epsilon)) * mask
-            with torch.no_grad(), train.autocast(bank.device):
-                log_q = F.log_softmax(model((inputs + delta).clamp(0, 1)).float(), 1)
-            kl += kl_rows(log_p, log_q) / opts.score_masks
-        scores.append(kl)
+        scores.append(sum(masked_pgd_kl(model, inputs, log_p, opts, generator)
+                          for _ in range(opts.score_masks)) / opts.score_masks)
         if progress:
             progress(len(scores), total)
     return torch.cat(scores)
+
+
+def masked_pgd_kl(model, inputs: torch.Tensor, log_p: torch.Tensor, opts: AdvrbdOptions,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One random mask per sample and PGD inside it: KL(p || q) at the found delta, float32 [B]."""
+    step_size = 2.5 * opts.epsilon / max(1, opts.pgd_steps)
+    mask = patch_masks(len(inputs), tuple(inputs.shape[-2:]), opts.mask_fraction, generator)
+    delta = (torch.rand(inputs.shape, generator=generator, device=inputs.device) * 2 - 1) * opts.epsilon * mask
+    for _ in range(opts.pgd_steps):
+        delta.requires_grad_(True)
+        with train.autocast(inputs.device):
+            log_q = F.log_softmax(model((inputs + delta).clamp(0, 1)).float(), 1)
+        grad, = torch.autograd.grad(kl_rows(log_p, log_q).sum(), delta)
+        delta = ((delta.detach() + step_size * grad.sign()).clamp(-opts.epsilon, opts.epsilon)) * mask
+    with torch.no_grad(), train.autocast(inputs.device):
+        log_q = F.log_softmax(model((inputs + delta).clamp(0, 1)).float(), 1)
+    return kl_rows(log_p, log_q)
 
 
 # ------------------------------------------------------- stage 3/4: enhancement
