@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import sanitize
-from sanitize import methods, train
+from sanitize import pipeline, train
 from sanitize.attacks import make_attack, poison_dataset
 from sanitize.cli import StageProgress
 from sanitize.data import Bank
@@ -132,7 +132,7 @@ def run_cell(args, method: str, poisoned: dict, test, options: dict, device: tor
         out = args.work / "out" / f"{method}-{poisoned['path'].name}"
         # Stage lines with timestamps on stderr (the log): a run cut off by the device's time limit
         # still tells how far it got and how fast.
-        progress = StageProgress(["ingest", *methods.load(method)[0].STAGES, "write", "export"])
+        progress = StageProgress(pipeline.stages(method))
         result = sanitize.run(poisoned["path"], method=method, out=out, device=device.type, overwrite=True,
                               progress=progress, **options)
         model, timings = result.model, result.timings_s

@@ -135,14 +135,13 @@ def cli():
 def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, image_size, classes_file, workers,
         shard_size, relabeled_format, overwrite, as_json, quiet):
     """Sanitize DATA (an ImageFolder root, a shard, a directory of shards or a brace pattern) into OUT."""
-    from sanitize import methods, pipeline
+    from sanitize import pipeline
 
     options = _parse_sets(sets)
     options.update({k: v for k, v in {"arch": arch, "batch_size": batch_size}.items() if v is not None})
     if quick:
         options["quick"] = True
-    module, _ = methods.load(method)
-    progress = StageProgress(["ingest", *module.STAGES, "write", "export"], enabled=not quiet)
+    progress = StageProgress(pipeline.stages(method), enabled=not quiet)
     try:
         result = pipeline.run(data, method=method, out=out, config=config, device=device, seed=seed,
                               image_size=image_size, classes_file=classes_file, workers=workers,
@@ -222,10 +221,10 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
 @click.option("--device", default="cpu", show_default=True)
 def demo(out, device):
     """Poison the shipped CIFAR-10 sample with a BadNets patch, sanitize it, and score the result."""
+    from sanitize import pipeline
     from sanitize.demo import run_demo
-    from sanitize.methods import advrbd
 
-    progress = StageProgress(["ingest", *advrbd.STAGES, "write", "export"])
+    progress = StageProgress(pipeline.stages("advrbd"))
     try:
         run_demo(Path(out), device=device, echo=click.echo, progress=progress)
     finally:

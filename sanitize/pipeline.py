@@ -63,6 +63,12 @@ class Progress:
         """``done`` of ``total`` steps (or rounds) of the current stage; called often, so keep it cheap."""
 
 
+def stages(method: str) -> list[str]:
+    """The stage names a run of ``method`` reports to its progress, in order."""
+    module, _ = methods.load(method)
+    return ["ingest", *module.STAGES, "write", "export"]
+
+
 def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "auto", seed: int = 0,
         image_size=None, classes_file=None, workers: int | None = None, shard_size: int = 10_000,
         relabeled_format: str = "webdataset", overwrite: bool = False, progress: Progress | None = None,
