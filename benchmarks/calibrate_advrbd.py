@@ -130,7 +130,7 @@ def warmup(bank: Bank, options, positive) -> dict:
     the cheap question before any PGD, e.g. whether an augmentation hides a trigger.
     """
     is_poison = torch.from_numpy(positive).to(bank.device)
-    opts = options.scaled()
+    opts = options.resolved()
     start = time.perf_counter()
     margin = advrbd.given_label_margin(advrbd.warm_up(bank, opts), bank)
     fits = margin > 0
@@ -142,7 +142,7 @@ def warmup(bank: Bank, options, positive) -> dict:
 
 def score_steps(bank: Bank, options, positive, steps: str) -> dict:
     """What fewer PGD steps change in the partition: see the module docstring (``--score-steps``)."""
-    opts = options.scaled()
+    opts = options.resolved()
     everything = train.all_indices(bank)
     count = max(1, round(opts.partition_rate * bank.n))
     model = advrbd.warm_up(bank, opts)

@@ -34,7 +34,7 @@ def poisoned_bank(cifar_arrays, cifar_classes):
 @pytest.fixture(scope="module")
 def result(poisoned_bank):
     bank, _ = poisoned_bank
-    return advrbd.run(bank, advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64))
+    return advrbd.run(bank, advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64).scaled())
 
 
 def auroc(score, positive):

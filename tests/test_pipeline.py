@@ -215,6 +215,16 @@ def test_detection_augmentation_follows_quick_unless_set(tmp_path):
     assert (both.detect_augment, both.enhance_augment) == ("flip", "crop")
 
 
+def test_a_run_under_quick_trains_with_the_values_set(make_shards, tmp_path):
+    """The method runs the options as resolved: it must not scale them down a second time."""
+    data = make_shards(120, per_shard=60)
+    progress = RecordingProgress()
+    sanitize.run(data, method="advrbd", out=tmp_path / "out", progress=progress, warmup_epochs=6, **FAST)
+    steps_per_epoch = -(-120 // FAST["batch_size"])  # 120 samples at 64: no batch dropped
+    assert progress.steps["warmup"][-1] == (6 * steps_per_epoch, 6 * steps_per_epoch)
+    assert read_manifest(tmp_path / "out")["options"]["warmup_epochs"] == 6
+
+
 @pytest.mark.parametrize("method, scaled, value", [("advrbd", "warmup_epochs", 10), ("advrbd", "batch_size", 512),
                                                    ("dbd", "ss_epochs", 10), ("dbd", "mixmatch_epochs", 7)])
 def test_quick_scales_only_the_options_not_set(method, scaled, value, tmp_path):

@@ -1,7 +1,9 @@
 """Methods by name. Adding a method means adding one module here and one line below.
 
 Each method module defines an options dataclass (fields with defaults, ``seed`` and
-``quick`` among them) and ``run(bank, options, progress=None) -> MethodResult``.
+``quick`` among them, and ``scaled()``: the values under ``quick``) and
+``run(bank, options, progress=None) -> MethodResult``, which runs ``options`` as given:
+``resolve_options`` scales them, once.
 Options resolve as defaults < ``--config FILE.toml`` < explicit keywords/flags.
 """
 from __future__ import annotations

@@ -144,16 +144,20 @@ class AdvrbdOptions:
     seed: int = 0
     quick: bool = False
 
-    def scaled(self) -> "AdvrbdOptions":
-        """The options as run: ``detect_augment`` and ``enhance_augment`` resolved; with ``--quick``, every stage
-        scaled down for demos and tests (same algorithm)."""
+    def resolved(self) -> "AdvrbdOptions":
+        """``detect_augment`` and ``enhance_augment`` decided where they were left to the method."""
         if self.detect_augment is None:
-            return replace(self, detect_augment="none" if self.quick else "crop").scaled()
+            return replace(self, detect_augment="none" if self.quick else "crop").resolved()
         if self.enhance_augment is None:
-            return replace(self, enhance_augment=self.detect_augment).scaled()
+            return replace(self, enhance_augment=self.detect_augment)
+        return self
+
+    def scaled(self) -> "AdvrbdOptions":
+        """The options as run (``resolved``); with ``--quick``, every stage scaled down for demos and tests
+        (same algorithm). ``methods.resolve_options`` calls this once and puts the values a user set back."""
         if not self.quick:
-            return self
-        return replace(self, warmup_epochs=min(self.warmup_epochs, 4), pgd_steps=min(self.pgd_steps, 3),
+            return self.resolved()
+        return replace(self.resolved(), warmup_epochs=min(self.warmup_epochs, 4), pgd_steps=min(self.pgd_steps, 3),
                        enhance_rounds=min(self.enhance_rounds, 4), clean_epochs=min(self.clean_epochs, 8),
                        finetune_epochs=min(self.finetune_epochs, 3), batch_size=min(self.batch_size, 128))
 
@@ -323,7 +327,7 @@ def warm_up(bank: Bank, opts: AdvrbdOptions, progress: train.Progress | None = N
 
 
 def detect(bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, observe=None) -> Detection:
-    """Stages 1-5 (warm-up, partition, enhancement, split) with ``opts`` as run (``scaled()``)."""
+    """Stages 1-5 (warm-up, partition, enhancement, split) with ``opts`` as run (``resolved()``)."""
     with clock("warmup"):
         model = warm_up(bank, opts, clock.advance)
     unlearn_round, warmup_kl, score = enhance_backdoor(model, bank, opts, clock, metrics, observe)
@@ -345,7 +349,7 @@ def keep_for_finetune(suspected: torch.Tensor, relabel: torch.Tensor, given: tor
 
 def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
     """AdvrBD over the whole bank. See the module docstring for the stages."""
-    opts = options.scaled()
+    opts = options.resolved()  # as given: scaling for --quick is the caller's (methods.resolve_options)
     clock = StageClock(bank.device, progress)
     metrics: dict = {}
     everything = train.all_indices(bank)

@@ -339,7 +339,7 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
 # ------------------------------------------------------------------------- run
 def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
     """DBD over the whole bank. See the module docstring for the stages."""
-    opts = options.scaled()
+    opts = options  # as given: scaling for --quick is the caller's (methods.resolve_options)
     clock = StageClock(bank.device, progress)
     torch.manual_seed(opts.seed)
     model = train.prepare(build_model(opts.arch, bank.num_classes, bank.image_size, bank.mean, bank.std),
