@@ -144,7 +144,7 @@ def score_steps(bank: Bank, options, positive, steps: str) -> dict:
     """What fewer PGD steps change in the partition: see the module docstring (``--score-steps``)."""
     opts = options.resolved()
     everything = train.all_indices(bank)
-    count = max(1, round(opts.partition_rate * bank.n))
+    count = advrbd.partition_size(opts, bank.n)
     model = advrbd.warm_up(bank, opts)
     found = {}
     for stage in ("warmup", "enhanced"):

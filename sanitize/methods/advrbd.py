@@ -221,6 +221,11 @@ def masked_pgd_kl(model, inputs: torch.Tensor, log_p: torch.Tensor, opts: Advrbd
 
 
 # ------------------------------------------------------- stage 3/4: enhancement
+def partition_size(opts: AdvrbdOptions, count: int) -> int:
+    """How many samples the partition takes, and each enhancement round adds to the unlearn set."""
+    return max(1, round(opts.partition_rate * count))
+
+
 def grow_unlearn_set(unlearn: torch.Tensor, kl: torch.Tensor, rest: torch.Tensor, count: int,
                      eligible: torch.Tensor | None = None) -> torch.Tensor:
     """Alg. 1/2: move the ``count`` least robust (highest-KL) samples of ``rest`` into the unlearn mask.
@@ -269,7 +274,7 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
     ...): a hook for calibration, not used by a run.
     """
     everything = train.all_indices(bank)
-    step = max(1, round(opts.partition_rate * bank.n))
+    step = partition_size(opts, bank.n)
     with clock("score"):
         warmup_kl = robustness_kl(model, bank, everything, opts, opts.seed, clock.advance)
         fitted = given_label_margin(model, bank) > 0 if opts.unlearn_fitted_only or observe is not None else None
