@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import sanitize
-from sanitize import pipeline, train
+from sanitize import methods, pipeline, train
 from sanitize.attacks import make_attack, poison_dataset
 from sanitize.cli import StageProgress
 from sanitize.data import Bank
@@ -58,7 +58,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    options = parse_sets(args.sets)
+    options = methods.parse_assignments(args.sets)
     options.update(arch=args.arch, quick=args.quick)
     records = json.loads(args.results.read_text()) if args.results.exists() else []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,18 +233,6 @@ def split_at(score: np.ndarray, is_poison: np.ndarray) -> dict:
     """{margin: [recall, FPR]} had the split used that margin (AdvrBD: suspected = score > margin);
     recall is None without poisons (the clean set: the FPR is then the share flagged)."""
     return {str(m): [_percent((score > m)[is_poison]), _percent((score > m)[~is_poison])] for m in SPLIT_MARGINS}
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` pairs -> {key: value}; a value is JSON if it parses (0.6, true, [1, 2]), else a string."""
-    values = {}
-    for pair in pairs:
-        key, _, text = pair.partition("=")
-        try:
-            values[key] = json.loads(text)
-        except json.JSONDecodeError:
-            values[key] = text
-    return values
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:

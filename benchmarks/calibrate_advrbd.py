@@ -37,7 +37,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench import TARGET, detection_rates, parse_sets, percent_auroc, split_at
+from bench import TARGET, detection_rates, percent_auroc, split_at
 from sanitize import methods, train
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
@@ -66,7 +66,8 @@ def main():
     parser.add_argument("--score-steps", help="comma-separated PGD step counts to set beside pgd_steps "
                                               "(the partition each one picks; no split)")
     args = parser.parse_args()
-    common, attack_params = parse_sets(args.sets), parse_sets(args.attack_sets)
+    common = methods.parse_assignments(args.sets)
+    attack_params = methods.parse_assignments(args.attack_sets, "--attack-set")
 
     data = read_dataset(args.data, classes_file=args.classes)
     images, labels = data.images[:args.limit], data.labels[:args.limit]

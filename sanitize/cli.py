@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from sanitize import __version__
+from sanitize import __version__, methods
 from sanitize.formats.records import InputError
 from sanitize.methods import REGISTRY as METHODS
 
@@ -82,28 +82,6 @@ def _fail(message: str, code: int = EXIT_USER_ERROR):
     sys.exit(code)
 
 
-def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
-    values = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set expects KEY=VALUE, got {pair!r}")
-        values[key.strip().replace("-", "_")] = _literal(value.strip())
-    return values
-
-
-def _literal(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sanitize")
 def cli():
@@ -137,7 +115,7 @@ def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, 
     """Sanitize DATA (an ImageFolder root, a shard, a directory of shards or a brace pattern) into OUT."""
     from sanitize import pipeline
 
-    options = _parse_sets(sets)
+    options = methods.parse_assignments(sets)
     options.update({k: v for k, v in {"arch": arch, "batch_size": batch_size}.items() if v is not None})
     if quick:
         options["quick"] = True
@@ -170,7 +148,6 @@ def inspect(out, as_json, show):
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON.")
 def options(method, as_json):
     """List METHOD's options (for --set KEY=VALUE or --config FILE.toml) with their defaults."""
-    from sanitize import methods
 
     rows = methods.describe(method)
     if as_json:
@@ -205,7 +182,7 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
     from sanitize.attacks import poison_dataset
 
     truth = poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=fmt,
-                           overwrite=overwrite, **_parse_sets(sets))
+                           overwrite=overwrite, **methods.parse_assignments(sets))
     counts = truth["counts"]
     click.echo(f"poisoned {counts['poisoned']} of {counts['total']} samples with {attack} "
                f"(target class {truth['target']}); copy and truth.json in {out}")

@@ -81,11 +81,6 @@ def test_auroc_counts_pairs_and_ties_half():
     assert bench.auroc(np.array([0.3, 0.9, 0.3, 0.1, 0.2]), positive) == pytest.approx(5.5 / 6)
 
 
-def test_sets_are_json_when_they_parse_and_strings_otherwise():
-    assert bench.parse_sets(["split_margin=0.6", "detect_augment=flip", "quick=true", "name=\"x=y\"", "rounds=[1, 2]"]) \
-        == {"split_margin": 0.6, "detect_augment": "flip", "quick": True, "name": "x=y", "rounds": [1, 2]}
-
-
 def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp_path, monkeypatch, capsys):
     """bench.py end to end on 200 real CIFAR images (CPU, --quick): poison, sanitize, evaluate, resume."""
     data = make_shards(200, root=tmp_path / "train")

@@ -159,6 +159,19 @@ def test_bad_options_are_user_errors(options, message, make_shards, tmp_path):
         sanitize.run(make_shards(20), **arguments)
 
 
+def test_set_values_are_json_when_they_parse_and_strings_otherwise():
+    """One rule for --set in the CLI, bench.py and calibrate_advrbd.py."""
+    assert methods.parse_assignments(["split_margin=0.6", "detect_augment=flip", "quick=true", "name=\"x=y\"",
+                                      "rounds=[1, 2]", " warmup-epochs = 7 ", "cross_fit=False", "epsilon=8/255"]) \
+        == {"split_margin": 0.6, "detect_augment": "flip", "quick": True, "name": "x=y", "rounds": [1, 2],
+            "warmup_epochs": 7, "cross_fit": False, "epsilon": "8/255"}
+    for bad in ("epsilon", "=3"):
+        with pytest.raises(InputError, match="--set expects KEY=VALUE"):
+            methods.parse_assignments([bad])
+    with pytest.raises(InputError, match="option epsilon must be float"):  # a string never passes for a number
+        methods.resolve_options("advrbd", **methods.parse_assignments(["epsilon=8/255"]))
+
+
 def test_config_file_sits_between_defaults_and_flags(tmp_path):
     config = tmp_path / "options.toml"
     config.write_text("[advrbd]\nepsilon = 0.05\npgd_steps = 2\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import tomllib
 import typing
 from pathlib import Path
@@ -52,6 +53,26 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     for key, value in values.items():
         values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
     return dataclasses.replace(options_class(**values).scaled(), **values)
+
+
+def parse_assignments(pairs, flag: str = "--set") -> dict:
+    """``KEY=VALUE`` pairs (``--set``) -> {key: value}: ``-`` in a key reads as ``_``; a value is
+    true/false in any case, else JSON if it parses (5, 0.6, [1, 2], "a=b"), else the string as
+    given. ``coerce`` then checks it against the option's type."""
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key, text = key.strip().replace("-", "_"), text.strip()
+        if not sep or not key:
+            raise InputError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        if text.lower() in ("true", "false"):
+            values[key] = text.lower() == "true"
+            continue
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values
 
 
 def describe(name: str) -> list[dict]:
