@@ -40,6 +40,8 @@ def test_detection_only_reports_every_round_and_consistent_counts(checkerboard):
     found = calibrate.calibrate(bank, options, poisoned.poisoned, detect_only=True)
     assert [r["round"] for r in found["rounds"]] == [0, 1, 2]
     assert found["rounds"][-1]["poisons_in_unlearn_set"] == found["poisons_in_unlearn_set"]
+    # the last round's split is the run's split
+    assert (found["rounds"][-1]["recall"], found["rounds"][-1]["fpr"]) == (found["recall"], found["fpr"])
     assert found["unlearn_set"] == 2 * round(options.partition_rate * bank.n)  # the partition and one growth
     assert set(found["timings_s"]) == {"warmup", "score", "enhance", "split"}
     assert found["split_at"][str(options.split_margin)] == [found["recall"], found["fpr"]]
@@ -87,7 +89,6 @@ def test_score_steps_compares_each_partition_with_the_default_and_a_reseeded_one
         assert all(0 <= row["overlap"] <= 1 and row["seconds"] > 0 for row in rows.values())
         assert 0 <= found[stage]["reseeded_overlap"] < 1  # other masks and starts pick other samples
         assert all(0 <= row["poisons_in_partition"] <= round(0.05 * bank.n) for row in rows.values())
-    assert rows["1"]["seconds"] < rows["3"]["seconds"]
 
 
 def test_overlap_counts_shared_samples():

@@ -268,22 +268,22 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
     margin [N], or None if no round ran); ``model`` is enhanced in place.
 
     A sample's unlearn round is the round it entered the unlearn set (0: the partition
-    from the warm-up KL), -1 if it never did. ``observe(round, fits, unlearn)``, if
-    given, sees which samples the model fits with their given label (bool [N]) and the
-    unlearn mask after the partition (round 0) and after each enhancement round (1, 2,
+    from the warm-up KL), -1 if it never did. ``observe(round, margin, unlearn)``, if
+    given, sees the model's given-label margin (float [N]; see ``given_label_margin``) and
+    the unlearn mask after the partition (round 0) and after each enhancement round (1, 2,
     ...): a hook for calibration, not used by a run.
     """
     everything = train.all_indices(bank)
     step = partition_size(opts, bank.n)
     with clock("score"):
         warmup_kl = robustness_kl(model, bank, everything, opts, opts.seed, clock.advance)
-        fitted = given_label_margin(model, bank) > 0 if opts.unlearn_fitted_only or observe is not None else None
+        margin = given_label_margin(model, bank) if opts.unlearn_fitted_only or observe is not None else None
     unlearn = grow_unlearn_set(torch.zeros(bank.n, dtype=torch.bool, device=bank.device), warmup_kl, everything, step,
-                               fitted if opts.unlearn_fitted_only else None)
+                               margin > 0 if opts.unlearn_fitted_only else None)
     entered = torch.where(unlearn, 0, -1).to(torch.int16)
     if observe is not None:
-        observe(0, fitted, unlearn)
-    fit_history, margin = [], None
+        observe(0, margin, unlearn)
+    fit_history, margin = [], None  # None: no round ran (the split then asks the warm-up model)
     with clock("enhance"):
         for round_index in range(opts.enhance_rounds):
             rest = everything[~unlearn]
@@ -293,19 +293,19 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
                                   weight_decay=opts.weight_decay, seed=opts.seed + 100 + round_index,
                                   augmentation=opts.enhance_augment)
             margin = given_label_margin(model, bank)  # the split's score if this round is the last
-            fits = margin > 0
-            fit_history.append(float(fits[rest].float().mean()))
+            fit_history.append(float((margin[rest] > 0).float().mean()))
             if observe is not None:
-                observe(round_index + 1, fits, unlearn)
+                observe(round_index + 1, margin, unlearn)
             full = float(unlearn.float().mean()) + opts.partition_rate > opts.max_unlearn_fraction
-            last = full or round_index == opts.enhance_rounds - 1
-            clock.advance(opts.enhance_rounds if last else round_index + 1, opts.enhance_rounds)
-            if last:
+            if full or round_index == opts.enhance_rounds - 1:
+                clock.advance(opts.enhance_rounds, opts.enhance_rounds)
                 break
             kl = robustness_kl(model, bank, rest, opts, opts.seed + 200 + round_index)
             grown = grow_unlearn_set(unlearn, kl, rest, step, unlearn_candidates(opts, margin))
             entered[grown & ~unlearn] = round_index + 1
             unlearn = grown
+            # A round is done with its re-scoring (most of its time on a GPU), so the time left is not underestimated.
+            clock.advance(round_index + 1, opts.enhance_rounds)
     metrics.update(enhance_rounds=len(fit_history), rest_fit_history=[round(f, 4) for f in fit_history],
                    unlearn_fraction=round(float(unlearn.float().mean()), 4))
     return entered, warmup_kl, margin
