@@ -104,6 +104,13 @@ def test_unlearn_candidates_follow_the_options():
         [True, True, True, False]
     both = replace(options, unlearn_fitted_only=True, unlearn_skips_suspects=True)
     assert advrbd.unlearn_candidates(both, margin).tolist() == [False, True, True, False]
+    # unlearn_pool: only the least robust share by the warm-up KL, whatever the round's margin says
+    warmup_kl = torch.tensor([0.9, 0.1, 0.5, 0.7])
+    assert advrbd.unlearn_pool(options, warmup_kl) is None
+    pool = advrbd.unlearn_pool(replace(options, unlearn_pool=0.5), warmup_kl)
+    assert pool.tolist() == [True, False, False, True]
+    assert advrbd.unlearn_candidates(options, margin, pool).tolist() == pool.tolist()
+    assert advrbd.unlearn_candidates(both, margin, pool).tolist() == [False, False, False, False]
 
 
 def test_clean_label_rule_keeps_relabel_equals_given_suspects_out():
@@ -154,3 +161,17 @@ def test_warm_up_and_enhancement_train_with_their_own_augmentation(poisoned_bank
                                 detect_augment="flip", enhance_augment="crop").scaled()
     advrbd.detect(bank, opts, StageClock(bank.device), {})
     assert seen == [("train_supervised", "flip"), ("unlearn_relearn", "crop"), ("unlearn_relearn", "crop")]
+
+
+def test_no_sample_outside_the_pool_is_ever_unlearned(poisoned_bank):
+    from sanitize.methods.base import StageClock
+
+    bank, _ = poisoned_bank
+    opts = advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64, warmup_epochs=1, enhance_rounds=4,
+                                partition_rate=0.1, unlearn_pool=0.3).scaled()
+    found = advrbd.detect(bank, opts, StageClock(bank.device), {})
+    pool = advrbd.unlearn_pool(opts, found.warmup_kl)
+    unlearned = found.unlearn_round >= 0
+    # the partition and three growths of 10% each: the pool of 30% runs dry in the last round
+    assert int(pool.sum()) == round(0.3 * bank.n) and not (unlearned & ~pool).any()
+    assert int(unlearned.sum()) == int(pool.sum())
