@@ -9,8 +9,8 @@ robust = poisoned), how many poisons fell into the unlearn set, the AUROC of the
 recall and FPR of the split (and ``split_at`` other margins), the method's metrics and stage
 timings; with ``--detect-only`` also ``rounds``: after the partition (round 0) and after
 each enhancement round, the share of poisons and of clean samples outside the unlearn set
-that the model fits (given-label margin > 0), the poisons in the unlearn set, and the recall
-and FPR the split would have if that round were the last (the same run with fewer
+that the model fits (given-label margin > 0), the poisons in the unlearn set, and the recall,
+FPR and AUROC the split would have if that round were the last (the same run with fewer
 ``enhance_rounds`` is that prefix). Unlike
 bench.py it writes nothing and trains no final ONNX model: it is for choosing defaults
 (the figures quoted in sanitize/methods/advrbd.py came from it), on a CPU with the small
@@ -99,12 +99,12 @@ def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
     rounds = []
 
     def observe(round_index, margin, unlearn):
-        fits, flagged = margin > 0, margin > options.split_margin  # flagged: the split, were this round the last
+        fits = margin > 0
+        # the split's figures, were this round the last
+        split = detection_rates(margin.double().cpu().numpy(), (margin > options.split_margin).cpu().numpy(), positive)
         rounds.append({"round": round_index, "poisons_fit": _share(fits[is_poison & ~unlearn], is_poison.sum()),
                        "clean_rest_fit": _share(fits[~is_poison & ~unlearn], (~is_poison & ~unlearn).sum()),
-                       "poisons_in_unlearn_set": int((unlearn & is_poison).sum()),
-                       "recall": _share(flagged[is_poison], is_poison.sum()),
-                       "fpr": _share(flagged[~is_poison], (~is_poison).sum())})
+                       "poisons_in_unlearn_set": int((unlearn & is_poison).sum()), **split})
 
     start = time.perf_counter()
     if detect_only:

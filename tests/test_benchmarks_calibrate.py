@@ -41,7 +41,8 @@ def test_detection_only_reports_every_round_and_consistent_counts(checkerboard):
     assert [r["round"] for r in found["rounds"]] == [0, 1, 2]
     assert found["rounds"][-1]["poisons_in_unlearn_set"] == found["poisons_in_unlearn_set"]
     # the last round's split is the run's split
-    assert (found["rounds"][-1]["recall"], found["rounds"][-1]["fpr"]) == (found["recall"], found["fpr"])
+    last = found["rounds"][-1]
+    assert (last["recall"], last["fpr"], last["auroc"]) == (found["recall"], found["fpr"], found["score_auroc"])
     assert found["unlearn_set"] == 2 * round(options.partition_rate * bank.n)  # the partition and one growth
     assert set(found["timings_s"]) == {"warmup", "score", "enhance", "split"}
     assert found["split_at"][str(options.split_margin)] == [found["recall"], found["fpr"]]
