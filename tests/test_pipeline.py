@@ -162,7 +162,8 @@ def test_bad_options_are_user_errors(options, message, make_shards, tmp_path):
 def test_set_values_are_json_when_they_parse_and_strings_otherwise():
     """One rule for --set in the CLI, bench.py and calibrate_advrbd.py."""
     assert methods.parse_assignments(["split_margin=0.6", "detect_augment=flip", "quick=true", "name=\"x=y\"",
-                                      "rounds=[1, 2]", " warmup-epochs = 7 ", "unlearn_skips_suspects=False", "epsilon=8/255"]) \
+                                      "rounds=[1, 2]", " warmup-epochs = 7 ", "unlearn_skips_suspects=False",
+                                      "epsilon=8/255"]) \
         == {"split_margin": 0.6, "detect_augment": "flip", "quick": True, "name": "x=y", "rounds": [1, 2],
             "warmup_epochs": 7, "unlearn_skips_suspects": False, "epsilon": "8/255"}
     for bad in ("epsilon", "=3"):
