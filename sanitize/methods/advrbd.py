@@ -141,8 +141,8 @@ class AdvrbdOptions:
     # than 1 - unlearn_pool of the data, never the rate itself. CPU (small CNN, 10,000 images,
     # hybrid, 6 rounds; benchmarks/RESULTS.md, "More rounds, unlearn_pool"), 1 -> 0.5: Blend seeds
     # 0 / 1 recall 46.4 / 14.6 -> 96.6 / 93.4 (poisons unlearned 154 / 144 -> 6 / 4); but a clean
-    # set 3.2% flagged -> 9.1% (robust clean samples kept out of the unlearn set stay fitted) and
-    # BadNets FPR 2.4 -> 6.4. Off until ResNet-18 shows which failure it meets.
+    # set 3.2 / 6.8% flagged -> 9.1 / 8.2% (robust clean samples kept out of the unlearn set stay
+    # fitted) and BadNets FPR 2.4 -> 6.4. Off until ResNet-18 shows which failure it meets.
     unlearn_pool: float = 1.0
     # Stage 5. The enhanced model also memorises the clean samples it relearns, so
     # "still fits the given label" (margin > 0) flagged half of the clean samples in a
