@@ -35,6 +35,9 @@ def test_run_json_then_inspect(make_shards, tmp_path):
     (["run", "{data}", "--out", "{data}/inside"], "inside"),
     (["run", "{data}", "--out", "{tmp}/o", "--device", "cuda:7"], "cuda"),
     (["run", "{data}", "--out", "{tmp}/o", "--set", "epsilon"], "KEY=VALUE"),
+    (["run", "{data}", "--out", "{tmp}/o", "--set", "partition_rate=2"], "partition_rate must be > 0 and < 1"),
+    (["run", "{data}", "--out", "{tmp}/o", "--method", "dbd", "--set", "filter_ratio=1"],
+     "filter_ratio must be > 0 and < 1"),
     (["run", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/none.toml"], "config file not found"),
     (["inspect", "{tmp}"], "manifest"),
 ])
@@ -75,8 +78,9 @@ def test_options_lists_every_option_with_defaults_that_resolve_back():
 
     code, stdout, _ = sanitize_cli("options", "advrbd", "--json")
     rows = {row["name"]: row for row in json.loads(stdout)}
-    assert code == 0 and rows["detect_augment"] == {"name": "detect_augment", "type": "crop|flip|none",
+    assert code == 0 and rows["detect_augment"] == {"name": "detect_augment", "type": "crop|flip|none", "range": "",
                                                     "default": "crop", "quick": "none"}
+    assert rows["partition_rate"]["range"] == "> 0 and < 1"
     assert rows["batch_size"]["type"] == "int" and rows["batch_size"]["quick"] < rows["batch_size"]["default"]
     for method in ("advrbd", "dbd"):
         described = methods.describe(method)
@@ -85,8 +89,8 @@ def test_options_lists_every_option_with_defaults_that_resolve_back():
             assert getattr(methods.resolve_options(method, **{row["name"]: row["default"]}), row["name"]) \
                 == row["default"]
     code, stdout, _ = sanitize_cli("options", "dbd")
-    assert code == 0 and stdout.splitlines()[0].split() == ["option", "type", "default", "under", "--quick"]
-    assert any(line.split()[:3] == ["ss_epochs", "int", "60"] for line in stdout.splitlines())
+    assert code == 0 and stdout.splitlines()[0].split() == ["option", "type", "default", "range", "under", "--quick"]
+    assert any(line.split() == ["ss_epochs", "int", "60", ">=", "1", "5"] for line in stdout.splitlines())
 
 
 def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, tmp_path, capsys):

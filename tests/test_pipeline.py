@@ -1,6 +1,7 @@
 """End to end through sanitize.run on both input formats (CPU, --arch small --quick)."""
 import dataclasses
 import json
+import typing
 
 import numpy as np
 import onnxruntime
@@ -171,6 +172,27 @@ def test_set_values_are_json_when_they_parse_and_strings_otherwise():
             methods.parse_assignments([bad])
     with pytest.raises(InputError, match="option epsilon must be float"):  # a string never passes for a number
         methods.resolve_options("advrbd", **methods.parse_assignments(["epsilon=8/255"]))
+
+
+@pytest.mark.parametrize("method", sorted(methods.REGISTRY))
+def test_every_numeric_option_has_bounds_that_the_defaults_meet_and_a_run_enforces(method):
+    _, options_class = methods.load(method)
+    hints = typing.get_type_hints(options_class)
+    kinds = {f.name: methods._value_type(hints[f.name]) for f in dataclasses.fields(options_class)}
+    assert set(options_class.BOUNDS) == {name for name, kind in kinds.items() if kind in (int, float)}
+    for quick in (False, True):
+        options = methods.resolve_options(method, quick=quick)
+        for key, bounds in options_class.BOUNDS.items():
+            methods.check_bounds(key, getattr(options, key), bounds)
+    step = {">": 0, ">=": -1, "<": 0, "<=": 1}  # from the limit to a value just outside it
+    for key, bounds in options_class.BOUNDS.items():
+        for bound in bounds:
+            comparison, _, limit = bound.partition(" ")
+            outside = kinds[key](float(limit) + step[comparison])
+            with pytest.raises(InputError, match=f"option {key} must be {' and '.join(bounds)}, got"):
+                methods.resolve_options(method, **{key: outside})
+    with pytest.raises(InputError, match="option batch_size must be int, got True"):
+        methods.resolve_options(method, batch_size=True)
 
 
 def test_config_file_sits_between_defaults_and_flags(tmp_path):

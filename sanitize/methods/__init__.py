@@ -1,7 +1,8 @@
 """Methods by name. Adding a method means adding one module here and one line below.
 
 Each method module defines an options dataclass (fields with defaults, ``seed`` and
-``quick`` among them, and ``scaled()``: the values under ``quick``) and
+``quick`` among them, ``BOUNDS``: the range of each numeric option, and ``scaled()``: the
+values under ``quick``) and
 ``run(bank, options, progress=None) -> MethodResult``, which runs ``options`` as given:
 ``resolve_options`` scales them, once.
 Options resolve as defaults < ``--config FILE.toml`` < explicit keywords/flags.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import operator
 import tomllib
 import typing
 from pathlib import Path
@@ -52,7 +54,20 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     hints = typing.get_type_hints(options_class)
     for key, value in values.items():
         values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
+        check_bounds(key, values[key], getattr(options_class, "BOUNDS", {}).get(key, ()))
     return dataclasses.replace(options_class(**values).scaled(), **values)
+
+
+_COMPARISONS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+def check_bounds(key: str, value, bounds: tuple[str, ...]) -> None:
+    """An InputError unless ``value`` meets every bound (``"> 0"``, ``"<= 1"``, ...) an options class
+    declares for ``key`` in its ``BOUNDS``; the message states them."""
+    for bound in bounds:
+        comparison, _, limit = bound.partition(" ")
+        if not _COMPARISONS[comparison](value, float(limit)):
+            raise InputError(f"option {key} must be {' and '.join(bounds)}, got {value!r}")
 
 
 def parse_assignments(pairs, flag: str = "--set") -> dict:
@@ -76,8 +91,9 @@ def parse_assignments(pairs, flag: str = "--set") -> dict:
 
 
 def describe(name: str) -> list[dict]:
-    """Method ``name``'s options as run by default: [{"name", "type", "default", "quick"}], in
-    declaration order; ``type`` lists a Literal's choices, ``quick`` is the value under --quick."""
+    """Method ``name``'s options as run by default: [{"name", "type", "range", "default", "quick"}], in
+    declaration order; ``type`` lists a Literal's choices, ``range`` the bounds of a number ("" for
+    others), ``quick`` is the value under --quick."""
     _, options_class = load(name)
     hints = typing.get_type_hints(options_class)
     defaults, quick = resolve_options(name), resolve_options(name, quick=True)
@@ -86,6 +102,7 @@ def describe(name: str) -> list[dict]:
         kind = _value_type(hints[option.name])
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
         rows.append({"name": option.name, "type": "|".join(choices) or kind.__name__,
+                     "range": " and ".join(getattr(options_class, "BOUNDS", {}).get(option.name, ())),
                      "default": getattr(defaults, option.name), "quick": getattr(quick, option.name)})
     return rows
 
@@ -114,7 +131,7 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
     """``value`` (from TOML, JSON or a command line) as ``kind``, or an InputError naming ``what``.
 
     A Literal takes one of its strings; a bool must already be one (``bool("false")`` is
-    True); an int must be whole (0.5 must not silently become 0); a tuple takes a list or
+    True), and nothing else takes a bool; an int must be whole (0.5 must not silently become 0); a tuple takes a list or
     a comma-separated string of ``item_kind``. Also used for the attacks' parameters.
     """
     if typing.get_origin(kind) is typing.Literal:
@@ -126,6 +143,8 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
         if isinstance(value, bool):
             return value
         raise InputError(f"{what} must be true or false, got {value!r}")
+    if isinstance(value, bool):  # int(True) is 1: a flag is never taken for a number
+        raise InputError(f"{what} must be {kind.__name__}, got {value!r}")
     try:
         if kind is tuple:
             items = value.split(",") if isinstance(value, str) else value

@@ -21,7 +21,7 @@ why it was chosen. Score direction: higher = more likely poisoned.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -156,6 +156,17 @@ class AdvrbdOptions:
     finetune_lr: float = 0.04
     seed: int = 0
     quick: bool = False
+
+    # The values each numeric option may take (methods.resolve_options enforces them). The unlearn
+    # set must leave a rest to relearn; a margin lies in [-1, 1].
+    BOUNDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "batch_size": (">= 1",), "lr": ("> 0",), "weight_decay": (">= 0",), "warmup_epochs": (">= 1",),
+        "epsilon": ("> 0", "<= 1"), "pgd_steps": (">= 1",), "mask_fraction": ("> 0", "<= 1"),
+        "score_masks": (">= 1",), "partition_rate": ("> 0", "< 1"), "enhance_epochs": (">= 1",),
+        "enhance_lr": ("> 0",), "unlearn_weight": (">= 0",), "unlearn_share": (">= 0", "<= 1"),
+        "enhance_rounds": (">= 0",), "max_unlearn_fraction": ("> 0", "< 1"), "unlearn_pool": ("> 0", "<= 1"),
+        "split_margin": (">= -1", "< 1"), "clean_epochs": (">= 1",), "finetune_epochs": (">= 0",),
+        "finetune_lr": ("> 0",), "seed": (">= 0",)}
 
     def resolved(self) -> "AdvrbdOptions":
         """``detect_augment`` and ``enhance_augment`` decided where they were left to the method."""

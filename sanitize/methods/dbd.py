@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -95,6 +95,17 @@ class DbdOptions:
     mixup_alpha: float = 0.75
     seed: int = 0
     quick: bool = False
+
+    # The values each numeric option may take (methods.resolve_options enforces them). NT-Xent needs
+    # two images a batch; MixMatch needs both a labeled and an unlabeled part.
+    BOUNDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "batch_size": (">= 2",), "ss_epochs": (">= 1",), "ss_lr": ("> 0",), "ss_weight_decay": (">= 0",),
+        "temperature": ("> 0",), "projection_dim": (">= 1",), "crop_scale": ("> 0", "<= 1"),
+        "sce_alpha": (">= 0",), "sce_beta": (">= 0",), "head_steps": (">= 1",), "head_batch_size": (">= 1",),
+        "head_lr": ("> 0",), "head_weight_decay": (">= 0",), "filter_ratio": ("> 0", "< 1"),
+        "mixmatch_epochs": (">= 1",), "mixmatch_lr": ("> 0",), "mixmatch_weight_decay": (">= 0",),
+        "sharpen_temperature": ("> 0",), "unlabeled_views": (">= 1",), "lambda_u": (">= 0",),
+        "mixup_alpha": ("> 0",), "seed": (">= 0",)}
 
     def scaled(self) -> "DbdOptions":
         """``--quick``: the network stages scaled down for demos and tests (same algorithm).
