@@ -54,7 +54,7 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     hints = typing.get_type_hints(options_class)
     for key, value in values.items():
         values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
-        check_bounds(key, values[key], getattr(options_class, "BOUNDS", {}).get(key, ()))
+        check_bounds(key, values[key], options_class.BOUNDS.get(key, ()))
     return dataclasses.replace(options_class(**values).scaled(), **values)
 
 
@@ -102,7 +102,7 @@ def describe(name: str) -> list[dict]:
         kind = _value_type(hints[option.name])
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
         rows.append({"name": option.name, "type": "|".join(choices) or kind.__name__,
-                     "range": " and ".join(getattr(options_class, "BOUNDS", {}).get(option.name, ())),
+                     "range": " and ".join(options_class.BOUNDS.get(option.name, ())),
                      "default": getattr(defaults, option.name), "quick": getattr(quick, option.name)})
     return rows
 
@@ -131,8 +131,9 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
     """``value`` (from TOML, JSON or a command line) as ``kind``, or an InputError naming ``what``.
 
     A Literal takes one of its strings; a bool must already be one (``bool("false")`` is
-    True), and nothing else takes a bool; an int must be whole (0.5 must not silently become 0); a tuple takes a list or
-    a comma-separated string of ``item_kind``. Also used for the attacks' parameters.
+    True), and nothing else takes a bool; an int must be whole (0.5 must not silently
+    become 0); a tuple takes a list or a comma-separated string of ``item_kind``. Also used
+    for the attacks' parameters.
     """
     if typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
