@@ -36,6 +36,8 @@ def test_run_json_then_inspect(make_shards, tmp_path):
     (["run", "{data}", "--out", "{tmp}/o", "--device", "cuda:7"], "cuda"),
     (["run", "{data}", "--out", "{tmp}/o", "--set", "epsilon"], "KEY=VALUE"),
     (["run", "{data}", "--out", "{tmp}/o", "--set", "partition_rate=2"], "partition_rate must be > 0 and < 1"),
+    (["run", "{data}", "--out", "{tmp}/o", "--arch", "vgg"], "arch must be one of mobilenetv2, resnet18"),
+    (["run", "{data}", "--out", "{tmp}/o", "--image-size", "4"], "between 8 and 4096"),
     (["run", "{data}", "--out", "{tmp}/o", "--method", "dbd", "--set", "filter_ratio=1"],
      "filter_ratio must be > 0 and < 1"),
     (["run", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/none.toml"], "config file not found"),

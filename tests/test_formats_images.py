@@ -157,6 +157,10 @@ def test_image_errors_do_not_swallow_our_bugs():
 
 def test_working_size_rule():
     assert working_size([(32, 32)] * 3 + [(40, 40)])[0] == (32, 32)
+    # below the models' smallest input (8 px a side) a common size is scaled up, aspect kept
+    assert working_size([(5, 5)] * 3)[0] == (8, 8)
+    size, rule = working_size([(4, 16)] * 3)
+    assert size == (8, 32) and "scaled up to 8x32" in rule
     assert working_size([(32, 32)] * 3, 48)[0] == (48, 48)
     assert working_size([(32, 32)] * 3, (40, 50))[0] == (40, 50)
     assert working_size([(32, 32), (100, 80), (90, 90)])[0] == (DEFAULT_SIDE, DEFAULT_SIDE)

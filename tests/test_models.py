@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+from sanitize.formats.images import MIN_SIDE
 from sanitize.models import ARCHS, build_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("side", [32, 96])
+@pytest.mark.parametrize("side", [MIN_SIDE, 32, 96])  # MIN_SIDE: the smallest working size
 def test_every_arch_gives_logits_and_features(arch, side):
     model = build_model(arch, num_classes=7, image_size=side).eval()
     with torch.no_grad():

@@ -8,9 +8,11 @@ every failure of Pillow on bad data becomes a reason string, never a crash.
 Working-size rule (``working_size``): an explicit ``image_size`` wins (an int
 means square); otherwise, if at least half of the readable images share one
 size whose longer side is <= 64 pixels, that size is kept and the others are
-resized to it; otherwise every image is resized so that its shorter side is
-224 and center-cropped to 224x224. Resizing always covers the target and
-center-crops, so the aspect ratio is never distorted.
+resized to it (scaled up, aspect kept, if its shorter side is under 8 pixels: the
+smallest the models take); otherwise every image is resized so that its shorter
+side is 224 and center-cropped to 224x224. Resizing always covers the target and
+center-crops, so the aspect ratio is never distorted. A requested size must be
+8 to 4096 pixels a side.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")  # JPEG also open
 # 40 megapixels is a 6300x6300 photo; anything larger in a classification set is an attack.
 MAX_PIXELS = 40_000_000
 SMALL_SIDE = 64
+MIN_SIDE = 8  # the small CNN pools a 32 px input down three times
 DEFAULT_SIDE = 224
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, the usual viewer convention
 POOL_MIN_SAMPLES = 2000  # below this, starting worker processes costs more than it saves
@@ -211,6 +214,11 @@ def working_size(sizes: list[tuple[int, int]], requested=None) -> tuple[tuple[in
     common, count = Counter(sizes).most_common(1)[0]
     described = f"most common size {common[0]}x{common[1]} (HxW) in {count} of {len(sizes)} images"
     if 2 * count >= len(sizes) and max(common) <= SMALL_SIDE:
+        if min(common) < MIN_SIDE:
+            scale = MIN_SIDE / min(common)
+            size = tuple(max(MIN_SIDE, round(side * scale)) for side in common)
+            return size, (f"the {described} scaled up to {size[0]}x{size[1]}, the smallest the models take "
+                          f"({MIN_SIDE} px a side); others resized to cover it and center-cropped")
         return common, f"kept the {described}; {len(sizes) - count} others resized to cover it and center-cropped"
     return (DEFAULT_SIDE, DEFAULT_SIDE), (
         f"{described} is not a small (longer side <= {SMALL_SIDE}) majority: "

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from sanitize.formats.folder_reader import class_dirs, image_files, read_files
-from sanitize.formats.images import CHUNK, POOL_MIN_SAMPLES, decode_images
+from sanitize.formats.images import CHUNK, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import dedupe_keys
 from sanitize.formats.records import Ingested, InputError, Listing, Sample, Unreadable
 from sanitize.formats.shard_reader import list_shard
@@ -83,8 +83,8 @@ def _requested_size(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(side, int) and 0 < side <= 4096 for side in size):
-        raise InputError(f"image_size must be an int or (H, W) between 1 and 4096, got {image_size!r}")
+    if len(size) != 2 or not all(isinstance(side, int) and MIN_SIDE <= side <= 4096 for side in size):
+        raise InputError(f"image_size must be an int or (H, W) between {MIN_SIDE} and 4096, got {image_size!r}")
     return size
 
 

@@ -55,6 +55,11 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     for key, value in values.items():
         values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
         check_bounds(key, values[key], options_class.BOUNDS.get(key, ()))
+    if "arch" in values:  # every method trains a model of the engine's (the import brings torch)
+        from sanitize.models import ARCHS
+
+        if values["arch"] not in ARCHS:
+            raise InputError(f"option arch must be one of {', '.join(sorted(ARCHS))}, got {values['arch']!r}")
     return dataclasses.replace(options_class(**values).scaled(), **values)
 
 
