@@ -15,7 +15,6 @@ import click
 
 from sanitize import __version__, methods
 from sanitize.formats.records import InputError
-from sanitize.methods import REGISTRY as METHODS
 
 EXIT_USER_ERROR = 2
 EXIT_ONNX_CHECK = 3
@@ -90,7 +89,7 @@ def cli():
 
 @cli.command()
 @click.argument("data")
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="advrbd", show_default=True)
+@click.option("--method", type=click.Choice(sorted(methods.REGISTRY)), default="advrbd", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (created).")
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML file of method options ([advrbd] table).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any method option, e.g. --set epsilon=0.03.")
@@ -144,11 +143,10 @@ def inspect(out, as_json, show):
 
 
 @cli.command()
-@click.argument("method", type=click.Choice(sorted(METHODS)), metavar="METHOD")
+@click.argument("method", type=click.Choice(sorted(methods.REGISTRY)), metavar="METHOD")
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON.")
 def options(method, as_json):
     """List METHOD's options (for --set KEY=VALUE or --config FILE.toml) with their defaults."""
-
     rows = methods.describe(method)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
