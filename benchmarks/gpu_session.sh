@@ -11,7 +11,8 @@
 # its own time limit, so a slow step costs only itself. Everything lands in $OUT:
 # gpu_tests.log, ingest.json, results.json (bench.py records: merge them here with
 # `python3 benchmarks/report.py --add <folder>/results.json`), score_steps.jsonl (what fewer
-# PGD steps change in AdvrBD's partition, calibrate_advrbd.py --score-steps), a .log per step.
+# PGD steps change in AdvrBD's partition, calibrate_advrbd.py --score-steps), pool.jsonl (part 4:
+# calibrate_advrbd.py --detect-only lines, per-round figures), a .log per step.
 # Between the calls, part 1's results may change a default in the working tree: part 2
 # runs whatever the tree holds then.
 set -u
