@@ -163,9 +163,13 @@ def test_warm_up_and_enhancement_train_with_their_own_augmentation(poisoned_bank
     assert seen == [("train_supervised", "flip"), ("unlearn_relearn", "crop"), ("unlearn_relearn", "crop")]
 
 
-def test_no_sample_outside_the_pool_is_ever_unlearned(poisoned_bank):
+def test_no_sample_outside_the_pool_is_ever_unlearned_or_rescored(poisoned_bank, monkeypatch):
     from sanitize.methods.base import StageClock
 
+    scored = []
+    real = advrbd.robustness_kl
+    monkeypatch.setattr(advrbd, "robustness_kl", lambda model, bank, indices, *a, **k:
+                        scored.append(indices.clone()) or real(model, bank, indices, *a, **k))
     bank, _ = poisoned_bank
     opts = advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64, warmup_epochs=1, enhance_rounds=4,
                                 partition_rate=0.1, unlearn_pool=0.3).scaled()
@@ -175,3 +179,24 @@ def test_no_sample_outside_the_pool_is_ever_unlearned(poisoned_bank):
     # the partition and three growths of 10% each: the pool of 30% runs dry in the last round
     assert int(pool.sum()) == round(0.3 * bank.n) and not (unlearned & ~pool).any()
     assert int(unlearned.sum()) == int(pool.sum())
+    # the warm-up scores everything; each re-scoring only the pool's rest (20%, then 10%, of the data)
+    step = advrbd.partition_size(opts, bank.n)
+    assert len(scored[0]) == bank.n
+    assert [len(indices) for indices in scored[1:]] == [int(pool.sum()) - step, int(pool.sum()) - 2 * step]
+    for round_index, indices in enumerate(scored[1:], start=1):
+        before = (found.unlearn_round >= 0) & (found.unlearn_round < round_index)
+        assert pool[indices].all() and not before[indices].any()
+
+
+def test_an_exhausted_pool_ends_the_growth_not_the_run(poisoned_bank):
+    from sanitize.methods.base import StageClock
+
+    bank, _ = poisoned_bank
+    opts = advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64, warmup_epochs=1, enhance_rounds=4,
+                                partition_rate=0.05, unlearn_pool=0.1).scaled()
+    metrics = {}
+    found = advrbd.detect(bank, opts, StageClock(bank.device), metrics)
+    # the pool is gone after one growth; the later rounds still train, with nothing left to score
+    assert metrics["enhance_rounds"] == 4
+    assert int((found.unlearn_round >= 0).sum()) == round(0.1 * bank.n)
+    assert int(found.unlearn_round.max()) == 1

@@ -195,6 +195,13 @@ def test_every_numeric_option_has_bounds_that_the_defaults_meet_and_a_run_enforc
         methods.resolve_options(method, batch_size=True)
 
 
+def test_options_that_contradict_each_other_are_refused():
+    for pool, rate in ((0.05, 0.05), (0.3, 0.4)):
+        with pytest.raises(InputError, match="unlearn_pool .* must exceed partition_rate"):
+            methods.resolve_options("advrbd", unlearn_pool=pool, partition_rate=rate)
+    assert methods.resolve_options("advrbd", unlearn_pool=0.1).unlearn_pool == 0.1
+
+
 def test_config_file_sits_between_defaults_and_flags(tmp_path):
     config = tmp_path / "options.toml"
     config.write_text("[advrbd]\nepsilon = 0.05\npgd_steps = 2\n")
