@@ -95,8 +95,9 @@ def ordered(records: list[dict]) -> list[dict]:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| attack | rate | method | ACC | ASR | recall | FPR | AUROC | seconds | peak GB | targets | device | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("attack", "rate", "method", "ACC", "ASR", "recall", "FPR", "AUROC", "seconds", "peak GB", "targets",
+               "device", "commit")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in ordered(records):
         missed = missed_targets(r, find_baseline(r, records))
         verdict = "" if r["method"] == "none" else ("met" if not missed else "missed: " + "; ".join(missed))
@@ -240,7 +241,8 @@ def svg_plot(records: list[dict], width: int = 520, height: int = 360) -> str:
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
              f'<text x="{(width + left) / 2}" y="{height - 8}" text-anchor="middle">ASR (%)</text>',
-             f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">ACC (%)</text>']
+             f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
+             'text-anchor="middle">ACC (%)</text>']
     for tick in range(0, 101, 20):
         parts.append(f'<text x="{x(tick)}" y="{height - bottom + 14}" text-anchor="middle">{tick}</text>')
     for tick in (low, (low + high) / 2, high):

@@ -93,7 +93,8 @@ def test_badnets_patch_is_the_pattern(subset):
     images, _ = subset
     triggered = make_attack("badnets").trigger(images[:20])
     assert (triggered[:, -3:, -3:] == 255).all()
-    assert np.array_equal(triggered[:, :-3], images[:20, :-3]) and np.array_equal(triggered[:, :, :-3], images[:20, :, :-3])
+    assert np.array_equal(triggered[:, :-3], images[:20, :-3])
+    assert np.array_equal(triggered[:, :, :-3], images[:20, :, :-3])
     checker = make_attack("badnets", kind="checkerboard").trigger(images[:20])
     assert np.array_equal(checker[0, -3:, -3:, 0], [[255, 0, 255], [0, 255, 0], [255, 0, 255]])
 

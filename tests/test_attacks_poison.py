@@ -1,4 +1,5 @@
-"""``poison_dataset`` on real shards and ImageFolder trees: the copy reads back, matches truth.json, and the input is untouched."""
+"""``poison_dataset`` on real shards and ImageFolder trees: the copy reads back, matches truth.json, and the
+input is untouched."""
 from __future__ import annotations
 
 import hashlib

@@ -224,7 +224,8 @@ def test_suspects_point_to_a_class_only_when_it_is_over_represented():
     totals = {"cat": 100, "dog": 100, "ship": 100, "frog": 100}
     # 30 of 40 suspects are cats, who are a quarter of the data: 3x their share.
     target = pipeline.suspect_target(_manifest(totals, [0] * 30 + [1] * 5 + [2] * 5))
-    assert {k: v for k, v in target.items() if k != "p_value"} == {"class": "cat", "label": 0, "share": 0.75, "lift": 3.0}
+    assert {k: v for k, v in target.items() if k != "p_value"} == \
+        {"class": "cat", "label": 0, "share": 0.75, "lift": 3.0}
     assert 0 < target["p_value"] < 1e-9
     # Half of all samples flagged, every cat among them: 2x, as a method flagging half the data always allows.
     assert pipeline.suspect_target(_manifest(totals, [0] * 100 + [1] * 50 + [2] * 50)) is None

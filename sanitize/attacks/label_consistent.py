@@ -54,7 +54,8 @@ class LabelConsistent(Attack):
         if not 1 <= self.size <= CANVAS // 2:
             raise InputError(f"size must be between 1 and {CANVAS // 2}, got {self.size}")
         if self.surrogate_arch not in ARCHS:
-            raise InputError(f"unknown surrogate_arch {self.surrogate_arch!r}; choose one of {', '.join(sorted(ARCHS))}")
+            raise InputError(f"unknown surrogate_arch {self.surrogate_arch!r}; "
+                             f"choose one of {', '.join(sorted(ARCHS))}")
         for name in ("amplitude", "eps", "step_size"):
             check_fraction(name, getattr(self, name))
 

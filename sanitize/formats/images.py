@@ -164,7 +164,8 @@ def map_chunks(function, datas: list[bytes], workers: Workers) -> Iterator:
 
 @dataclass
 class Decoded:
-    """``images`` uint8 [M, H, W, 3] for the inputs not in ``errors``, in input order; ``errors`` maps index -> reason."""
+    """``images`` uint8 [M, H, W, 3] for the inputs not in ``errors``, in input order; ``errors`` maps
+    index -> reason."""
 
     images: np.ndarray
     errors: dict[int, str]
