@@ -206,12 +206,17 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
     the raw value against the poisons (far from 50 either way separates them; AdvrBD's warm-up
     KL is low on poisons, so near 0 is best there); and ``recall_at_fpr5``: the share of
     poisons scoring above the 95th percentile of the clean samples' scores. For AdvrBD, with or
-    without a ground truth, ``split_at``: recall and FPR at other split margins.
+    without a ground truth, ``split_at``: recall and FPR at other split margins. Always
+    ``false_positives_by_label``: the flagged clean samples counted by their given label (a
+    dirty-label attack's target class holding most of them says the method flags the class, not the poison).
     """
     found = {"metrics": {k: v for k, v in result.metrics.items() if k != "onnx_check"}}
     poisoned_keys = set(truth["poisoned"]) if truth else set()
     is_poison = np.array([row["key"] in poisoned_keys for row in scores])
     score = np.array([row["score"] for row in scores])
+    labels = np.array([row["label"] for row in scores])
+    flagged = np.array([row["suspected"] for row in scores])
+    found["false_positives_by_label"] = by_label(labels[flagged & ~is_poison], len(result.manifest["input"]["classes"]))
     if "split_margin" in result.manifest.get("options", {}):
         found["split_at"] = split_at(score, is_poison)
     if truth is None:
@@ -227,6 +232,11 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
             found[f"{name}_auroc"] = percent_auroc(values, is_poison)
     found["recall_at_fpr5"] = round(100 * float((score[is_poison] > np.quantile(score[~is_poison], 0.95)).mean()), 2)
     return found
+
+
+def by_label(labels: np.ndarray, num_classes: int) -> list[int]:
+    """How many of ``labels`` are each class 0..K-1."""
+    return np.bincount(labels, minlength=num_classes).tolist()
 
 
 def split_at(score: np.ndarray, is_poison: np.ndarray) -> dict:

@@ -39,7 +39,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench import TARGET, detection_rates, percent_auroc, split_at
+from bench import TARGET, by_label, detection_rates, percent_auroc, split_at
 from sanitize import methods, train
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
@@ -125,6 +125,7 @@ def calibrate(bank: Bank, options, positive, detect_only: bool) -> dict:
         "poisons_in_unlearn_set": int((unlearn & positive).sum()), "unlearn_set": int(unlearn.sum()),
         "score_auroc": rates["auroc"], "recall": rates["recall"], "fpr": rates["fpr"],
         "split_at": split_at(score, positive),  # the split at other margins, from the same score
+        "false_positives_by_label": by_label(bank.labels.cpu().numpy()[suspected & ~positive], bank.num_classes),
         "rounds": rounds, "metrics": metrics, "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
 

@@ -11,9 +11,11 @@ spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1]
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
-# Ten samples, the last two poisoned: the score ranks one poison on top and one in the middle.
-SCORES = [{"key": f"k{i}", "score": s, "suspected": s > 0.85}
+# Ten samples of classes 0, 1, 2, 0, 1, ..., the last two poisoned: the score ranks one poison on top and
+# one in the middle.
+SCORES = [{"key": f"k{i}", "label": i % 3, "score": s, "suspected": s > 0.85}
           for i, s in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.55])]
+CLASSES = {"input": {"classes": ["a", "b", "c"]}}
 TRUTH = {"poisoned": ["k8", "k9"]}
 
 
@@ -29,7 +31,7 @@ def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
     unlearn = np.zeros(10, bool)
     unlearn[[0, 1, 9]] = True
     result = SimpleNamespace(metrics={"enhance_rounds": 3, "onnx_check": {"max_abs_diff": 0.0}},
-                             manifest={"options": {}},
+                             manifest={"options": {}, **CLASSES},
                              details={"unlearn": unlearn, "warmup_kl": np.linspace(1.0, 0.0, 10),
                                       "finetune_label": np.arange(10),
                                       "unlearn_round": np.array([0, 0, -1, -1, 1, -1, -1, -1, -1, 2])})
@@ -41,11 +43,14 @@ def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
     assert found["poisons_by_unlearn_round"] == [0, 0, 1]  # k8 never, k9 in round 2
     # the clean scores' 95th percentile is 0.765: only the 0.9 poison is above it
     assert found["recall_at_fpr5"] == 50.0
-    assert bench.diagnostics(result, SCORES, None) == {"metrics": {"enhance_rounds": 3}}
+    assert found["false_positives_by_label"] == [0, 0, 0]  # the one flagged sample is a poison
+    # without a ground truth every flagged sample counts: k8, of class 2
+    assert bench.diagnostics(result, SCORES, None) == {"metrics": {"enhance_rounds": 3},
+                                                       "false_positives_by_label": [0, 0, 1]}
 
 
 def test_split_at_other_margins_for_advrbd_runs_with_and_without_poisons():
-    result = SimpleNamespace(metrics={}, details={}, manifest={"options": {"split_margin": 0.5}})
+    result = SimpleNamespace(metrics={}, details={}, manifest={"options": {"split_margin": 0.5}, **CLASSES})
     found = bench.diagnostics(result, SCORES, TRUTH)
     assert found["split_at"]["0.5"] == [100.0, 37.5]  # 0.9, 0.55 above; of the clean 0.6, 0.7, 0.8 above: 3 of 8
     assert found["split_at"]["0.7"] == [50.0, 12.5]

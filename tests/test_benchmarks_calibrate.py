@@ -46,6 +46,9 @@ def test_detection_only_reports_every_round_and_consistent_counts(checkerboard):
     assert found["unlearn_set"] == 2 * round(options.partition_rate * bank.n)  # the partition and one growth
     assert set(found["timings_s"]) == {"warmup", "score", "enhance", "split"}
     assert found["split_at"][str(options.split_margin)] == [found["recall"], found["fpr"]]
+    clean = int((~poisoned.poisoned).sum())
+    assert sum(found["false_positives_by_label"]) == round(found["fpr"] * clean / 100)
+    assert len(found["false_positives_by_label"]) == bank.num_classes
     recalls = [recall for recall, _ in found["split_at"].values()]
     assert recalls == sorted(recalls, reverse=True)  # a higher margin flags fewer
     assert np.isfinite(found["score_auroc"]) and np.isfinite(found["warmup_kl_auroc"])
