@@ -93,6 +93,8 @@ def test_write_and_read_back(run, tmp_path):
     (("input", "format"), "zip", "input/format"),
     (("model",), {"file": "model.onnx"}, "model"),
     (("counts", "clean"), 0, "clean \\+ suspected \\+ unreadable != total"),
+    (("suspects", 0, "label"), 99, "label or relabel outside input/classes"),
+    (("suspects", 0, "relabel"), 10, "label or relabel outside input/classes"),
 ])
 def test_validation_names_the_first_problem(run, path, value, message):
     manifest = copy.deepcopy(run[-1])

@@ -107,6 +107,8 @@ def _check_invariants(manifest: dict) -> None:
          "not sorted by descending score"),
         ("per_class", set(manifest["per_class"]) != set(manifest["input"]["classes"]),
          "classes differ from input/classes"),
+        ("suspects", any(not 0 <= s[name] < len(manifest["input"]["classes"]) for s in manifest["suspects"]
+                         for name in ("label", "relabel")), "a label or relabel outside input/classes"),
     ]
     for where, broken, message in problems:
         if broken:
