@@ -2,13 +2,15 @@
 
 Exit codes: 0 done; 2 a problem the user can fix (bad path, bad option, no GPU,
 out of GPU memory, unusable input); 3 the exported model failed its onnxruntime
-check (nothing was written); 130 interrupted.
+check (nothing was written); 130 interrupted; 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
+from inspect import Parameter, signature
 from pathlib import Path
 
 import click
@@ -18,6 +20,7 @@ from sanitize.formats.records import InputError
 
 EXIT_USER_ERROR = 2
 EXIT_ONNX_CHECK = 3
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process the signal killed
 
 
 class StageProgress:
@@ -96,7 +99,7 @@ def cli():
 @click.option("--arch", help="resnet18 (default), resnet34, mobilenetv2 or small.")
 @click.option("--device", default="auto", show_default=True, help="auto, cuda, cuda:N or cpu.")
 @click.option("--batch-size", type=int)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, help="Seed of every random choice (default 0, or the config file's).")
 @click.option("--quick", is_flag=True,
               help="Scale every stage down (demos, tests, smoke runs); options you set keep their values.")
 @click.option("--image-size", type=int, help="Working size in pixels (default: see README).")
@@ -115,15 +118,23 @@ def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, 
     from sanitize import pipeline
 
     options = methods.parse_assignments(sets)
-    options.update({k: v for k, v in {"arch": arch, "batch_size": batch_size}.items() if v is not None})
-    if quick:
-        options["quick"] = True
+    # Checked here, not only in the pipeline: a --set name that is also a keyword of pipeline.run
+    # (device, workers, out) must be refused as an option, not collide with the flag.
+    flag_names = {param.name for param in click.get_current_context().command.params} - {"arch", "batch_size",
+                                                                                        "seed", "quick"}
+    flagged = sorted(set(options) & flag_names)
+    if flagged:
+        raise InputError(f"{flagged[0]} is not a method option but a flag: use --{flagged[0].replace('_', '-')}")
+    methods.check_names(method, options)
+    # A flag given overrides the same option set with --set; one left out does not count as set.
+    flags = {"arch": arch, "batch_size": batch_size, "seed": seed, "quick": quick or None}
+    options.update({k: v for k, v in flags.items() if v is not None})
     progress = StageProgress(pipeline.stages(method), enabled=not quiet)
     try:
-        result = pipeline.run(data, method=method, out=out, config=config, device=device, seed=seed,
-                              image_size=image_size, classes_file=classes_file, workers=workers,
-                              shard_size=shard_size, relabeled_format=relabeled_format, overwrite=overwrite,
-                              progress=progress, **options)
+        result = pipeline.run(data, method=method, out=out, config=config, device=device, image_size=image_size,
+                              classes_file=classes_file, workers=workers, shard_size=shard_size,
+                              relabeled_format=relabeled_format, overwrite=overwrite, progress=progress,
+                              **options)
     finally:
         progress.close()
     _report(result, as_json)
@@ -180,8 +191,14 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
     """Write a poisoned copy of DATA to OUT plus truth.json (for red-teaming; DATA is not modified)."""
     from sanitize.attacks import poison_dataset
 
+    params = methods.parse_assignments(sets)
+    own = {name for name, p in signature(poison_dataset).parameters.items() if p.kind is not Parameter.VAR_KEYWORD}
+    taken = sorted(set(params) & own)
+    if taken:  # --set seed=3 would collide with --seed in the call below
+        raise InputError(f"--set takes the attack's parameters, not {', '.join(taken)}: "
+                         "use the command's own argument or flag for that")
     truth = poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=fmt,
-                           overwrite=overwrite, **methods.parse_assignments(sets))
+                           overwrite=overwrite, **params)
     counts = truth["counts"]
     click.echo(f"poisoned {counts['poisoned']} of {counts['total']} samples with {attack} "
                f"(target class {truth['target']}); copy and truth.json in {out}")
@@ -249,12 +266,24 @@ def per_class_line(per_class: dict[str, dict[str, int]], shown: int = PER_CLASS_
                         f"{len(rest)} other classes"])
 
 
+class Terminated(Exception):
+    """SIGTERM (``kill``, a job scheduler's time limit), raised in the main thread so that the
+    staged output is cleaned up as on Ctrl-C, instead of the process dying with it left behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> None:
     """Entry point: user errors are one line on stderr and a non-zero exit, never a traceback."""
     from sanitize.formats.onnx import OnnxCheckError
 
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="sanitize", standalone_mode=False)
+    except Terminated:
+        _fail("terminated", EXIT_TERMINATED)
     except click.exceptions.Abort:
         _fail("interrupted", 130)
     except click.ClickException as error:
@@ -266,6 +295,8 @@ def main(argv=None) -> None:
         _fail(f"{error}; no output was written", EXIT_ONNX_CHECK)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

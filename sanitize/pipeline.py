@@ -69,15 +69,15 @@ def stages(method: str) -> list[str]:
     return ["ingest", *module.STAGES, "write", "export"]
 
 
-def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "auto", seed: int = 0,
+def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "auto", seed: int | None = None,
         image_size=None, classes_file=None, workers: int | None = None, shard_size: int = 10_000,
         relabeled_format: str = "webdataset", overwrite: bool = False, progress: Progress | None = None,
         **method_options) -> RunResult:
     """Sanitize ``data`` (ImageFolder root or WebDataset shards) into the directory ``out``.
 
     ``method_options`` are the method's own options (``arch``, ``quick``,
-    ``batch_size``, ...); they override ``config`` (a TOML file), which overrides
-    the method's defaults. Raises :class:`InputError` for anything the user can fix.
+    ``batch_size``, ...) and ``seed``; they override ``config`` (a TOML file), which overrides
+    the method's defaults (None: not set). Raises :class:`InputError` for anything the user can fix.
     """
     if out is None:
         raise InputError("an output directory is required (--out)")
@@ -101,14 +101,16 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
         result = _guard_memory(lambda: module.run(bank, options, progress))
         _check_result(result, bank.n)
         # The shards are written (by worker processes) while this thread exports and checks
-        # the model: the two share nothing but the staging folder.
+        # the model: the two share nothing but the staging folder. Both stages are announced from
+        # this thread, so that progress shows them in order.
         with concurrent.futures.ThreadPoolExecutor(1) as side:
-            writing = side.submit(_timed, clock, "write", write_outputs, staging, ingested, score=result.score,
+            progress.stage("write")
+            writing = side.submit(_timed, write_outputs, staging, ingested, score=result.score,
                                   suspected=result.suspected, relabel=result.relabel, shard_size=shard_size,
                                   relabeled_format=relabeled_format, workers=workers)
             with clock("export"):
                 onnx_report = _export(result, bank, staging / "model.onnx", method)
-            outputs = writing.result()
+            outputs, clock.timings_s["write"] = writing.result()
         outputs["model"] = "model.onnx"
         metrics = {**result.metrics, "onnx_check": onnx_report}
         manifest = build_manifest(
@@ -219,9 +221,10 @@ def _export(result: MethodResult, bank: Bank, path: Path, method: str) -> dict:
     return check_onnx(path, result.model, bank.images[picked])
 
 
-def _timed(clock: StageClock, name: str, function, *args, **kwargs):
-    with clock(name):
-        return function(*args, **kwargs)
+def _timed(function, *args, **kwargs):
+    """(``function(*args, **kwargs)``, its wall time in seconds)."""
+    start = time.perf_counter()
+    return function(*args, **kwargs), round(time.perf_counter() - start, 3)
 
 
 def _stage_order(pipeline: dict[str, float], method: dict[str, float], wall_s: float) -> dict[str, float]:

@@ -42,6 +42,11 @@ def test_run_json_then_inspect(make_shards, tmp_path):
      "filter_ratio must be > 0 and < 1"),
     (["run", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/none.toml"], "config file not found"),
     (["inspect", "{tmp}"], "manifest"),
+    (["run", "{data}", "--out", "{tmp}/o", "--set", "device=cpu"], "not a method option but a flag: use --device"),
+    (["run", "{data}", "--out", "{tmp}/o", "--set", "image-size=32"], "use --image-size"),
+    (["run", "{data}", "--out", "{tmp}/o", "--set", "size=32"], "unknown option(s) for advrbd: size"),
+    (["poison", "{data}", "--attack", "blend", "--rate", "0.1", "--out", "{tmp}/p", "--set", "seed=3"],
+     "--set takes the attack's parameters, not seed"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message, make_shards, tmp_path, monkeypatch, capsys):
     import torch
@@ -56,10 +61,54 @@ def test_user_errors_are_one_line_and_exit_2(args, message, make_shards, tmp_pat
     assert err.startswith("sanitize: error:") and message.lower() in err.lower() and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, config, seed", [
+    ([], "", 0), (["--set", "seed=5"], "", 5), ([], "seed = 7", 7), (["--seed", "3"], "seed = 7", 3),
+    (["--seed", "3", "--set", "seed=5"], "", 3),
+])
+def test_the_seed_comes_from_the_flag_else_set_else_the_config(args, config, seed, tmp_path, monkeypatch):
+    from sanitize import methods, pipeline
+
+    (tmp_path / "options.toml").write_text(config)
+    called = {}
+
+    class Called(Exception):
+        pass
+
+    def fake_run(data, method, out, config, **kwargs):
+        names = {f.name for f in dataclasses.fields(methods.load(method)[1])}
+        options = {k: v for k, v in kwargs.items() if k in names}
+        called["options"] = methods.resolve_options(method, config, **options)
+        raise Called
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    with pytest.raises(Called):
+        main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "options.toml"),
+              *FAST, *args])
+    assert called["options"].seed == seed
+
+
 def test_errors_print_no_traceback(tmp_path):
     code, stdout, stderr = sanitize_cli("run", tmp_path / "nothing-here", "--out", tmp_path / "o", *FAST)
     assert code == 2 and "Traceback" not in stderr
     assert stderr.strip().startswith("sanitize: error:") and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_killed_run_leaves_nothing_behind(signal_name, code, make_shards, tmp_path):
+    import signal
+    import time
+
+    data = make_shards(200)
+    process = subprocess.Popen([sys.executable, "-m", "sanitize", "run", str(data), "--out", str(tmp_path / "o"),
+                                *FAST], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60  # wait for the staging folder: the run has started writing
+    while not list(tmp_path.glob(".o.sanitize-tmp-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [data.name]
 
 
 def test_empty_input_is_a_clear_error(tmp_path):

@@ -47,10 +47,7 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     if config is not None:
         values.update(_read_config(Path(config), name))
     values.update({key: value for key, value in overrides.items() if value is not None})
-    known = {f.name: f for f in dataclasses.fields(options_class)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise InputError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    check_names(name, values)
     hints = typing.get_type_hints(options_class)
     for key, value in values.items():
         values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
@@ -61,6 +58,15 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
         if values["arch"] not in ARCHS:
             raise InputError(f"option arch must be one of {', '.join(sorted(ARCHS))}, got {values['arch']!r}")
     return dataclasses.replace(options_class(**values).scaled(), **values)
+
+
+def check_names(name: str, keys) -> None:
+    """An InputError unless every one of ``keys`` is an option of method ``name``; the message lists the valid ones."""
+    _, options_class = load(name)
+    known = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise InputError(f"unknown option(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
 
 
 _COMPARISONS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
