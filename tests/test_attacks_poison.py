@@ -93,6 +93,38 @@ def test_poison_refuses_overlap_and_existing_output(make_shards, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_each_overwrite_replaces_only_its_own_kind_of_output(make_shards, tmp_path):
+    """``run --overwrite`` must not delete a poisoned copy (maybe the only one), nor ``poison`` a run's output."""
+    from sanitize import pipeline
+
+    data = make_shards(40, per_shard=40)
+    poisoned = tmp_path / "poisoned"
+    poison_dataset(data, attack="badnets", rate=0.1, target=1, out=poisoned)
+    hashes = tree_hashes(poisoned)
+    with pytest.raises(InputError, match="holds no manifest.json, so it is not an earlier output"):
+        pipeline.run(data, out=poisoned, overwrite=True, device="cpu", arch="small", quick=True)
+    assert tree_hashes(poisoned) == hashes
+    run_output = tmp_path / "sanitized"
+    run_output.mkdir()
+    (run_output / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match="holds no truth.json, so it is not an earlier output"):
+        poison_dataset(data, attack="badnets", rate=0.1, target=1, out=run_output, overwrite=True)
+    assert [p.name for p in run_output.iterdir()] == ["manifest.json"]
+
+
+def test_poison_lists_the_unreadable_inputs_it_leaves_out(make_imagefolder, tmp_path):
+    data = make_imagefolder(40)
+    (data / "cat" / "broken.jpg").write_bytes(b"not an image")
+    (data / "dog" / "empty.png").write_bytes(b"")
+    truth = poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out")
+    assert truth["counts"] == {"total": 42, "readable": 40, "unreadable": 2, "poisoned": 4, "cover": 0}
+    assert [(item["key"], item["source"]) for item in truth["unreadable"]] == [
+        ("cat/broken", "cat/broken.jpg"), ("dog/empty", "dog/empty.png")]
+    assert all(item["error"] for item in truth["unreadable"])
+    assert any(w.startswith("2 of 42 input samples are unreadable and not in the copy") for w in truth["warnings"])
+    check_copy(data, tmp_path / "out", truth, target=1)
+
+
 def test_poison_is_deterministic(make_shards, tmp_path):
     data = make_shards(60, per_shard=60)
     first = poison_dataset(data, attack="blend", rate=0.1, target=0, out=tmp_path / "a", seed=5)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 import torchvision
 import webdataset
+from PIL import Image
 
 from conftest import write_shard
 from sanitize.formats import InputError, read_dataset, writers, staged_output, write_dataset, write_outputs
@@ -92,6 +96,70 @@ def test_staged_output_replaces_only_an_earlier_output_and_only_with_overwrite(t
     with pytest.raises(InputError, match="not a directory"):
         with staged_output(tmp_path / "file", tmp_path / "input", overwrite=True):
             pass
+
+
+def test_staged_output_replaces_only_its_own_kind_of_output(tmp_path):
+    """``run --overwrite`` (manifest.json) must not delete a poisoned copy (truth.json), nor the reverse."""
+    for marker, other in (("truth.json", writers.RUN_OUTPUT), ("manifest.json", ("truth.json",))):
+        out = tmp_path / marker
+        out.mkdir()
+        (out / marker).write_text("{}")
+        (out / "part-000000.tar").write_bytes(b"someone's only copy")
+        with pytest.raises(InputError, match=f"holds no {other[0]}, so it is not an earlier output"):
+            with staged_output(out, tmp_path / "input", overwrite=True, replaceable=other):
+                pass
+        assert sorted(p.name for p in out.iterdir()) == sorted([marker, "part-000000.tar"])
+        with staged_output(out, tmp_path / "input", overwrite=True, replaceable=(marker,)) as staging:
+            (staging / "new.txt").write_text("new")
+        assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def _file_as_parent(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("x")
+    return tmp_path / "afile" / "out"
+
+
+def _file_as_grandparent(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("x")
+    return tmp_path / "afile" / "sub" / "out"
+
+
+def _name_too_long(tmp_path: Path) -> Path:
+    return tmp_path / ("x" * 300) / "out"
+
+
+def _read_only_parent(tmp_path: Path) -> Path:
+    (tmp_path / "locked").mkdir(mode=0o555)
+    return tmp_path / "locked" / "out"
+
+
+def _unreadable_out(tmp_path: Path) -> Path:
+    (tmp_path / "locked").mkdir(mode=0o000)
+    return tmp_path / "locked"
+
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+NO_PERMISSIONS = pytest.mark.skipif(AS_ROOT, reason="root bypasses file permissions")
+
+
+@pytest.mark.parametrize("make_out, reason", [
+    (_file_as_parent, "afile exists and is not a directory"),
+    (_file_as_grandparent, "Not a directory"),
+    (_name_too_long, "too long"),
+    pytest.param(_read_only_parent, "Permission denied", marks=NO_PERMISSIONS),
+    pytest.param(_unreadable_out, "Permission denied", marks=NO_PERMISSIONS),
+])
+def test_staged_output_turns_an_unusable_out_into_one_line(make_out, reason, tmp_path):
+    out = make_out(tmp_path)
+    expected = f"cannot write the output {re.escape(str(out.resolve()))}: .*{reason}"
+    try:
+        with pytest.raises(InputError, match=expected) as caught:
+            with staged_output(out, tmp_path / "input", overwrite=True):
+                pass
+    finally:
+        for path in tmp_path.iterdir():
+            path.chmod(0o755)
+    assert "\n" not in str(caught.value)
 
 
 def test_staged_output_accepts_an_existing_empty_directory(tmp_path):
@@ -189,6 +257,76 @@ def test_relabeled_imagefolder_loads_with_torchvision(make_imagefolder, tmp_path
     moved = next(s for s, flagged in zip(ingested.samples, suspected) if flagged and s.label != 0)
     assert by_path[f"{ingested.classes[0]}/{moved.key}.jpg"] == 0  # relabeled to class 0: nested under it
     assert len(list(webdataset.WebDataset(shard_paths(tmp_path / "out" / "clean"), shardshuffle=False))) == 64
+
+
+def gif_bytes(jpg: bytes) -> bytes:
+    """An animated two-frame GIF with a transparent colour, made from a real image: its first frame is the sample."""
+    first = Image.open(io.BytesIO(jpg)).convert("RGB").quantize(64)
+    second = Image.new("P", first.size, 0)
+    buffer = io.BytesIO()
+    first.save(buffer, format="GIF", save_all=True, append_images=[second], transparency=3, duration=100)
+    return buffer.getvalue()
+
+
+def folder_placement(ingested, relabel, dirs) -> list[tuple[str, int]]:
+    """(path without extension, class index) that every sample must have in the relabeled tree."""
+    placed = []
+    for sample, label in zip(ingested.samples, relabel.tolist()):
+        key = sample.key if sample.key.startswith(f"{dirs[label]}/") else f"{dirs[label]}/{sample.key}"
+        placed.append((key, label))
+    return sorted(placed)
+
+
+def loaded_placement(folder, root: Path) -> list[tuple[str, int]]:
+    return sorted((Path(path).relative_to(root).with_suffix("").as_posix(), label) for path, label in folder.samples)
+
+
+def test_relabeled_imagefolder_holds_every_sample_for_torchvision_with_an_empty_class_and_a_gif(
+        make_imagefolder, tmp_path, cifar_samples, cifar_classes):
+    data = make_imagefolder(60)
+    gif = gif_bytes(cifar_samples[100][1])
+    (data / "cat" / "animated.gif").write_bytes(gif)
+    ingested = read_dataset(data, workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    relabel[relabel == 9] = 1  # nothing is relabeled "truck": an empty class directory
+    row = next(i for i, s in enumerate(ingested.samples) if s.key == "cat/animated")
+    suspected[row], relabel[row] = False, 5  # kept in the clean shards, relabeled "dog"
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
+                  relabeled_format="imagefolder")
+    root = tmp_path / "out" / "relabeled"
+    with pytest.raises(FileNotFoundError, match="truck"):  # what the warning tells the user to avoid
+        torchvision.datasets.ImageFolder(root)
+    folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    assert folder.classes == cifar_classes and not any((root / "truck").iterdir())
+    assert loaded_placement(folder, root) == folder_placement(ingested, relabel, cifar_classes)
+    frame = Image.open(io.BytesIO(gif)).convert("RGB")
+    loaded, _ = folder[folder.samples.index((str(root / "dog" / "cat" / "animated.png"), 5))]
+    assert np.array_equal(np.asarray(loaded), np.asarray(frame)), "the first frame, lossless"
+    back = read_dataset(root, workers=1)  # and sanitize decodes the PNG to the pixels it judged
+    assert np.array_equal(back.images[[s.key for s in back.samples].index("dog/cat/animated")], ingested.images[row])
+    assert any("truck" in w and "allow_empty=True" in w for w in ingested.warnings)
+    assert any("cat/animated (gif)" in w and "PNG" in w for w in ingested.warnings)
+    assert json.loads((root / "classes.json").read_text()) == {"classes": cifar_classes}
+    clean = {s["__key__"]: s for s in webdataset.WebDataset(shard_paths(tmp_path / "out" / "clean"),
+                                                             shardshuffle=False)}
+    assert clean["cat/animated"]["gif"] == gif, "the shards keep the original bytes"
+
+
+def test_relabeled_imagefolder_keeps_our_class_indices_for_unsorted_classes(make_shards, tmp_path, cifar_classes):
+    """torchvision numbers classes by sorted directory name; classes.json of shards need not be sorted."""
+    data = make_shards(80, 80)
+    classes = cifar_classes[::-1]
+    (data / "classes.json").write_text(json.dumps({"classes": classes}))
+    ingested = read_dataset(data, workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
+                  relabeled_format="imagefolder")
+    root = tmp_path / "out" / "relabeled"
+    folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    dirs = class_dir_names(classes)
+    assert folder.class_to_idx == {name: index for index, name in enumerate(dirs)} and dirs[0] == "0-truck"
+    assert loaded_placement(folder, root) == folder_placement(ingested, relabel, dirs)
+    assert json.loads((root / "classes.json").read_text()) == {"classes": classes}  # the names behind "0-truck"
 
 
 def test_verdicts_that_do_not_fit_are_a_bug_not_bad_data(make_shards, tmp_path):

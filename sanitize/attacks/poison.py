@@ -39,12 +39,15 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
 
     ``target`` is a class index or name; ``fmt`` "webdataset" or "imagefolder" (default: the
     input's); ``params`` are the attack's parameters. Raises InputError for bad options, an
-    ``out`` that overlaps the input, or an existing non-empty ``out`` without ``overwrite``.
+    ``out`` that overlaps the input, or an existing non-empty ``out`` without ``overwrite``;
+    ``overwrite`` replaces only an earlier poisoned copy (a directory holding truth.json),
+    never a run's output or other files. Unreadable inputs are not copied: truth.json
+    lists them with their reasons under ``unreadable``, and a warning counts them.
     """
     attacker = make_attack(attack, **params)
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    with staged_output(out, data, overwrite=overwrite) as staging:
+    with staged_output(out, data, overwrite=overwrite, replaceable=(TRUTH_FILE,)) as staging:
         ingested = read_dataset(data)
         target_index = target_class(target, ingested.classes)
         result = attacker.poison(ingested.images, ingested.labels, rate=rate, target=target_index, seed=seed,
@@ -126,5 +129,15 @@ def build_truth(attacker: Attack, ingested: Ingested, result: Poisoned, samples:
         "cover": [keys[row] for row in np.flatnonzero(result.cover)],
         "true_labels": {keys[row]: int(result.true_labels[row]) for row in poisoned_rows},
         "renamed": {new.key: old.key for new, old in zip(samples, ingested.samples) if new.key != old.key},
-        "warnings": result.warnings,
+        "unreadable": [{"key": item.key, "source": item.source, "error": item.error} for item in ingested.unreadable],
+        "warnings": [*result.warnings, *ingested.warnings, *_unreadable_warnings(ingested)],
     }
+
+
+def _unreadable_warnings(ingested: Ingested) -> list[str]:
+    """The inputs the copy leaves out, counted where the user looks (the CLI prints every warning)."""
+    count = len(ingested.unreadable)
+    if not count:
+        return []
+    return [f"{count} of {ingested.total} input samples are unreadable and not in the copy "
+            f"(reasons in truth.json under 'unreadable')"]

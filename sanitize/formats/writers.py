@@ -1,6 +1,7 @@
 """Outputs: staged output directories, clean/relabeled shards, ImageFolder copies, scores.csv.
 
-Image bytes are always copied, never re-encoded. Shards are reproducible: the
+Image bytes are always copied, never re-encoded; the one exception is a GIF in
+the relabeled ImageFolder tree (see ``first_frame_png``). Shards are reproducible: the
 same input and verdicts give byte-identical tar files (fixed member order,
 mtime, owner and mode).
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import hashlib
+import io
 import itertools
 import json
 import os
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sanitize.formats.images import IMAGE_EXTS
+from sanitize.formats.images import IMAGE_EXTS, bomb_guard, open_image
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import Ingested, InputError, Sample
@@ -33,31 +37,42 @@ TAR_MTIME = 0  # a fixed timestamp is what makes the same shard byte-identical o
 WRITE_POOL_MIN_SAMPLES = 10_000
 
 
-# Files that mark a directory as an earlier output, which ``--overwrite`` may replace.
-REPLACEABLE = ("manifest.json", "truth.json")
+# The file that marks a directory as an earlier output of ``sanitize run``, which its ``--overwrite``
+# may replace. Each command replaces only its own kind of output (``sanitize poison`` passes
+# truth.json): a run must never delete a poisoned copy, which may be someone's only red-team data.
+RUN_OUTPUT = ("manifest.json",)
+# What a dataset copy written by ``write_dataset`` holds beside its shards.
+DATASET_COPY = ("classes.json",)
+# The extensions torchvision.datasets.ImageFolder loads (its IMG_EXTENSIONS, .ppm and .pgm aside):
+# a file with any other extension is silently left out by it.
+TORCHVISION_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"})
+MAX_LISTED = 5  # sample keys named in one warning; the rest are counted
 
 
 @contextlib.contextmanager
 def staged_output(out, input_path, *, overwrite: bool = False,
-                  replaceable: tuple[str, ...] = REPLACEABLE) -> Iterator[Path]:
+                  replaceable: tuple[str, ...] = RUN_OUTPUT) -> Iterator[Path]:
     """Yield a fresh hidden directory beside ``out``; move it into place as ``out`` on success.
 
     The directory is named ``.<out>.sanitize-tmp-<pid>-<random>``, so what a
     killed run leaves behind is hidden and never looks like a result. On an
     exception it is deleted and the exception re-raised. Raises InputError
     before anything is written if ``out`` is, is inside, or contains the input
-    (``input_path`` None skips that check), or exists non-empty without ``overwrite``.
-    Even with ``overwrite``, a non-empty ``out`` is only replaced if it holds one of
-    the ``replaceable`` files, i.e. looks like an earlier output: a mistyped
-    ``--out ~/data --overwrite`` must not delete someone's files.
+    (``input_path`` None skips that check), exists non-empty without ``overwrite``,
+    or cannot be created (a file in the way, no permission): one line naming the path
+    and the reason. Even with ``overwrite``, a non-empty ``out`` is only replaced if it
+    holds one of the ``replaceable`` files (default: a run's manifest.json), i.e. looks
+    like an earlier output of the same command: a mistyped ``--out ~/data --overwrite``
+    must not delete someone's files.
     """
     target = Path(out).resolve()
     if input_path is not None:
         _refuse_overlap(target, input_path)
-    _refuse_existing(target, overwrite, replaceable)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.sanitize-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
+    try:
+        _refuse_existing(target, overwrite, replaceable)
+        staging = _make_staging(target)
+    except OSError as error:
+        raise InputError(f"cannot write the output {target}: {_os_reason(error)}") from None
     try:
         yield staging
         _move_into_place(staging, target)
@@ -90,7 +105,25 @@ def _refuse_existing(target: Path, overwrite: bool, replaceable: tuple[str, ...]
         raise InputError(f"output {target} exists and is not empty (use --overwrite to replace it)")
     if not any((target / name).is_file() for name in replaceable):
         raise InputError(f"output {target} is not empty and holds no {' or '.join(replaceable)}, so it is not an "
-                         f"earlier output; --overwrite only replaces those: choose another OUT or empty it yourself")
+                         f"earlier output of this command; --overwrite only replaces those: choose another OUT or "
+                         f"empty it yourself")
+
+
+def _make_staging(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.sanitize-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir()
+    except OSError as error:  # the hidden staging name would only puzzle the user: name the directory
+        raise OSError(error.errno, error.strerror, str(target.parent)) from error
+    return staging
+
+
+def _os_reason(error: OSError) -> str:
+    """What the OS refused and where, in words: mkdir's "File exists" means a file is in the way."""
+    if isinstance(error, FileExistsError):
+        return f"{error.filename} exists and is not a directory"
+    return f"{error.strerror or error}: {error.filename}" if error.filename else str(error.strerror or error)
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
@@ -115,6 +148,9 @@ def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_s
     score float [N] (higher = more likely poisoned), suspected bool [N] and
     relabel int [N] are aligned with ``ingested.samples``. Returns the relative
     paths written: {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}.
+    With ``relabeled_format="imagefolder"``, what a user of torchvision's ImageFolder
+    must know about the tree (see ``write_relabeled_folder``) is appended to
+    ``ingested.warnings``, which the manifest records.
     """
     score, suspected, relabel = check_verdicts(ingested, score, suspected, relabel)
     if relabeled_format not in FORMATS:
@@ -125,14 +161,13 @@ def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_s
     sets = [(tmp / "clean", "clean", (_clean_fields(samples[i], float(score[i])) for i in clean))]
     relabeled = tmp / "relabeled"
     if relabeled_format == "imagefolder":
-        write_folder(relabeled, samples, relabel.tolist(), ingested.classes)
+        ingested.warnings.extend(write_relabeled_folder(relabeled, samples, relabel.tolist(), ingested.classes))
     else:
         sets.append((relabeled, "relabeled", (_relabeled_fields(sample, float(score[i]), bool(suspected[i]),
                                                                 int(relabel[i])) for i, sample in enumerate(samples))))
     write_shard_sets(sets, shard_size, workers)
     _write_classes(tmp / "clean", ingested.classes)
-    if relabeled_format == "webdataset":
-        _write_classes(relabeled, ingested.classes)
+    _write_classes(relabeled, ingested.classes)
     write_scores(tmp / "scores.csv", samples, score, suspected, relabel)
     return {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}
 
@@ -221,7 +256,10 @@ def _write_shard(path: Path, samples: list[dict]) -> None:
 
 
 def _write_classes(directory: Path, classes: list[str]) -> None:
-    """classes.json beside shards, so that ``read_dataset`` of the directory gets the class names back."""
+    """classes.json beside shards, so that ``read_dataset`` of the directory gets the class names back.
+
+    Beside a relabeled ImageFolder tree it names the classes its directories stand for
+    (torchvision ignores files at the root; ``read_dataset`` counts it as skipped)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "classes.json").write_text(json.dumps({"classes": classes}, indent=1) + "\n", encoding="utf-8")
 
@@ -248,6 +286,60 @@ def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(sample.data)
     return written
+
+
+def write_relabeled_folder(root: Path, samples: list[Sample], labels: list[int], classes: list[str]) -> list[str]:
+    """The relabeled set as a tree that ``torchvision.datasets.ImageFolder(root, allow_empty=True)`` loads whole.
+
+    Every sample is there, in the directory of its label; torchvision's class
+    indices are ours (see ``write_folder``). Returns warnings for the user: the
+    class directories left empty, and the samples re-encoded because torchvision
+    would skip them.
+    """
+    loadable = [sample if sample.ext in TORCHVISION_EXTS else first_frame_png(sample) for sample in samples]
+    write_folder(root, loadable, labels, classes)
+    return _empty_class_warnings(labels, classes) + _reencoded_warnings(samples, loadable)
+
+
+def first_frame_png(sample: Sample) -> Sample:
+    """``sample`` as a PNG of its first frame, at its size and in its mode (palette, transparency kept).
+
+    Only the relabeled ImageFolder tree does this, for the formats torchvision's
+    ImageFolder does not load (GIF): the shards always keep the original bytes, but
+    here a ``.gif`` file would be silently left out of the user's dataset. The
+    first frame is all that torchvision's loader and ``read_dataset`` ever decode
+    from a GIF, and PNG is lossless, so both see the very pixels the method judged.
+    """
+    with bomb_guard():
+        image = open_image(sample.data)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return dataclasses.replace(sample, ext="png", sha256=hashlib.sha256(data).hexdigest(), data=data)
+
+
+def _empty_class_warnings(labels: list[int], classes: list[str]) -> list[str]:
+    # An empty class keeps its directory: without it, torchvision would number every later class one lower.
+    used = set(labels)
+    empty = [name for index, name in enumerate(class_dir_names(classes)) if index not in used]
+    if not empty:
+        return []
+    return [f"relabeled/: class directories {_listed(empty)} are empty (no sample is relabeled to them); "
+            f"load with torchvision.datasets.ImageFolder(..., allow_empty=True), which keeps the class indices"]
+
+
+def _reencoded_warnings(samples: list[Sample], loadable: list[Sample]) -> list[str]:
+    changed = [f"{old.key} ({old.ext})" for old, new in zip(samples, loadable) if new.ext != old.ext]
+    if not changed:
+        return []
+    return [f"relabeled/: {len(changed)} samples in formats torchvision's ImageFolder skips are written as PNG "
+            f"of their first frame (lossless; the clean shards keep the original bytes): "
+            f"{_listed(changed)}"]
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"
 
 
 def _require_safe_names(samples: list[Sample]) -> None:
@@ -280,7 +372,8 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
     ``write_folder``). Reading ``out`` back with ``read_dataset`` gives the same
     labels and bytes, and the same keys when ``fmt`` is the format the samples
     were read from (an ImageFolder key starts with its class directory, so
-    shards written as a folder gain one). Returns ``Path(out)``.
+    shards written as a folder gain one). ``overwrite`` replaces only an earlier
+    shard copy (a directory holding classes.json). Returns ``Path(out)``.
     """
     if fmt not in FORMATS:
         raise InputError(f"dataset format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -289,8 +382,7 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
     _require_safe_names(samples)
     if any(not 0 <= sample.label < len(classes) for sample in samples):
         raise ValueError(f"a sample label is outside 0..{len(classes) - 1}")
-    # A dataset written here before has its classes.json (shards) beside the outputs' markers.
-    with staged_output(out, None, overwrite=overwrite, replaceable=(*REPLACEABLE, "classes.json")) as staging:
+    with staged_output(out, None, overwrite=overwrite, replaceable=DATASET_COPY) as staging:
         if fmt == "imagefolder":
             write_folder(staging, samples, [sample.label for sample in samples], classes)
         else:
