@@ -200,7 +200,7 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
     truth = poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=fmt,
                            overwrite=overwrite, **params)
     counts = truth["counts"]
-    click.echo(f"poisoned {counts['poisoned']} of {counts['total']} samples with {attack} "
+    click.echo(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
                f"(target class {truth['target']}); copy and truth.json in {out}")
     if truth["renamed"]:
         click.echo(f"  {len(truth['renamed'])} files were renamed to carry their new label; "
@@ -242,11 +242,18 @@ def _report(result, as_json: bool, show: int = 5) -> None:
                    f"{classes[suspect['relabel']]}")
     if result.manifest["unreadable"]:
         click.echo(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
+    warnings = result.manifest["input"]["warnings"]
+    for warning in warnings[:WARNINGS_SHOWN]:
+        click.echo(f"warning: {warning}", err=True)
+    if len(warnings) > WARNINGS_SHOWN:
+        click.echo(f"warning: {len(warnings) - WARNINGS_SHOWN} more in manifest.json (input/warnings)", err=True)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
     click.echo(f"  time: {times}")
     click.echo(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))
 
 
+# The summary prints this many of the manifest's input warnings (damaged shards, renamed duplicates, ...).
+WARNINGS_SHOWN = 5
 # Beyond this many classes the per-class line lists only the classes with the most suspects.
 PER_CLASS_SHOWN = 10
 

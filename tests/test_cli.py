@@ -152,8 +152,24 @@ def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, t
     captured = capsys.readouterr()
     truth = json.loads((tmp_path / "poisoned" / "truth.json").read_text())
     assert truth["target"] == 1 and truth["warnings"]
-    assert "target class 1" in captured.out
+    assert "target class 1" in captured.out and f"of {truth['counts']['readable']} readable samples" in captured.out
     assert captured.err.count("warning: ") == len(truth["warnings"])
+
+
+def test_the_summary_prints_the_input_warnings_a_few_at_a_time(capsys):
+    from types import SimpleNamespace
+
+    from sanitize.cli import WARNINGS_SHOWN, _report
+
+    warnings = [f"shard part-{i}.tar may be truncated" for i in range(WARNINGS_SHOWN + 3)]
+    result = SimpleNamespace(method="advrbd", counts={"total": 2, "clean": 2, "suspected": 0, "unreadable": 0},
+                             suspect_target=None, per_class={"a": {"total": 1, "suspected": 0}},
+                             manifest={"input": {"classes": ["a"], "warnings": warnings}, "suspects": [],
+                                       "unreadable": []}, timings_s={}, out="o", outputs={})
+    _report(result, as_json=False)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {w}" for w in warnings[:WARNINGS_SHOWN]] + \
+        ["warning: 3 more in manifest.json (input/warnings)"]
 
 
 def test_per_class_line_stays_one_screen_for_many_classes():
