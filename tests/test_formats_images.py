@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -74,6 +75,31 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
 def test_float_tiff_in_unit_range_is_scaled():
     values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
     decoded = decode(encode(Image.fromarray(values, "F"), "TIFF"))[..., 0]
+    assert decoded.tolist() == [[0, 128, 255]]
+
+
+def float_tiff(values) -> bytes:
+    return encode(Image.fromarray(np.asarray(values, dtype=np.float32), "F"), "TIFF")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("whole", [True, False], ids=["all", "one-pixel"])
+def test_float_tiff_with_non_finite_pixels_is_unreadable_without_warnings(bad, whole):
+    values = np.full((16, 16), bad if whole else 0.5)
+    values[3, 4] = bad
+    good = float_tiff(np.full((16, 16), 0.25))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarnings reached stderr even under -q
+        decoded = decode_images([float_tiff(values), good], Workers(1))
+        sized = decode_images([float_tiff(values), good], Workers(1), image_size=8)
+    assert decoded.errors == sized.errors == {0: "image has NaN or infinite pixel values"}
+    assert decoded.images.shape == (1, 16, 16, 3) and decoded.images.max() == 64
+
+
+def test_float_tiff_at_the_float32_extremes_is_stretched_without_overflow():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode(float_tiff([[-3e38, 0.0, 3e38]]))[..., 0]
     assert decoded.tolist() == [[0, 128, 255]]
 
 

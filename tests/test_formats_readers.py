@@ -1,6 +1,7 @@
 """read_dataset: real CIFAR data laid out as shards and folders, plus every hostile input we promise to survive."""
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
@@ -16,7 +17,7 @@ import torchvision
 from PIL import Image
 
 from conftest import decode_jpegs, write_shard
-from sanitize.formats import InputError, read_dataset
+from sanitize.formats import InputError, build_manifest, read_dataset, validate_manifest
 from sanitize.formats import images as images_module
 from sanitize.formats import readers as readers_module
 
@@ -97,6 +98,27 @@ def test_classes_file_json_label_and_inferred_classes(tmp_path, cifar_samples):
     assert read_dataset(root, workers=1).classes == ["x", "y", "z"]
 
 
+def test_one_huge_label_cannot_make_a_huge_class_list(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    picked = [(key, jpg, index % 2) for index, (key, jpg, _) in enumerate(cifar_samples[:20])]
+    write_shard(root / "a.tar", members_of(picked) + members_of([("huge", cifar_samples[20][1], 99999)]))
+    with pytest.raises(InputError, match="labels run up to 99999 but only 3 distinct") as error:
+        read_dataset(root, workers=1)
+    assert "classes.json" in str(error.value) and "\n" not in str(error.value)
+    (root / "classes.json").write_text(json.dumps(["a", "b"]))
+    ingested = read_dataset(root, workers=1)
+    assert ingested.classes == ["a", "b"] and "outside the 2 classes" in unreadable_by_key(ingested)["huge"]
+
+
+def test_a_missing_class_is_still_inferred(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    picked = [(key, jpg, 2 * (index % 2)) for index, (key, jpg, _) in enumerate(cifar_samples[:20])]  # 0 and 2
+    write_shard(root / "a.tar", members_of(picked))
+    assert read_dataset(root, workers=1).classes == ["0", "1", "2"]
+
+
 # --- WebDataset: hostile members ------------------------------------------------------------------------------
 
 
@@ -134,10 +156,10 @@ def test_shard_cut_mid_member_keeps_what_came_before_and_reads_other_shards(make
     ingested = read_dataset(root, workers=1)
     keys = [s.key for s in ingested.samples]
     assert keys == [key for key, _, _ in cifar_samples[:40]] + [key for key, _, _ in cifar_samples[60:90]]
-    assert list(unreadable_by_key(ingested)) == [cut_key]
-    assert "damaged inside member" in ingested.unreadable[0].error
-    assert ingested.unreadable[0].source == f"part-000001.tar:{cut_key}.jpg"
-    assert any("part-000001.tar: damaged" in warning for warning in ingested.warnings)
+    [lost] = ingested.unreadable
+    assert lost.source == "part-000001.tar" and lost.key == "part-000001_tar"
+    assert lost.error.startswith(f"shard damaged inside member '{cut_key}.jpg': that sample and the rest of the shard")
+    assert ingested.warnings == []  # the damage is in unreadable, not repeated as a warning
 
 
 def test_shard_cut_inside_a_label_member_makes_that_sample_unreadable(make_shards, cifar_samples):
@@ -146,7 +168,8 @@ def test_shard_cut_inside_a_label_member_makes_that_sample_unreadable(make_shard
     cut_key = cifar_samples[10][0]
     shard.write_bytes(shard.read_bytes()[:data_offset(shard, f"{cut_key}.cls")])
     ingested = read_dataset(root, workers=1)
-    assert len(ingested.samples) == 10 and list(unreadable_by_key(ingested)) == [cut_key]
+    assert len(ingested.samples) == 10 and [item.source for item in ingested.unreadable] == ["part-000000.tar"]
+    assert f"inside member '{cut_key}.cls': that sample" in ingested.unreadable[0].error
 
 
 def test_shard_cut_at_a_member_boundary_is_kept_but_flagged(make_shards, cifar_samples):
@@ -171,7 +194,8 @@ def test_damaged_header_is_reported(make_shards, damage):
     shard.write_bytes(broken)
     ingested = read_dataset(root, workers=1)
     assert len(ingested.samples) == 10
-    assert any("damaged" in warning and "header" in warning for warning in ingested.warnings)
+    [lost] = ingested.unreadable
+    assert lost.source == "part-000000.tar" and "header" in lost.error and "could not be read" in lost.error
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "not-gzip-at-all"])
@@ -188,7 +212,47 @@ def test_broken_gzip_shard_is_reported_not_a_crash(make_shards, tmp_path, damage
     (root / "part-000001.tar.gz").write_bytes(bytes(packed))
     ingested = read_dataset(root, workers=1)
     assert len(ingested.samples) >= 30  # all of part-000000, and whatever came before the damage
-    assert any("part-000001.tar.gz: damaged" in warning for warning in ingested.warnings)
+    [lost] = ingested.unreadable
+    assert lost.source == "part-000001.tar.gz"
+    assert "rest of the shard could not be read" in lost.error or "nothing in it could be read" in lost.error
+
+
+def verdicts_manifest(ingested) -> dict:
+    """The manifest of ``ingested`` with every readable sample judged clean, validated (counts add up)."""
+    count = len(ingested.samples)
+    manifest = build_manifest(ingested, method="advrbd", options={}, seed=0, score=np.zeros(count),
+                              suspected=np.zeros(count, bool), relabel=ingested.labels,
+                              model={"file": "model.onnx", "arch": "small", "input_size": [32, 32]},
+                              timings_s={}, environment={})
+    validate_manifest(manifest)
+    return manifest
+
+
+def test_shard_damaged_mid_stream_is_listed_unreadable_saying_what_was_lost(make_shards):
+    root = make_shards(100, 50)
+    packed = bytearray(gzip.compress((root / "part-000001.tar").read_bytes(), mtime=0))
+    (root / "part-000001.tar").unlink()
+    packed[len(packed) // 2:len(packed) // 2 + 64] = b"garbage!" * 8
+    (root / "part-000001.tar.gz").write_bytes(bytes(packed))
+    ingested = read_dataset(root, workers=1)
+    assert 50 <= len(ingested.samples) < 100  # part-000000 whole, part-000001 up to the damage
+    [lost] = [item for item in ingested.unreadable if item.source == "part-000001.tar.gz"]
+    assert lost.error.startswith("shard damaged after member ")
+    assert "the rest of the shard could not be read" in lost.error
+    counts = verdicts_manifest(ingested)["counts"]
+    assert counts["total"] == len(ingested.samples) + len(ingested.unreadable) and counts["unreadable"] >= 1
+
+
+@pytest.mark.parametrize("name, data", [("empty.tar", b""), ("junk.tgz", b"\x1f\x8b" + b"garbage" * 10),
+                                        ("junk.tar", b"not a tar archive " * 100)])
+def test_shard_that_cannot_be_read_at_all_is_listed_unreadable(make_shards, name, data):
+    root = make_shards(40, 40)
+    (root / name).write_bytes(data)
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 40
+    assert [(item.source, item.error.split(" (")[0]) for item in ingested.unreadable] == \
+        [(name, "not a readable tar shard")]
+    assert verdicts_manifest(ingested)["unreadable"][0]["source"] == name
 
 
 def test_duplicate_keys_are_kept_renamed_and_reported(tmp_path, cifar_samples):
@@ -217,6 +281,29 @@ def test_hostile_member_names_get_safe_keys_and_keep_their_source(tmp_path, cifa
     assert [s.key for s in ingested.samples] == ["etc/evil", "abs/path/x", "dots/a", "sp ace___", "multi"]
     assert ingested.samples[0].source == "a.tar:../../etc/evil.jpg"
     assert ingested.samples[4].ext == "jpg" and ingested.samples[4].label == label2
+
+
+def assert_utf8_text(source: str) -> None:
+    """``source`` survives strict UTF-8 JSON and CSV, as in manifest.json and scores.csv."""
+    source.encode("utf-8")
+    assert json.loads(json.dumps(source, ensure_ascii=False).encode("utf-8")) == source
+    text = io.StringIO()
+    csv.writer(text).writerow(["key", source])
+    assert next(csv.reader(io.StringIO(text.getvalue().encode("utf-8").decode("utf-8")))) == ["key", source]
+
+
+def test_undecodable_shard_and_member_names_give_utf8_sources(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    (key, jpg, label), (key2, jpg2, label2) = two_labels(cifar_samples)
+    bad = os.fsdecode(b"bad\xffname")
+    shard = root / os.fsdecode(b"part\xfe.tar")
+    write_shard(shard, members_of([(bad, jpg, label), (key2, jpg2, label2)]))
+    ingested = read_dataset(root, workers=1)
+    assert [s.source for s in ingested.samples] == ["part\\xfe.tar:bad\\xffname.jpg", f"part\\xfe.tar:{key2}.jpg"]
+    assert ingested.samples[0].key == "bad_name" and ingested.samples[0].data == jpg
+    for sample in ingested.samples:
+        assert_utf8_text(sample.source)
 
 
 def test_pickled_members_are_never_unpickled(tmp_path, cifar_samples):
@@ -255,6 +342,15 @@ def test_links_and_hidden_members_in_a_shard_are_skipped(tmp_path, cifar_samples
     assert ingested.skipped == {"hidden": 1, "no_key": 1, "not_regular_file": 1}
 
 
+def test_shard_without_image_samples_says_so(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    write_shard(root / "a.tar", [("readme.txt", b"nothing to see")])
+    with pytest.raises(InputError, match="no image samples found") as error:
+        read_dataset(root, workers=1)
+    assert str(root) in str(error.value) and "class" not in str(error.value)
+
+
 def test_corrupt_images_are_unreadable_and_the_run_goes_on(make_shards, cifar_samples):
     root = make_shards(30, 30)
     _, jpg, _ = cifar_samples[0]
@@ -267,6 +363,27 @@ def test_corrupt_images_are_unreadable_and_the_run_goes_on(make_shards, cifar_sa
     assert len(ingested.samples) == 30
     assert sorted(unreadable_by_key(ingested)) == ["cut", "text", "zero"]
     assert all(error.startswith("cannot decode image") for error in unreadable_by_key(ingested).values())
+
+
+def test_class_folders_beside_a_shard_are_refused_not_dropped(make_imagefolder, make_shards):
+    root = make_imagefolder(40)
+    (make_shards(20, 20) / "part-000000.tar").rename(root / "stray.tar")
+    with pytest.raises(InputError, match="both") as error:
+        read_dataset(root, workers=1)
+    message = str(error.value)
+    assert "stray.tar" in message and "brace pattern" in message and "move" in message and "\n" not in message
+    assert len(read_dataset(root / "stray.tar", workers=1).samples) == 20
+
+
+def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, cifar_samples):
+    root = make_shards(40, 20)
+    (root / "README.md").write_text("about these shards")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "x.jpg").write_bytes(cifar_samples[0][1])
+    (root / "notes").mkdir()
+    (root / "notes" / "log.txt").write_text("no images here")
+    ingested = read_dataset(root, workers=1)
+    assert ingested.format == "webdataset" and len(ingested.samples) == 40
 
 
 # --- ImageFolder ------------------------------------------------------------------------------------------------
@@ -330,6 +447,57 @@ def test_imagefolder_skips_fifos_and_symlinked_directories_without_hanging(make_
     (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
     ingested = read_dataset(root, workers=1)
     assert ingested.skipped == {"not_regular_file": 1, "symlinked_dir": 1}
+
+
+def test_imagefolder_undecodable_file_name_gives_a_utf8_source(make_imagefolder, cifar_samples):
+    root = make_imagefolder(20)
+    jpg = cifar_samples[30][1]
+    with open(os.path.join(os.fsencode(root / "cat"), b"bad\xff\xfename.jpg"), "wb") as file:
+        file.write(jpg)
+    [sample] = [s for s in read_dataset(root, workers=1).samples if "bad" in s.source]
+    assert sample.source == "cat/bad\\xff\\xfename.jpg" and sample.key == "cat/bad__name" and sample.data == jpg
+    assert_utf8_text(sample.source)
+
+
+def link_case(case: str, root: Path, outside: Path) -> None:
+    """One symlink of the kind ``case`` in the ImageFolder ``root``; ``outside`` holds outside.jpg and cat/."""
+    if case == "file_out":
+        (root / "cat" / "link_out.jpg").symlink_to(outside / "outside.jpg")
+    elif case == "text_file_out":  # as passwd.jpg -> /etc/passwd: bytes that must never be hashed or copied
+        (root / "cat" / "passwd.jpg").symlink_to(outside / "passwd")
+    elif case == "class_dir_out":
+        (root / "zz_linked").symlink_to(outside / "cat", target_is_directory=True)
+    elif case == "loop":
+        (root / "loop").symlink_to(root, target_is_directory=True)
+    else:
+        (root / "cat" / "dangling.jpg").symlink_to(outside / "missing.jpg")
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("file_out", "symlink_outside_root"), ("text_file_out", "symlink_outside_root"),
+    ("class_dir_out", "symlinked_dir"), ("loop", "symlinked_dir"), ("dangling", "dangling_symlink")])
+def test_imagefolder_never_reads_through_a_link_out_of_the_tree(case, reason, make_imagefolder, tmp_path,
+                                                                cifar_samples):
+    root = make_imagefolder(40)
+    plain = read_dataset(root, workers=1)
+    outside = tmp_path / "outside"
+    (outside / "cat").mkdir(parents=True)
+    secret = cifar_samples[100][1]
+    (outside / "outside.jpg").write_bytes(secret)
+    (outside / "cat" / "x.jpg").write_bytes(secret)
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    link_case(case, root, outside)
+    ingested = read_dataset(root, workers=1)
+    assert ingested.classes == plain.classes and ingested.samples == plain.samples and ingested.unreadable == []
+    assert ingested.skipped == {reason: 1}
+
+
+def test_imagefolder_reads_a_file_link_that_stays_inside_the_tree(make_imagefolder):
+    root = make_imagefolder(40)
+    target = sorted((root / "cat").iterdir())[0]
+    (root / "dog" / "shared.jpg").symlink_to(os.path.relpath(target, root / "dog"))
+    by_source = {s.source: s for s in read_dataset(root, workers=1).samples}
+    assert by_source["dog/shared.jpg"].data == target.read_bytes() and by_source["dog/shared.jpg"].label == 5
 
 
 def test_imagefolder_corrupt_file_is_unreadable(make_imagefolder):
@@ -414,7 +582,7 @@ def test_input_errors(tmp_path, make_imagefolder, cifar_samples):
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     write_shard(unlabeled / "a.tar", [("a.jpg", cifar_samples[0][1]), ("a.cls", b"cat")])
-    with pytest.raises(InputError, match="found 0 class"):
+    with pytest.raises(InputError, match="none of the 1 samples is readable; first: a.tar:a.jpg: label is not"):
         read_dataset(unlabeled)
     broken = tmp_path / "broken"
     for name in ("a", "b"):

@@ -160,3 +160,13 @@ def test_fuzzed_shards_read_the_same_through_both_paths_and_never_raise(tmp_path
             patch.setattr(tars, "IN_MEMORY_BYTES", -1)
             slow = scan(path)
         assert fast == slow, data
+
+
+def test_an_empty_or_unopenable_shard_is_damage_not_a_crash(tmp_path):
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    assert tars.parse_plain(b"", lambda name: True, CAP) is None  # tarfile names it: not a tar at all
+    assert scan(empty)[:2] == ([], "ReadError: empty file")
+    folder = tmp_path / "folder.tar"
+    folder.mkdir()
+    assert scan(folder)[:2] == ([], "cannot open: Is a directory")

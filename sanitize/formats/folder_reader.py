@@ -4,9 +4,18 @@
 directories under root (as torchvision numbers them), files are walked in
 sorted directory order, then sorted file name. Hidden files and directories,
 files that are not images (by extension, case-insensitive), files directly
-under root, links to non-files and symlinked sub-directories (which could
-loop) are skipped and counted. Walking happens in the calling process; reading and
-hashing the files can run in workers (``read_files``).
+under root and links to non-files are skipped and counted.
+
+Links never lead out of the input: nothing whose resolved path lies outside the
+resolved root is read, or its bytes would be hashed and copied into the outputs.
+Symlinked directories, class directories included, are skipped at every level
+(they could loop, or graft another tree in); a file link is read when its target
+lies inside the root (the bytes are part of the input, as torchvision would read
+them: datasets share one image between classes or splits that way), and skipped
+when it leads outside or nowhere. Every skipped link is counted.
+
+Walking happens in the calling process; reading and hashing the files can run in
+workers (``read_files``).
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ import stat
 from pathlib import Path
 
 from sanitize.formats.images import IMAGE_EXTS
-from sanitize.formats.keys import safe_key
+from sanitize.formats.keys import readable_name, safe_key
 from sanitize.formats.records import Listing, Sample, Unreadable
 
 MAX_FILE_BYTES = 256 * 2**20
@@ -28,24 +37,38 @@ def class_dirs(root: Path, listing: Listing) -> list[str]:
     for entry in os.scandir(root):
         if entry.name.startswith("."):
             listing.skip("hidden")
-        elif entry.is_dir():
+        elif entry.is_dir(follow_symlinks=False):
             names.append(entry.name)
+        elif entry.is_dir():  # a link to a directory: it could lead out of the input, or back into it (a loop)
+            listing.skip("symlinked_dir")
         else:
             listing.skip("outside_class_dir")
     return sorted(names)
 
 
-def image_files(class_dir: Path, listing: Listing) -> list[Path]:
+def image_files(root: Path, class_dir: Path, listing: Listing) -> list[Path]:
     """Image files under one class directory, in torchvision's order: sorted directories, then sorted names."""
     found: dict[str, list[str]] = {}
+    real_root = os.path.realpath(root)
 
     def unlistable(error: OSError) -> None:  # os.walk drops unreadable directories silently otherwise
         listing.warnings.append(f"cannot list {error.filename}: {error.strerror}")
 
     for directory, subdirs, files in os.walk(class_dir, onerror=unlistable):
         _prune(directory, subdirs, listing)
-        found[directory] = [name for name in files if _is_image_name(name, listing)]
+        found[directory] = [name for name in files if _is_image_name(name, listing)
+                            and _stays_inside(os.path.join(directory, name), real_root, listing)]
     return [Path(directory, name) for directory in sorted(found) for name in sorted(found[directory])]
+
+
+def holds_image(directory: Path) -> bool:
+    """Whether ``image_files`` would find an image under ``directory``; stops at the first one."""
+    listing = Listing()  # what it would skip is not counted: the caller only asks
+    for parent, subdirs, files in os.walk(directory):
+        _prune(parent, subdirs, listing)
+        if any(_is_image_name(name, listing) for name in files):
+            return True
+    return False
 
 
 def _prune(directory: str, subdirs: list[str], listing: Listing) -> None:
@@ -61,6 +84,20 @@ def _prune(directory: str, subdirs: list[str], listing: Listing) -> None:
     subdirs[:] = kept
 
 
+def _stays_inside(path: str, real_root: str, listing: Listing) -> bool:
+    """False (counted) for a link that leads nowhere or out of the root; True for anything else."""
+    if not os.path.islink(path):
+        return True
+    target = os.path.realpath(path)
+    if not os.path.exists(target):  # dangling, or a loop of links
+        listing.skip("dangling_symlink")
+        return False
+    if os.path.commonpath([target, real_root]) != real_root:
+        listing.skip("symlink_outside_root")
+        return False
+    return True
+
+
 def _is_image_name(name: str, listing: Listing) -> bool:
     if name.startswith("."):
         listing.skip("hidden")
@@ -73,8 +110,9 @@ def _is_image_name(name: str, listing: Listing) -> bool:
 
 def file_record(root: Path, path: Path, label: int) -> Sample | Unreadable | None:
     """One file as a record; None when it is (a link to) something that is not a regular file."""
-    source = path.relative_to(root).as_posix()
-    stem, ext = os.path.splitext(source)
+    relative = path.relative_to(root).as_posix()
+    source = readable_name(relative)
+    stem, ext = os.path.splitext(relative)
     key = safe_key(stem)
     try:
         data = _read_regular(path)

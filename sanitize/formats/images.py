@@ -47,7 +47,12 @@ IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexE
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _ORIENTATION = 0x0112
+NON_FINITE = "image has NaN or infinite pixel values"
 _OBJECT_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # Pillow names the BytesIO; reasons must be reproducible
+
+
+class BadPixels(ValueError):
+    """Pixels that decode but mean nothing (NaN, infinity); the message is the whole reason."""
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -94,15 +99,18 @@ def wide_to_uint8(values: np.ndarray) -> np.ndarray:
 
     Integers within [0, 65535] are 16-bit (Pillow opens many 16-bit files as
     32-bit "I"): x * 255 / 65535. Floats within [0, 1] are scaled by 255.
-    Anything else is stretched from its own min..max.
+    Anything else is stretched from its own min..max, in float64 (float32 extremes
+    would overflow). NaN or infinity raises BadPixels: there is no image to scale.
     """
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise BadPixels(NON_FINITE)
     low, high = float(values.min()), float(values.max())
     if values.dtype.kind == "f" and 0 <= low and high <= 1:
         scaled = values * 255.0
     elif values.dtype.kind in "iu" and 0 <= low and high <= 65535:
         scaled = values * (255 / 65535)
     else:
-        scaled = (values - low) * (255 / max(high - low, 1e-12))
+        scaled = (values.astype(np.float64) - low) * (255 / max(high - low, 1e-12))
     return np.rint(scaled).astype(np.uint8)
 
 
@@ -147,6 +155,8 @@ def _each(function, datas: list[bytes]) -> list:
     for data in datas:
         try:
             results.append(function(data))
+        except BadPixels as error:
+            results.append(str(error))
         except IMAGE_ERRORS as error:
             results.append(f"cannot decode image: {type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}")
     return results

@@ -33,6 +33,17 @@ def safe_key(name: str) -> str:
     return "/".join(safe_component(part) for part in parts) or "_"
 
 
+def readable_name(name: str) -> str:
+    """``name`` as valid UTF-8 text, for a ``source``.
+
+    File and member names are bytes; Python keeps the bytes that are not UTF-8 as
+    surrogate escapes, which no strict UTF-8 writer (scores.csv, JSON read elsewhere)
+    accepts. They are shown as ``\\xff`` escapes instead; the reader keeps the original
+    name to open the file.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_safe_key(key: str) -> bool:
     """Whether ``key`` is already what ``safe_key`` makes of it."""
     return safe_key(key) == key

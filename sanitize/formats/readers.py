@@ -1,8 +1,9 @@
 """``read_dataset``: an ImageFolder tree or WebDataset shards -> :class:`Ingested`.
 
 Bad *data* never stops a run: every sample is either readable or recorded as
-Unreadable with its reason, and anything that is not a sample is counted in
-``skipped``. Bad *input* (nothing there, no usable classes) is an InputError.
+Unreadable with its reason (a damaged shard, from the damage on, is one Unreadable),
+and anything that is not a sample is counted in ``skipped``. Bad *input* (nothing
+there, no usable classes, an ambiguous layout) is an InputError.
 """
 from __future__ import annotations
 
@@ -14,15 +15,20 @@ import re
 from functools import partial
 from pathlib import Path
 
-from sanitize.formats.folder_reader import class_dirs, image_files, read_files
+from sanitize.formats.folder_reader import class_dirs, holds_image, image_files, read_files
 from sanitize.formats.images import CHUNK, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
-from sanitize.formats.keys import dedupe_keys
+from sanitize.formats.keys import dedupe_keys, readable_name
 from sanitize.formats.records import Ingested, InputError, Listing, Sample, Unreadable
 from sanitize.formats.shard_reader import list_shard
 from sanitize.formats.workers import Workers
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-MAX_INFERRED_CLASSES = 100_000  # without a class list, a label of 10**9 must not make 10**9 classes
+# Without a class list the classes are 0..K-1, K = the largest label + 1. A set may lack some classes (a
+# subset in its original labels), but one sample labelled 99999 must not make 100,000 classes (a 50 MB
+# model and manifest, suspects relabeled to an empty class): K may be at most twice the number of distinct
+# labels seen, or up to 16 in any case (a CIFAR-10 subset, however sparse; a stray label costs little there).
+INFERRED_PER_LABEL = 2
+INFERRED_ALWAYS = 16
 MAX_SHARDS = 1_000_000
 POOL_MIN_BYTES = 4 * 2**20  # shards smaller than this in all are listed inline: a pool would start slower
 MAX_WARNINGS = 20  # per kind; a set with 50,000 duplicate keys needs one line, not 50,000
@@ -48,7 +54,9 @@ def read_dataset(path, *, classes_file=None, image_size=None, workers=None) -> I
 
     Returns Ingested with ``images`` uint8 [N, H, W, 3], row i = ``samples[i]``.
     Raises InputError when the path is missing, holds no samples, fewer than two
-    classes, or no readable sample.
+    classes, or no readable sample; when a directory holds both shards and class
+    folders of images; when labels without a class list are too sparse to infer
+    the classes from (see INFERRED_PER_LABEL).
     """
     requested = _requested_size(image_size)
     with Workers(workers) as pool:
@@ -59,6 +67,8 @@ def _read(path, classes_file, requested, pool: Workers) -> Ingested:
     fmt, classes, listing = _list(str(path), classes_file, pool)
     if not listing.records:
         raise InputError(f"{path}: no image samples found (skipped: {listing.skipped or 'nothing'})")
+    if not any(isinstance(record, Sample) for record in listing.records):
+        raise _none_readable(path, listing.records)
     if len(classes) < 2:
         raise InputError(f"{path}: found {len(classes)} class(es) {classes[:1]}; need at least two")
     records = _unique_keys(listing)
@@ -106,8 +116,23 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
     shards = sorted(entry for entry in location.iterdir()
                     if is_shard_name(entry.name) and not entry.name.startswith(".") and entry.is_file())
     if shards:
+        _refuse_mixed(location, shards)
         return _list_shards(shards, location, classes_file, pool)
     return _list_folder(location, classes_file, pool)
+
+
+def _refuse_mixed(root: Path, shards: list[Path]) -> None:
+    """Shards beside class directories of images: reading either kind would silently drop the other.
+
+    Other directories (no image under them), classes.json, READMEs and hidden entries are harmless."""
+    folders = sorted(entry.name for entry in root.iterdir() if not entry.name.startswith(".")
+                     and entry.is_dir() and not entry.is_symlink() and holds_image(entry))
+    if folders:
+        raise InputError(
+            f"{root} holds both {len(shards)} shard(s) (first: {readable_name(shards[0].name)}) and {len(folders)} "
+            f"class folder(s) of images (first: {readable_name(folders[0])}), so it is neither WebDataset nor "
+            f"ImageFolder; to read the shards, name them with a file or brace pattern "
+            f"(e.g. {readable_name(str(shards[0]))}); to read the folder, move the shards out")
 
 
 def is_shard_name(name: str) -> bool:
@@ -136,21 +161,27 @@ def _brace_items(body: str) -> list[str]:
 
 def _list_shards(shards: list[Path], root: Path, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
     listing = Listing()
-    names = [shard.relative_to(root).as_posix() if shard.is_relative_to(root) else str(shard) for shard in shards]
+    names = [readable_name(shard.relative_to(root).as_posix() if shard.is_relative_to(root) else str(shard))
+             for shard in shards]
     parallel = len(shards) > 1 and sum(shard.stat().st_size for shard in shards) >= POOL_MIN_BYTES
     for part in pool.map(list_shard, shards, names, parallel=parallel):
         listing.extend(part)
     beside = root / "classes.json"
     names = load_classes(classes_file or beside) if classes_file or beside.is_file() else None
-    classes = names if names is not None else _inferred_classes(listing.records)
+    classes = names if names is not None else _inferred_classes(listing.records, root)
     listing.records = [_check_label(record, len(classes)) for record in listing.records]
     return "webdataset", classes, listing
 
 
-def _inferred_classes(records) -> list[str]:
-    """Classes "0".."K-1" from the largest plausible label, when there is no class list."""
-    labels = [record.label for record in records if isinstance(record, Sample) and record.label < MAX_INFERRED_CLASSES]
-    return [str(index) for index in range(max(labels, default=-1) + 1)]
+def _inferred_classes(records, root: Path) -> list[str]:
+    """Classes "0".."K-1", K = the largest label + 1, when there is no class list (see INFERRED_PER_LABEL)."""
+    labels = {record.label for record in records if isinstance(record, Sample) and record.label >= 0}
+    count = max(labels, default=-1) + 1
+    if count > max(INFERRED_ALWAYS, INFERRED_PER_LABEL * len(labels)):
+        raise InputError(f"{root}: labels run up to {count - 1} but only {len(labels)} distinct values were seen, "
+                         f"too few to infer {count} classes; pass --classes FILE or put a classes.json "
+                         f"beside the shards")
+    return [str(index) for index in range(count)]
 
 
 def _check_label(record, num_classes: int):
@@ -175,7 +206,7 @@ def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str
 
 
 def _class_files(root: Path, directory: str, listing: Listing) -> list[Path]:
-    files = image_files(root / directory, listing)
+    files = image_files(root, root / directory, listing)
     if not files:
         listing.warnings.append(f"class directory {directory!r} holds no image")
     return files
@@ -238,7 +269,11 @@ def _apply_decoding(records: list, errors: dict[int, str]) -> list:
 
 def _require_readable(path, samples: list[Sample], unreadable: list[Unreadable]) -> None:
     if not samples:
-        raise InputError(f"{path}: none of the {len(unreadable)} samples is readable; first: "
-                         f"{unreadable[0].source}: {unreadable[0].error}")
+        raise _none_readable(path, unreadable)
     if len({sample.label for sample in samples}) < 2:
         raise InputError(f"{path}: every readable sample has the same label ({samples[0].label}); need two classes")
+
+
+def _none_readable(path, unreadable: list[Unreadable]) -> InputError:
+    return InputError(f"{path}: none of the {len(unreadable)} samples is readable; first: "
+                      f"{unreadable[0].source}: {unreadable[0].error}")

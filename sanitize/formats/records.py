@@ -3,7 +3,8 @@
 Glossary (used everywhere): a *sample* is one input image with its given
 *label*; its *key* is a name safe in a file system and in a tar archive; its
 *source* says where it came from (``shard.tar:member`` or a path relative to the
-input root). Nothing here imports torch.
+input root), always as valid UTF-8 text (see ``keys.readable_name``). Nothing here
+imports torch.
 """
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ class Sample:
 
 @dataclass(frozen=True)
 class Unreadable:
-    """An input we could not use, and why. Counted in ``total``, never silently lost."""
+    """An input we could not use, and why. Counted in ``total``, never silently lost.
+
+    Usually one sample; for a damaged shard, the shard itself (``source`` is the shard),
+    standing for everything in it from the damage on, however many samples that was."""
 
     key: str
     source: str

@@ -6,7 +6,13 @@ members with the same key form one sample, and a field seen twice starts a new
 sample. The image is the member whose field ends in an image extension, the
 label comes from ``.cls`` (integer text) or ``.json`` (``{"label": int}``).
 Other members (``.pyd``, ``.pth``, ``.pickle`` ...) are never read, let alone
-unpickled. Shards are only ever opened as local files.
+unpickled; a group with neither an image nor a label member (``readme.txt``) is
+not a sample and is counted as skipped. Shards are only ever opened as local files.
+
+Damage ends the reading of a shard: the samples before it are kept, and the shard
+itself becomes one Unreadable (source: the shard) that says where the damage struck
+and what was lost. How many samples the unread rest held cannot be known, so that
+entry counts once however many it was.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sanitize.formats.images import IMAGE_EXTS
-from sanitize.formats.keys import safe_key
+from sanitize.formats.keys import readable_name, safe_key
 from sanitize.formats.records import Listing, Sample, Unreadable
 from sanitize.formats.tars import Member, TarScan
 
@@ -59,7 +65,17 @@ class _Group:
 
     def source(self, member: Member | None = None) -> str:
         member = member or next(iter(self.fields.values()))
-        return f"{self.shard}:{member.name}"
+        return f"{self.shard}:{readable_name(member.name)}"
+
+    def is_sample(self) -> bool:
+        """Whether it has an image or a label member; anything else (``readme.txt``) is not a sample."""
+        return self._has(IMAGE_EXTS) or self._has(LABEL_FIELDS)
+
+    def is_complete(self) -> bool:
+        return self._has(IMAGE_EXTS) and self._has(LABEL_FIELDS)
+
+    def _has(self, names) -> bool:
+        return any(field_of(suffix) in names for suffix in self.fields)
 
     def to_record(self) -> Sample | Unreadable:
         key = safe_key(self.prefix)
@@ -120,7 +136,9 @@ def list_shard(path: Path, name: str) -> Listing:
     listing = Listing()
     scan = TarScan(path, MAX_MEMBER_BYTES)
     group: _Group | None = None
+    last = None  # the name of the last member read, to say where damage struck
     for member in scan.members(_wanted):
+        last = member.name
         split = split_member_name(member.name)
         if split is None:
             listing.skip("hidden" if member.name.rpartition("/")[2].startswith(".") else "no_key")
@@ -130,31 +148,57 @@ def list_shard(path: Path, name: str) -> Listing:
             _flush(group, listing)
             group = _Group(name, prefix)
         group.fields[suffix] = member
-    _record_cut(scan, name, group, listing)
+    _record_end(scan, name, group, last, listing)
     _report(scan, name, listing)
     return listing
 
 
 def _flush(group: _Group | None, listing: Listing) -> None:
-    if group is not None:
-        listing.records.append(group.to_record())
-
-
-def _record_cut(scan: TarScan, name: str, group: _Group | None, listing: Listing) -> None:
-    """Flush the last group, or make it Unreadable when the cut member was one of its own."""
-    if scan.cut_member is None:
-        _flush(group, listing)
+    if group is None:
         return
-    prefix = (split_member_name(scan.cut_member) or (scan.cut_member, ""))[0]
-    if group is not None and group.prefix != prefix:
+    if group.is_sample():
+        listing.records.append(group.to_record())
+    else:
+        listing.skip("no_image_or_label")
+
+
+def _record_end(scan: TarScan, name: str, group: _Group | None, last: str | None, listing: Listing) -> None:
+    """Flush the last group; on damage, add the shard itself as Unreadable, saying what was lost.
+
+    A sample the damage struck (a member of it cut, or its members after the damage lost) is
+    part of that loss, not a second entry."""
+    struck = _struck_prefix(scan, group)
+    if group is not None and group.prefix != struck:
         _flush(group, listing)
-    error = f"shard damaged inside member {scan.cut_member!r}: {scan.damage}"
-    listing.records.append(Unreadable(safe_key(prefix), f"{name}:{scan.cut_member}", error))
+    if scan.damage is None:
+        return
+    listing.records.append(Unreadable(safe_key(name), name, _loss(scan, last, struck is not None)))
+
+
+def _loss(scan: TarScan, last: str | None, struck: bool) -> str:
+    """Where the damage struck and what it cost, for the shard's Unreadable."""
+    if scan.cut_member is not None:
+        where = f"inside member {readable_name(scan.cut_member)!r}"
+    elif last is not None:
+        where = f"after member {readable_name(last)!r}"
+    else:
+        return f"not a readable tar shard ({scan.damage}): nothing in it could be read"
+    lost = "that sample and the rest" if struck else "the rest"
+    return f"shard damaged {where}: {lost} of the shard could not be read ({scan.damage})"
+
+
+def _struck_prefix(scan: TarScan, group: _Group | None) -> str | None:
+    """The key prefix of the sample the damage struck, if it struck one: the cut member's, or the last
+    group's when it still lacks its image or label (the rest of its members were behind the damage)."""
+    if scan.cut_member is not None:
+        return (split_member_name(scan.cut_member) or (scan.cut_member, ""))[0]
+    if scan.damage and group is not None and group.is_sample() and not group.is_complete():
+        return group.prefix
+    return None
 
 
 def _report(scan: TarScan, name: str, listing: Listing) -> None:
-    if scan.damage:
-        listing.warnings.append(f"{name}: damaged, samples before the damage kept: {scan.damage}")
+    """What is worth a warning but lost nothing (damage is an Unreadable, see ``_record_end``)."""
     if scan.end_note:
         listing.warnings.append(f"{name}: {scan.end_note}")
     listing.skip("not_regular_file", scan.special)

@@ -75,7 +75,8 @@ class TarScan:
     """The regular-file members of one shard, in order.
 
     After ``members()`` is exhausted: ``damage`` (str or None) says why reading
-    stopped early, ``cut_member`` names a wanted member whose data was cut,
+    stopped early (or never started: a file that cannot be opened, an empty file,
+    one that is not a tar), ``cut_member`` names a wanted member whose data was cut,
     ``end_note`` flags a shard that ends without an end-of-archive marker (it
     may have been truncated at a member boundary), ``special`` counts links and
     devices that were skipped.
@@ -91,32 +92,41 @@ class TarScan:
 
     def members(self, wanted: Callable[[str], bool]) -> Iterator[Member]:
         """Yield members; ``wanted(name)`` says whether to read the data."""
-        plain = self._read_plain(wanted)
-        if plain is not None:
-            members, self.end_note = plain
-            yield from members
+        try:
+            file = open(self.path, "rb")
+        except OSError as error:  # no permission, an I/O error: this shard is lost, the others are still read
+            self.damage = f"cannot open: {error.strerror or error}"
             return
-        with open(self.path, "rb") as file:
-            stream = _RecentBytes(_decompressed(file))
-            try:
-                tar = tarfile.open(fileobj=stream, mode="r|")
-                yield from self._walk(tar, wanted)
-                self._check_end(stream, tar.offset)
-            except DAMAGE_ERRORS as error:
-                self.damage = f"{type(error).__name__}: {error}"
+        with file:
+            plain = self._read_plain(file, wanted)
+            if plain is None:
+                yield from self._read_stream(file, wanted)
+                return
+        members, self.end_note = plain
+        yield from members
 
-    def _read_plain(self, wanted) -> tuple[list[Member], str | None] | None:
+    def _read_plain(self, file, wanted) -> tuple[list[Member], str | None] | None:
         """(members, end note) of a plain shard read whole into memory, or None: use tarfile."""
-        if os.path.getsize(self.path) > IN_MEMORY_BYTES:  # image shards barely compress: too big either way
+        if os.fstat(file.fileno()).st_size > IN_MEMORY_BYTES:  # image shards barely compress: too big either way
             return None
-        with open(self.path, "rb") as file:
-            try:
-                raw = _decompressed(file).read(IN_MEMORY_BYTES + 1)
-            except DAMAGE_ERRORS:
-                return None
+        try:
+            raw = _decompressed(file).read(IN_MEMORY_BYTES + 1)
+        except DAMAGE_ERRORS:
+            return None
         if len(raw) > IN_MEMORY_BYTES:
             return None
         return parse_plain(raw, wanted, self.max_member_bytes)
+
+    def _read_stream(self, file, wanted) -> Iterator[Member]:
+        """The members as tarfile's stream mode reads them, the damage recorded where it stops."""
+        try:
+            file.seek(0)
+            stream = _RecentBytes(_decompressed(file))
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            yield from self._walk(tar, wanted)
+            self._check_end(stream, tar.offset)
+        except DAMAGE_ERRORS as error:
+            self.damage = f"{type(error).__name__}: {error}"
 
     def _walk(self, tar: tarfile.TarFile, wanted) -> Iterator[Member]:
         while (info := tar.next()) is not None:
@@ -150,7 +160,10 @@ def parse_plain(raw: bytes, wanted, max_member_bytes: int) -> tuple[list[Member]
     Plain: every header has a valid checksum, an ASCII name, no name prefix, an octal
     size and type regular or directory (a directory with no data); every member's data
     and padding are all there; the archive ends in a zero block or exactly after a member.
+    An empty file is not plain: tarfile calls it what it is, not a tar.
     """
+    if not raw:
+        return None
     members, position, numbers_seen = [], 0, set()
     while True:
         header = raw[position:position + BLOCK]
