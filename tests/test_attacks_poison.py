@@ -83,7 +83,11 @@ def test_poison_refuses_overlap_and_existing_output(make_shards, tmp_path):
         poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out")
     with pytest.raises(InputError, match="not an earlier output"):
         poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", overwrite=True)
-    (tmp_path / "out" / TRUTH_FILE).write_text("{}")  # an earlier poisoned copy may be replaced
+    (tmp_path / "out" / TRUTH_FILE).write_text("{}")  # a truth.json that is not ours: still someone's files
+    with pytest.raises(InputError, match="not an earlier output"):
+        poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", overwrite=True)
+    (tmp_path / "out" / TRUTH_FILE).write_text(json.dumps({"attack": "blend", "target": 0, "counts": {},
+                                                           "poisoned": []}))  # an earlier poisoned copy
     poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / TRUTH_FILE).is_file()
     with pytest.raises(InputError, match="unknown attack"):
@@ -101,13 +105,14 @@ def test_each_overwrite_replaces_only_its_own_kind_of_output(make_shards, tmp_pa
     poisoned = tmp_path / "poisoned"
     poison_dataset(data, attack="badnets", rate=0.1, target=1, out=poisoned)
     hashes = tree_hashes(poisoned)
-    with pytest.raises(InputError, match="holds no manifest.json, so it is not an earlier output"):
+    with pytest.raises(InputError, match="is not an earlier output of this command .a manifest.json"):
         pipeline.run(data, out=poisoned, overwrite=True, device="cpu", arch="small", quick=True)
     assert tree_hashes(poisoned) == hashes
     run_output = tmp_path / "sanitized"
     run_output.mkdir()
-    (run_output / "manifest.json").write_text("{}")
-    with pytest.raises(InputError, match="holds no truth.json, so it is not an earlier output"):
+    (run_output / "manifest.json").write_text(json.dumps({"schema_version": 1, "method": "advrbd", "counts": {},
+                                                         "suspects": []}))
+    with pytest.raises(InputError, match="is not an earlier output of this command .a truth.json"):
         poison_dataset(data, attack="badnets", rate=0.1, target=1, out=run_output, overwrite=True)
     assert [p.name for p in run_output.iterdir()] == ["manifest.json"]
 

@@ -25,6 +25,18 @@ def test_demo_writes_only_into_its_own_or_an_empty_directory(tmp_path):
     assert (tmp_path / "new" / demo.MARKER).exists()
 
 
+def test_an_unusable_out_or_a_missing_gpu_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import torch
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="cannot write the demo's output .*afile"):
+        demo.run_demo(tmp_path / "afile" / "sub")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="cuda"):
+        demo.run_demo(tmp_path / "gpu", device="cuda")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_detection_and_model_figures():
     truth = {"poisoned": ["a", "b", "c", "d"]}
     manifest = {"suspects": [{"key": key} for key in ("a", "b", "x")]}

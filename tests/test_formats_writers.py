@@ -87,7 +87,8 @@ def test_staged_output_replaces_only_an_earlier_output_and_only_with_overwrite(t
         with staged_output(out, tmp_path / "input", overwrite=True):
             pass
     assert [p.name for p in out.iterdir()] == ["old.txt"]
-    (out / "manifest.json").write_text("{}")
+    (out / "old.txt").unlink()
+    (out / "manifest.json").write_text(json.dumps(RUN_MARKER))
     with staged_output(out, tmp_path / "input", overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
@@ -98,20 +99,58 @@ def test_staged_output_replaces_only_an_earlier_output_and_only_with_overwrite(t
             pass
 
 
+# The least a marker must hold for --overwrite to take its directory for an earlier output.
+RUN_MARKER = {"schema_version": 1, "method": "advrbd", "counts": {}, "suspects": []}
+POISON_MARKER = {"attack": "blend", "target": 0, "counts": {}, "poisoned": []}
+
+
 def test_staged_output_replaces_only_its_own_kind_of_output(tmp_path):
     """``run --overwrite`` (manifest.json) must not delete a poisoned copy (truth.json), nor the reverse."""
-    for marker, other in (("truth.json", writers.RUN_OUTPUT), ("manifest.json", ("truth.json",))):
-        out = tmp_path / marker
+    for kind, marker, other in ((writers.POISON_OUTPUT, POISON_MARKER, writers.RUN_OUTPUT),
+                                (writers.RUN_OUTPUT, RUN_MARKER, writers.POISON_OUTPUT)):
+        out = tmp_path / kind.marker
         out.mkdir()
-        (out / marker).write_text("{}")
-        (out / "part-000000.tar").write_bytes(b"someone's only copy")
-        with pytest.raises(InputError, match=f"holds no {other[0]}, so it is not an earlier output"):
+        (out / kind.marker).write_text(json.dumps(marker))
+        if kind.entries is None:
+            (out / "part-000000.tar").write_bytes(b"someone's only copy")
+        with pytest.raises(InputError, match="is not an earlier output of this command"):
             with staged_output(out, tmp_path / "input", overwrite=True, replaceable=other):
                 pass
-        assert sorted(p.name for p in out.iterdir()) == sorted([marker, "part-000000.tar"])
-        with staged_output(out, tmp_path / "input", overwrite=True, replaceable=(marker,)) as staging:
+        before = sorted(p.name for p in out.iterdir())
+        assert kind.marker in before
+        with staged_output(out, tmp_path / "input", overwrite=True, replaceable=kind) as staging:
             (staging / "new.txt").write_text("new")
         assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize("marker_text, extra", [
+    ("{}", None),  # a manifest.json that is not ours
+    ('{"name": "my-webapp"}', None),
+    ("not json", None),
+    (json.dumps(RUN_MARKER), "src"),  # ours, beside a user's folder
+    (json.dumps(RUN_MARKER), "notes.txt"),
+])
+def test_overwrite_never_takes_a_mere_manifest_json_for_an_earlier_output(marker_text, extra, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "manifest.json").write_text(marker_text)
+    if extra:
+        (out / extra).mkdir() if "." not in extra else (out / extra).write_text("x")
+    with pytest.raises(InputError, match="not an earlier output of this command"):
+        with staged_output(out, tmp_path / "input", overwrite=True):
+            pass
+    assert (out / "manifest.json").read_text() == marker_text
+
+
+def test_out_may_not_be_the_working_directory(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "", "..", str(work)):
+        with pytest.raises(InputError, match="working directory"):
+            with staged_output(out, None, overwrite=True):
+                pass
+    assert work.is_dir() and list(tmp_path.iterdir()) == [work]
 
 
 def _file_as_parent(tmp_path: Path) -> Path:

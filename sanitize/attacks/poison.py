@@ -28,7 +28,7 @@ from sanitize.attacks.registry import make_attack
 from sanitize.formats import read_dataset, staged_output, write_dataset
 from sanitize.formats.keys import class_dir_names, dedupe_keys
 from sanitize.formats.records import Ingested, InputError, Sample
-from sanitize.formats.writers import FORMATS
+from sanitize.formats.writers import FORMATS, POISON_OUTPUT
 
 TRUTH_FILE = "truth.json"
 
@@ -47,7 +47,7 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
     attacker = make_attack(attack, **params)
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    with staged_output(out, data, overwrite=overwrite, replaceable=(TRUTH_FILE,)) as staging:
+    with staged_output(out, data, overwrite=overwrite, replaceable=POISON_OUTPUT) as staging:
         ingested = read_dataset(data)
         target_index = target_class(target, ingested.classes)
         result = attacker.poison(ingested.images, ingested.labels, rate=rate, target=target_index, seed=seed,

@@ -32,10 +32,11 @@ def shipped(name: str) -> Path:
 
 def run_demo(out: Path, *, device: str = "cpu", echo=print, progress=None) -> dict:
     """Poison, sanitize and score; returns the figures it printed. ``progress`` as in :func:`sanitize.run`."""
-    from sanitize import pipeline
+    from sanitize import pipeline, train
     from sanitize.attacks import make_attack, poison_dataset
     from sanitize.formats import read_dataset
 
+    train.resolve_device(device)  # a missing GPU is refused before anything is written
     _claim(out)
     echo(f"1/3 poisoning {shipped('cifar10-train-2000.tar.gz').name} with {ATTACK} "
          f"({RATE:.0%}, target class {TARGET}) -> {out / 'poisoned'}")
@@ -65,10 +66,13 @@ def run_demo(out: Path, *, device: str = "cpu", echo=print, progress=None) -> di
 
 def _claim(out: Path) -> None:
     """Only ever write into an empty directory or one a previous demo made."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise InputError(f"{out} exists and was not made by the demo; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
+    try:
+        if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+            raise InputError(f"{out} exists and was not made by the demo; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
+    except OSError as error:  # a file in the way, no permission: the user's to fix
+        raise InputError(f"cannot write the demo's output {out}: {error.strerror}: {error.filename}") from None
 
 
 def _detection(manifest: dict, truth: dict) -> dict:

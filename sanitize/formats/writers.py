@@ -37,12 +37,31 @@ TAR_MTIME = 0  # a fixed timestamp is what makes the same shard byte-identical o
 WRITE_POOL_MIN_SAMPLES = 10_000
 
 
-# The file that marks a directory as an earlier output of ``sanitize run``, which its ``--overwrite``
-# may replace. Each command replaces only its own kind of output (``sanitize poison`` passes
-# truth.json): a run must never delete a poisoned copy, which may be someone's only red-team data.
-RUN_OUTPUT = ("manifest.json",)
-# What a dataset copy written by ``write_dataset`` holds beside its shards.
-DATASET_COPY = ("classes.json",)
+@dataclasses.dataclass(frozen=True)
+class OutputKind:
+    """What an earlier output of one command looks like, so that ``--overwrite`` can tell it from a user's files.
+
+    ``marker``: a JSON object every such output holds, with at least the ``keys``; ``entries``: the
+    names the directory may hold (None: any). A file merely named manifest.json is not enough: a
+    project folder can hold one, and --overwrite would delete the project.
+    """
+
+    marker: str
+    keys: frozenset[str]
+    entries: frozenset[str] | None = None
+
+    def describe(self) -> str:
+        holds = f", holding only {', '.join(sorted(self.entries))}" if self.entries else ""
+        return f"a {self.marker} with {', '.join(sorted(self.keys))}{holds}"
+
+
+# Each command replaces only its own kind of output (``sanitize poison`` passes POISON_OUTPUT): a run
+# must never delete a poisoned copy, which may be someone's only red-team data, nor the reverse.
+RUN_OUTPUT = OutputKind("manifest.json", frozenset({"schema_version", "method", "counts", "suspects"}),
+                        frozenset({"manifest.json", "scores.csv", "model.onnx", "clean", "relabeled"}))
+POISON_OUTPUT = OutputKind("truth.json", frozenset({"attack", "target", "counts", "poisoned"}))
+# What a dataset copy written by ``write_dataset`` holds beside its shards or class folders.
+DATASET_COPY = OutputKind("classes.json", frozenset({"classes"}))
 # The extensions torchvision.datasets.ImageFolder loads (its IMG_EXTENSIONS, .ppm and .pgm aside):
 # a file with any other extension is silently left out by it.
 TORCHVISION_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"})
@@ -51,7 +70,7 @@ MAX_LISTED = 5  # sample keys named in one warning; the rest are counted
 
 @contextlib.contextmanager
 def staged_output(out, input_path, *, overwrite: bool = False,
-                  replaceable: tuple[str, ...] = RUN_OUTPUT) -> Iterator[Path]:
+                  replaceable: OutputKind = RUN_OUTPUT) -> Iterator[Path]:
     """Yield a fresh hidden directory beside ``out``; move it into place as ``out`` on success.
 
     The directory is named ``.<out>.sanitize-tmp-<pid>-<random>``, so what a
@@ -61,9 +80,10 @@ def staged_output(out, input_path, *, overwrite: bool = False,
     (``input_path`` None skips that check), exists non-empty without ``overwrite``,
     or cannot be created (a file in the way, no permission): one line naming the path
     and the reason. Even with ``overwrite``, a non-empty ``out`` is only replaced if it
-    holds one of the ``replaceable`` files (default: a run's manifest.json), i.e. looks
-    like an earlier output of the same command: a mistyped ``--out ~/data --overwrite``
-    must not delete someone's files.
+    is ``replaceable``'s kind (default: a run's output, see ``OutputKind``), i.e. an earlier
+    output of the same command: a mistyped ``--out ~/data --overwrite`` must not delete
+    someone's files. Nor may ``out`` be the working directory or hold it: a shell left
+    in a deleted directory breaks the next command.
     """
     target = Path(out).resolve()
     if input_path is not None:
@@ -94,7 +114,9 @@ def _refuse_overlap(target: Path, input_path) -> None:
             raise InputError(f"output {target} overlaps the input {location}; choose an OUT outside it")
 
 
-def _refuse_existing(target: Path, overwrite: bool, replaceable: tuple[str, ...]) -> None:
+def _refuse_existing(target: Path, overwrite: bool, replaceable: OutputKind) -> None:
+    if Path.cwd().resolve().is_relative_to(target):
+        raise InputError(f"output {target} is the working directory or holds it; choose an OUT below it")
     if not target.exists():
         return
     if not target.is_dir():
@@ -103,10 +125,20 @@ def _refuse_existing(target: Path, overwrite: bool, replaceable: tuple[str, ...]
         return
     if not overwrite:
         raise InputError(f"output {target} exists and is not empty (use --overwrite to replace it)")
-    if not any((target / name).is_file() for name in replaceable):
-        raise InputError(f"output {target} is not empty and holds no {' or '.join(replaceable)}, so it is not an "
-                         f"earlier output of this command; --overwrite only replaces those: choose another OUT or "
+    if not _is_output_of_kind(target, replaceable):
+        raise InputError(f"output {target} is not empty and is not an earlier output of this command "
+                         f"({replaceable.describe()}); --overwrite only replaces those: choose another OUT or "
                          f"empty it yourself")
+
+
+def _is_output_of_kind(directory: Path, kind: OutputKind) -> bool:
+    try:
+        marker = json.loads((directory / kind.marker).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError is a ValueError)
+        return False
+    if not isinstance(marker, dict) or not kind.keys <= marker.keys():
+        return False
+    return kind.entries is None or all(entry.name in kind.entries for entry in directory.iterdir())
 
 
 def _make_staging(target: Path) -> Path:
