@@ -111,6 +111,26 @@ def test_one_huge_label_cannot_make_a_huge_class_list(tmp_path, cifar_samples):
     assert ingested.classes == ["a", "b"] and "outside the 2 classes" in unreadable_by_key(ingested)["huge"]
 
 
+def test_sparse_labels_error_names_the_shard_as_given_not_its_directory(tmp_path, cifar_samples, monkeypatch):
+    picked = [(key, jpg, index % 2) for index, (key, jpg, _) in enumerate(cifar_samples[:20])]
+    write_shard(tmp_path / "a.tar", members_of(picked) + members_of([("huge", cifar_samples[20][1], 99999)]))
+    monkeypatch.chdir(tmp_path)
+    for given in ("a.tar", "{a}.tar"):
+        with pytest.raises(InputError, match=r"labels run up to 99999") as error:
+            read_dataset(given, workers=1)
+        assert str(error.value).startswith(f"{given}: ")
+
+
+def test_class_list_shorter_than_the_labels_gives_one_warning(make_shards, tmp_path, cifar_samples, cifar_classes):
+    names = tmp_path / "five.json"
+    names.write_text(json.dumps(cifar_classes[:5]))
+    ingested = read_dataset(make_shards(100, 50), classes_file=names, workers=1)
+    beyond = [label for _, _, label in cifar_samples[:100] if label >= 5]
+    assert len(ingested.unreadable) == len(beyond) and max(beyond) == 9
+    assert ingested.warnings == [f"{len(beyond)} samples have labels outside the 5 classes of the class list "
+                                 f"(largest label 9): they are unreadable; is the class list complete?"]
+
+
 def test_a_missing_class_is_still_inferred(tmp_path, cifar_samples):
     root = tmp_path / "shards"
     root.mkdir()
@@ -281,6 +301,21 @@ def test_hostile_member_names_get_safe_keys_and_keep_their_source(tmp_path, cifa
     assert [s.key for s in ingested.samples] == ["etc/evil", "abs/path/x", "dots/a", "sp ace___", "multi"]
     assert ingested.samples[0].source == "a.tar:../../etc/evil.jpg"
     assert ingested.samples[4].ext == "jpg" and ingested.samples[4].label == label2
+
+
+def test_cls_and_json_labels_must_agree(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    jpg = cifar_samples[0][1]
+    write_shard(root / "a.tar", [
+        ("clash.jpg", jpg), ("clash.cls", b"2"), ("clash.json", b'{"label": 5}'),
+        ("same.jpg", jpg), ("same.cls", b"5"), ("same.json", b'{"label": 5}'),
+        ("meta.jpg", jpg), ("meta.cls", b"2"), ("meta.json", b'{"caption": "a frog"}'),
+    ])
+    ingested = read_dataset(root, workers=1)
+    assert {s.key: s.label for s in ingested.samples} == {"same": 5, "meta": 2}
+    error = unreadable_by_key(ingested)["clash"]
+    assert "disagree" in error and ".cls says 2" in error and '"label" says 5' in error
 
 
 def assert_utf8_text(source: str) -> None:
@@ -457,6 +492,31 @@ def test_imagefolder_undecodable_file_name_gives_a_utf8_source(make_imagefolder,
     [sample] = [s for s in read_dataset(root, workers=1).samples if "bad" in s.source]
     assert sample.source == "cat/bad\\xff\\xfename.jpg" and sample.key == "cat/bad__name" and sample.data == jpg
     assert_utf8_text(sample.source)
+
+
+def test_imagefolder_undecodable_class_dir_gives_a_utf8_class_name(make_imagefolder, cifar_samples):
+    root = make_imagefolder(20)
+    odd = os.path.join(os.fsencode(root), b"fr\xe9g")
+    os.mkdir(odd)
+    for key, jpg, _ in cifar_samples[30:32]:
+        with open(os.path.join(odd, f"{key}.jpg".encode()), "wb") as file:
+            file.write(jpg)
+    ingested = read_dataset(root, workers=1)
+    assert "fr\\xe9g" in ingested.classes
+    for name in ingested.classes:
+        assert_utf8_text(name)
+    in_odd = [s for s in ingested.samples if ingested.classes[s.label] == "fr\\xe9g"]
+    assert [s.data for s in in_odd] == [jpg for _, jpg, _ in cifar_samples[30:32]]
+    assert all(s.source.startswith("fr\\xe9g/") for s in in_odd)
+
+
+def test_imagefolder_class_dirs_that_read_as_one_name_are_refused(make_imagefolder):
+    root = make_imagefolder(20)
+    for name in (b"fr\xe9g", b"fr\\xe9g"):  # the byte 0xe9, and the four characters "\xe9"
+        os.mkdir(os.path.join(os.fsencode(root), name))
+        Image.new("RGB", (32, 32)).save(os.path.join(os.fsencode(root), name, b"x.png"))
+    with pytest.raises(InputError, match="read as the same class name"):
+        read_dataset(root, workers=1)
 
 
 def link_case(case: str, root: Path, outside: Path) -> None:

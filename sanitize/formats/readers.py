@@ -105,19 +105,19 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
         missing = [str(shard) for shard in shards if not shard.is_file()]
         if missing:
             raise InputError(f"{len(missing)} shard(s) of {path} not found, first: {missing[0]}")
-        return _list_shards(shards, Path(os.path.dirname(path[:path.index("{")]) or "."), classes_file, pool)
+        return _list_shards(path, shards, Path(os.path.dirname(path[:path.index("{")]) or "."), classes_file, pool)
     location = Path(path)
     if not location.exists():
         raise InputError(f"input not found: {path}")
     if location.is_file():
         if not is_shard_name(location.name):
             raise InputError(f"{path}: neither a directory nor a .tar/.tar.gz/.tgz shard")
-        return _list_shards([location], location.parent, classes_file, pool)
+        return _list_shards(path, [location], location.parent, classes_file, pool)
     shards = sorted(entry for entry in location.iterdir()
                     if is_shard_name(entry.name) and not entry.name.startswith(".") and entry.is_file())
     if shards:
         _refuse_mixed(location, shards)
-        return _list_shards(shards, location, classes_file, pool)
+        return _list_shards(path, shards, location, classes_file, pool)
     return _list_folder(location, classes_file, pool)
 
 
@@ -159,7 +159,9 @@ def _brace_items(body: str) -> list[str]:
     return [f"{number:0{width}d}" for number in range(int(first), int(last) + 1)]
 
 
-def _list_shards(shards: list[Path], root: Path, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
+def _list_shards(path: str, shards: list[Path], root: Path, classes_file,
+                 pool: Workers) -> tuple[str, list[str], Listing]:
+    """``path`` as the user gave it names the input in errors; ``root`` is where classes.json and sources start."""
     listing = Listing()
     names = [readable_name(shard.relative_to(root).as_posix() if shard.is_relative_to(root) else str(shard))
              for shard in shards]
@@ -168,20 +170,30 @@ def _list_shards(shards: list[Path], root: Path, classes_file, pool: Workers) ->
         listing.extend(part)
     beside = root / "classes.json"
     names = load_classes(classes_file or beside) if classes_file or beside.is_file() else None
-    classes = names if names is not None else _inferred_classes(listing.records, root)
-    listing.records = [_check_label(record, len(classes)) for record in listing.records]
+    classes = names if names is not None else _inferred_classes(listing.records, path)
+    _check_labels(listing, len(classes))
     return "webdataset", classes, listing
 
 
-def _inferred_classes(records, root: Path) -> list[str]:
+def _inferred_classes(records, path: str) -> list[str]:
     """Classes "0".."K-1", K = the largest label + 1, when there is no class list (see INFERRED_PER_LABEL)."""
     labels = {record.label for record in records if isinstance(record, Sample) and record.label >= 0}
     count = max(labels, default=-1) + 1
     if count > max(INFERRED_ALWAYS, INFERRED_PER_LABEL * len(labels)):
-        raise InputError(f"{root}: labels run up to {count - 1} but only {len(labels)} distinct values were seen, "
+        raise InputError(f"{path}: labels run up to {count - 1} but only {len(labels)} distinct values were seen, "
                          f"too few to infer {count} classes; pass --classes FILE or put a classes.json "
                          f"beside the shards")
     return [str(index) for index in range(count)]
+
+
+def _check_labels(listing: Listing, num_classes: int) -> None:
+    """Samples with a label outside the classes become Unreadable; labels beyond the class list get one warning
+    (inferred classes reach the largest label, so only a given class list can be too short)."""
+    beyond = [record.label for record in listing.records if isinstance(record, Sample) and record.label >= num_classes]
+    listing.records = [_check_label(record, num_classes) for record in listing.records]
+    if beyond:
+        listing.warnings.append(f"{len(beyond)} samples have labels outside the {num_classes} classes of the class "
+                                f"list (largest label {max(beyond)}): they are unreadable; is the class list complete?")
 
 
 def _check_label(record, num_classes: int):
@@ -193,11 +205,13 @@ def _check_label(record, num_classes: int):
 def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str], Listing]:
     listing = Listing()
     dirs = class_dirs(root, listing)
-    classes = dirs if classes_file is None else load_classes(classes_file)
-    unknown = sorted(set(dirs) - set(classes))
+    names = _class_names(root, dirs)
+    classes = names if classes_file is None else load_classes(classes_file)
+    unknown = sorted(set(names) - set(classes))
     if unknown:
         raise InputError(f"{root}: class directories not in {classes_file}: {', '.join(unknown[:5])}")
-    files = [(path, classes.index(directory)) for directory in dirs for path in _class_files(root, directory, listing)]
+    files = [(path, classes.index(name)) for directory, name in zip(dirs, names)
+             for path in _class_files(root, directory, name, listing)]
     chunks = [files[start:start + CHUNK] for start in range(0, len(files), CHUNK)]
     for records in pool.map(partial(read_files, root), chunks, parallel=len(files) >= POOL_MIN_SAMPLES):
         listing.records += [record for record in records if record is not None]
@@ -205,10 +219,23 @@ def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str
     return "imagefolder", classes, listing
 
 
-def _class_files(root: Path, directory: str, listing: Listing) -> list[Path]:
+def _class_names(root: Path, dirs: list[str]) -> list[str]:
+    """The class name of each directory: its name as valid UTF-8 text (see ``readable_name``), since class names
+    go into JSON and ONNX metadata; the directory keeps its own name to be opened. Raises InputError when two
+    directories read as one name (``fr\\xe9g`` as bytes and as text): either way one class would swallow the other."""
+    names = [readable_name(directory) for directory in dirs]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise InputError(f"{root}: several class directories read as the same class name {clashes[0]!r} "
+                         f"(one of them is not valid UTF-8); rename one")
+    return names
+
+
+def _class_files(root: Path, directory: str, name: str, listing: Listing) -> list[Path]:
+    """The image files under ``root/directory``, the on-disk name; ``name`` is its class name, for the warning."""
     files = image_files(root, root / directory, listing)
     if not files:
-        listing.warnings.append(f"class directory {directory!r} holds no image")
+        listing.warnings.append(f"class directory {name!r} holds no image")
     return files
 
 

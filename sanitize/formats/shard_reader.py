@@ -4,7 +4,8 @@ Members are grouped into samples the way WebDataset does it: a member name
 splits into key and field at the first dot of its base name, consecutive
 members with the same key form one sample, and a field seen twice starts a new
 sample. The image is the member whose field ends in an image extension, the
-label comes from ``.cls`` (integer text) or ``.json`` (``{"label": int}``).
+label comes from ``.cls`` (integer text) or ``.json`` (``{"label": int}``); a
+sample whose ``.cls`` and ``.json`` labels disagree is unreadable.
 Other members (``.pyd``, ``.pth``, ``.pickle`` ...) are never read, let alone
 unpickled; a group with neither an image nor a label member (``readme.txt``) is
 not a sample and is counted as skipped. Shards are only ever opened as local files.
@@ -107,15 +108,28 @@ def _pick(fields: dict[str, Member], names, what: str) -> tuple[str, Member]:
 
 
 def parse_label(fields: dict[str, Member]) -> int:
-    """The integer label from ``.cls``, else from ``.json``'s ``"label"``. Raises BadSample."""
+    """The integer label from ``.cls``, else from ``.json``'s ``"label"``; both must agree. Raises BadSample."""
     if any(field_of(suffix) == "cls" for suffix in fields):
         text = _pick(fields, ("cls",), "label")[1].data
         if len(text) > MAX_LABEL_BYTES or not _INTEGER.fullmatch(text):
             raise BadSample(f"label is not an integer: {text[:40]!r}")
-        return int(text)
+        return _agreeing(int(text), fields)
     if any(field_of(suffix) == "json" for suffix in fields):
         return _json_label(_pick(fields, ("json",), "label")[1].data)
     raise BadSample(f"no label: neither .cls nor .json (fields: {', '.join(fields)})")
+
+
+def _agreeing(label: int, fields: dict[str, Member]) -> int:
+    """``label`` (from ``.cls``) unless a ``.json`` names another: which one is right cannot be known.
+
+    A ``.json`` beside ``.cls`` often holds other metadata; one without a usable ``"label"`` is ignored."""
+    try:
+        other = _json_label(_pick(fields, ("json",), "label")[1].data)
+    except BadSample:
+        return label
+    if other != label:
+        raise BadSample(f'labels disagree: .cls says {label}, .json "label" says {other}')
+    return label
 
 
 def _json_label(text: bytes) -> int:
