@@ -202,6 +202,19 @@ def test_options_that_contradict_each_other_are_refused():
     assert methods.resolve_options("advrbd", unlearn_pool=0.1).unlearn_pool == 0.1
 
 
+def test_config_file_tables_are_the_methods_and_the_top_level_applies_to_all(tmp_path):
+    config = tmp_path / "options.toml"
+    config.write_text("seed = 7\n[advrbd]\nepsilon = 0.05\n[dbd]\nss_epochs = 3\n")
+    advrbd = methods.resolve_options("advrbd", config)
+    assert (advrbd.seed, advrbd.epsilon) == (7, 0.05)
+    assert (methods.resolve_options("dbd", config).seed, methods.resolve_options("dbd", config).ss_epochs) == (7, 3)
+    config.write_text("seed = 7\n[advrbd]\nseed = 9\n")  # the method's table wins over the top level
+    assert methods.resolve_options("advrbd", config).seed == 9
+    config.write_text("[advbrd]\nepsilon = 0.5\n")  # misspelt: never silently ignored
+    with pytest.raises(InputError, match=r"unknown table\(s\) \[advbrd\]"):
+        methods.resolve_options("advrbd", config)
+
+
 def test_config_file_sits_between_defaults_and_flags(tmp_path):
     config = tmp_path / "options.toml"
     config.write_text("[advrbd]\nepsilon = 0.05\npgd_steps = 2\n")

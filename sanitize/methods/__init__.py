@@ -36,7 +36,8 @@ def load(name: str):
 
 
 def resolve_options(name: str, config: str | Path | None = None, **overrides):
-    """The method's options: dataclass defaults < the ``[<name>]`` table (or top level) of a TOML file < overrides.
+    """The method's options: dataclass defaults < the top level, then the ``[<name>]`` table, of a TOML file
+    < overrides.
 
     Unknown keys are a user error, reported with the valid ones. With ``quick`` the
     values come back scaled down, as the method runs them (and the manifest records them),
@@ -125,10 +126,15 @@ def _read_config(path: Path, name: str) -> dict:
         raise InputError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"config file {path} is not valid TOML: {error}") from None
-    table = data.get(name, {k: v for k, v in data.items() if not isinstance(v, dict)})
-    if not isinstance(table, dict):
+    tables = {key for key, value in data.items() if isinstance(value, dict)}
+    unknown = sorted(tables - set(REGISTRY))
+    if unknown:  # a misspelt [advbrd] would otherwise be ignored, and its options with it
+        raise InputError(f"config file {path}: unknown table(s) {', '.join(f'[{t}]' for t in unknown)}; "
+                         f"the tables are the methods: {', '.join(f'[{m}]' for m in sorted(REGISTRY))}")
+    if name in data and not isinstance(data[name], dict):
         raise InputError(f"config file {path}: [{name}] must be a table")
-    return table
+    # Keys at the top level apply to every method; the method's own table overrides them.
+    return {**{key: value for key, value in data.items() if key not in tables}, **data.get(name, {})}
 
 
 def _value_type(hint) -> type:
