@@ -125,7 +125,7 @@ def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, 
     flagged = sorted(set(options) & flag_names)
     if flagged:
         raise InputError(f"{flagged[0]} is not a method option but a flag: use --{flagged[0].replace('_', '-')}")
-    methods.check_names(method, options)
+    methods.resolve_options(method, **options)  # every --set value checked, even one a flag then overrides
     # A flag given overrides the same option set with --set; one left out does not count as set.
     flags = {"arch": arch, "batch_size": batch_size, "seed": seed, "quick": quick or None}
     options.update({k: v for k, v in flags.items() if v is not None})

@@ -83,8 +83,10 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
         raise InputError("an output directory is required (--out)")
     if relabeled_format not in ("webdataset", "imagefolder"):
         raise InputError(f"--relabeled-format must be webdataset or imagefolder, not {relabeled_format!r}")
+    shard_size = methods.coerce("--shard-size", shard_size, int)
     if shard_size < 1:
         raise InputError("--shard-size must be at least 1")
+    workers = None if workers is None else methods.coerce("--workers", workers, int)
     if workers is not None and workers < 1:
         raise InputError("--workers must be at least 1")
     progress = progress or Progress()

@@ -45,6 +45,7 @@ def test_run_json_then_inspect(make_shards, tmp_path):
     (["run", "{data}", "--out", "{tmp}/o", "--set", "device=cpu"], "not a method option but a flag: use --device"),
     (["run", "{data}", "--out", "{tmp}/o", "--set", "image-size=32"], "use --image-size"),
     (["run", "{data}", "--out", "{tmp}/o", "--set", "size=32"], "unknown option(s) for advrbd: size"),
+    (["run", "{data}", "--out", "{tmp}/o", "--quick", "--set", "quick=maybe"], "option quick must be true or false"),
     (["poison", "{data}", "--attack", "blend", "--rate", "0.1", "--out", "{tmp}/p", "--set", "seed=3"],
      "--set takes the attack's parameters, not seed"),
 ])

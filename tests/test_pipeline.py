@@ -195,6 +195,14 @@ def test_every_numeric_option_has_bounds_that_the_defaults_meet_and_a_run_enforc
         methods.resolve_options(method, batch_size=True)
 
 
+@pytest.mark.parametrize("argument, value, message", [
+    ("shard_size", "5x", "--shard-size must be int"), ("shard_size", 0, "at least 1"),
+    ("workers", "two", "--workers must be int"), ("workers", 1.5, "whole number")])
+def test_run_arguments_of_the_wrong_type_are_a_user_error(argument, value, message, tmp_path):
+    with pytest.raises(InputError, match=message):
+        sanitize.run(tmp_path, out=tmp_path / "out", **{argument: value})
+
+
 def test_options_that_contradict_each_other_are_refused():
     for pool, rate in ((0.05, 0.05), (0.3, 0.4)):
         with pytest.raises(InputError, match="unlearn_pool .* must exceed partition_rate"):
