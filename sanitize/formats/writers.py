@@ -1,7 +1,6 @@
 """Outputs: staged output directories, clean/relabeled shards, ImageFolder copies, scores.csv.
 
-Image bytes are always copied, never re-encoded; the one exception is a GIF in
-the relabeled ImageFolder tree (see ``first_frame_png``). Shards are reproducible: the
+Image bytes are always copied, never re-encoded. Shards are reproducible: the
 same input and verdicts give byte-identical tar files (fixed member order,
 mtime, owner and mode).
 """
@@ -10,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
-import io
 import itertools
 import json
 import os
@@ -22,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sanitize.formats.images import IMAGE_EXTS, bomb_guard, open_image
+from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import Ingested, InputError, Sample
@@ -321,33 +318,16 @@ def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: 
 
 
 def write_relabeled_folder(root: Path, samples: list[Sample], labels: list[int], classes: list[str]) -> list[str]:
-    """The relabeled set as a tree that ``torchvision.datasets.ImageFolder(root, allow_empty=True)`` loads whole.
+    """The relabeled set as a tree that ``torchvision.datasets.ImageFolder(root, allow_empty=True)`` loads.
 
-    Every sample is there, in the directory of its label; torchvision's class
-    indices are ours (see ``write_folder``). Returns warnings for the user: the
-    class directories left empty, and the samples re-encoded because torchvision
-    would skip them.
+    Every sample is there, in the directory of its label, with its original bytes; torchvision's
+    class indices are ours (see ``write_folder``). Returns warnings for the user: the class
+    directories left empty, and the samples torchvision's ImageFolder skips by extension (GIF).
+    Those are not re-encoded (DESIGN.md: image bytes are copied, never re-encoded; outside
+    tools check them against the manifest's sha256): the warning says how to load them.
     """
-    loadable = [sample if sample.ext in TORCHVISION_EXTS else first_frame_png(sample) for sample in samples]
-    write_folder(root, loadable, labels, classes)
-    return _empty_class_warnings(labels, classes) + _reencoded_warnings(samples, loadable)
-
-
-def first_frame_png(sample: Sample) -> Sample:
-    """``sample`` as a PNG of its first frame, at its size and in its mode (palette, transparency kept).
-
-    Only the relabeled ImageFolder tree does this, for the formats torchvision's
-    ImageFolder does not load (GIF): the shards always keep the original bytes, but
-    here a ``.gif`` file would be silently left out of the user's dataset. The
-    first frame is all that torchvision's loader and ``read_dataset`` ever decode
-    from a GIF, and PNG is lossless, so both see the very pixels the method judged.
-    """
-    with bomb_guard():
-        image = open_image(sample.data)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-    data = buffer.getvalue()
-    return dataclasses.replace(sample, ext="png", sha256=hashlib.sha256(data).hexdigest(), data=data)
+    write_folder(root, samples, labels, classes)
+    return _empty_class_warnings(labels, classes) + _skipped_by_torchvision_warnings(samples)
 
 
 def _empty_class_warnings(labels: list[int], classes: list[str]) -> list[str]:
@@ -360,13 +340,12 @@ def _empty_class_warnings(labels: list[int], classes: list[str]) -> list[str]:
             f"load with torchvision.datasets.ImageFolder(..., allow_empty=True), which keeps the class indices"]
 
 
-def _reencoded_warnings(samples: list[Sample], loadable: list[Sample]) -> list[str]:
-    changed = [f"{old.key} ({old.ext})" for old, new in zip(samples, loadable) if new.ext != old.ext]
-    if not changed:
+def _skipped_by_torchvision_warnings(samples: list[Sample]) -> list[str]:
+    skipped = [f"{sample.key}.{sample.ext}" for sample in samples if sample.ext not in TORCHVISION_EXTS]
+    if not skipped:
         return []
-    return [f"relabeled/: {len(changed)} samples in formats torchvision's ImageFolder skips are written as PNG "
-            f"of their first frame (lossless; the clean shards keep the original bytes): "
-            f"{_listed(changed)}"]
+    return [f"relabeled/: {len(skipped)} samples have an extension torchvision's ImageFolder skips unless told: "
+            f"{_listed(skipped)}; to load them too, pass ImageFolder(..., is_valid_file=lambda path: True)"]
 
 
 def _listed(names: list[str]) -> str:
