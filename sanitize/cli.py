@@ -195,8 +195,8 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
     own = {name for name, p in signature(poison_dataset).parameters.items() if p.kind is not Parameter.VAR_KEYWORD}
     taken = sorted(set(params) & own)
     if taken:  # --set seed=3 would collide with --seed in the call below
-        raise InputError(f"--set takes the attack's parameters, not {', '.join(taken)}: "
-                         "use the command's own argument or flag for that")
+        flag = {"data": "the DATA argument", "fmt": "--format"}.get(taken[0], f"--{taken[0]}")
+        raise InputError(f"--set takes the attack's parameters, not {taken[0]}: use {flag}")
     truth = poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=fmt,
                            overwrite=overwrite, **params)
     counts = truth["counts"]

@@ -47,7 +47,7 @@ def test_run_json_then_inspect(make_shards, tmp_path):
     (["run", "{data}", "--out", "{tmp}/o", "--set", "size=32"], "unknown option(s) for advrbd: size"),
     (["run", "{data}", "--out", "{tmp}/o", "--quick", "--set", "quick=maybe"], "option quick must be true or false"),
     (["poison", "{data}", "--attack", "blend", "--rate", "0.1", "--out", "{tmp}/p", "--set", "seed=3"],
-     "--set takes the attack's parameters, not seed"),
+     "--set takes the attack's parameters, not seed: use --seed"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message, make_shards, tmp_path, monkeypatch, capsys):
     import torch
