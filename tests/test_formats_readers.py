@@ -417,8 +417,13 @@ def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, c
     (root / ".cache" / "x.jpg").write_bytes(cifar_samples[0][1])
     (root / "notes").mkdir()
     (root / "notes" / "log.txt").write_text("no images here")
+    (root / "stray.JPG").write_bytes(cifar_samples[1][1])
     ingested = read_dataset(root, workers=1)
     assert ingested.format == "webdataset" and len(ingested.samples) == 40
+    # nothing beside the shards goes uncounted; an image there is worth a warning
+    assert ingested.skipped == {"not_a_shard": 1, "image_beside_shards": 1}
+    assert [w for w in ingested.warnings if "beside the shards" in w] == \
+        [f"1 image file(s) beside the shards in {root} are not read: only samples inside the shards are"]
 
 
 # --- ImageFolder ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from sanitize.formats.folder_reader import class_dirs, holds_image, image_files, read_files
-from sanitize.formats.images import CHUNK, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
+from sanitize.formats.images import CHUNK, IMAGE_EXTS, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import dedupe_keys, readable_name
 from sanitize.formats.records import Ingested, InputError, Listing, Sample, Unreadable
 from sanitize.formats.shard_reader import list_shard
@@ -117,8 +117,25 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
                     if is_shard_name(entry.name) and not entry.name.startswith(".") and entry.is_file())
     if shards:
         _refuse_mixed(location, shards)
-        return _list_shards(path, shards, location, classes_file, pool)
+        fmt, classes, listing = _list_shards(path, shards, location, classes_file, pool)
+        _count_beside_shards(location, shards, listing)
+        return fmt, classes, listing
     return _list_folder(location, classes_file, pool)
+
+
+def _count_beside_shards(root: Path, shards: list[Path], listing: Listing) -> None:
+    """Files beside the shards are not samples, but every input is accounted for: count them as skipped,
+    and warn about images there (a WebDataset sample lives inside a shard; one beside it is easily missed)."""
+    images = 0
+    for entry in root.iterdir():
+        if entry.name.startswith(".") or entry.name == "classes.json" or entry in shards or entry.is_dir():
+            continue
+        is_image = entry.suffix.lower().lstrip(".") in IMAGE_EXTS
+        images += is_image
+        listing.skip("image_beside_shards" if is_image else "not_a_shard")
+    if images:
+        listing.warnings.append(f"{images} image file(s) beside the shards in {readable_name(str(root))} are not "
+                                f"read: only samples inside the shards are")
 
 
 def _refuse_mixed(root: Path, shards: list[Path]) -> None:
