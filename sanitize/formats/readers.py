@@ -118,17 +118,20 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
     if shards:
         _refuse_mixed(location, shards)
         fmt, classes, listing = _list_shards(path, shards, location, classes_file, pool)
-        _count_beside_shards(location, shards, listing)
+        _count_beside_shards(location, listing)
         return fmt, classes, listing
     return _list_folder(location, classes_file, pool)
 
 
-def _count_beside_shards(root: Path, shards: list[Path], listing: Listing) -> None:
+def _count_beside_shards(root: Path, listing: Listing) -> None:
     """Files beside the shards are not samples, but every input is accounted for: count them as skipped,
     and warn about images there (a WebDataset sample lives inside a shard; one beside it is easily missed)."""
     images = 0
     for entry in root.iterdir():
-        if entry.name.startswith(".") or entry.name == "classes.json" or entry in shards or entry.is_dir():
+        # The shards are the visible files with a shard name (``_list``): tested as such, not looked up
+        # in the list of shards, which would cost shards x entries comparisons in a folder of many.
+        is_shard = is_shard_name(entry.name) and entry.is_file()
+        if entry.name.startswith(".") or entry.name == "classes.json" or is_shard or entry.is_dir():
             continue
         is_image = entry.suffix.lower().lstrip(".") in IMAGE_EXTS
         images += is_image
