@@ -129,7 +129,7 @@ def build_truth(attacker: Attack, ingested: Ingested, result: Poisoned, samples:
         "cover": [keys[row] for row in np.flatnonzero(result.cover)],
         "true_labels": {keys[row]: int(result.true_labels[row]) for row in poisoned_rows},
         "renamed": {new.key: old.key for new, old in zip(samples, ingested.samples) if new.key != old.key},
-        "unreadable": [{"key": item.key, "source": item.source, "error": item.error} for item in ingested.unreadable],
+        "unreadable": [item.to_json() for item in ingested.unreadable],
         "warnings": [*result.warnings, *ingested.warnings, *_unreadable_warnings(ingested)],
     }
 

@@ -38,7 +38,7 @@ def build_manifest(ingested: Ingested, *, method: str, options: dict, seed: int,
                    "unreadable": len(ingested.unreadable)},
         "per_class": _per_class(ingested, suspected),
         "suspects": _suspects(ingested, score, suspected, relabel),
-        "unreadable": [{"key": item.key, "source": item.source, "error": item.error} for item in ingested.unreadable],
+        "unreadable": [item.to_json() for item in ingested.unreadable],
         "model": model, "timings_s": timings_s, "environment": environment, "metrics": metrics or {},
     }
     return json.loads(json.dumps(manifest, default=_plain, allow_nan=False))

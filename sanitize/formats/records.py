@@ -37,6 +37,10 @@ class Unreadable:
     error: str
     sha256: str = ""  # of the bytes we got, when there were any; feeds the input fingerprint
 
+    def to_json(self) -> dict[str, str]:
+        """The entry that manifest.json and truth.json list under ``unreadable``."""
+        return {"key": self.key, "source": self.source, "error": self.error}
+
 
 @dataclass
 class Ingested:
