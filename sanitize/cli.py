@@ -118,17 +118,17 @@ def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, 
     from sanitize import pipeline
 
     options = methods.parse_assignments(sets)
+    # The flags that set a method option. A flag given overrides the same option set with --set; one
+    # left out does not count as set.
+    option_flags = {"arch": arch, "batch_size": batch_size, "seed": seed, "quick": quick or None}
     # Checked here, not only in the pipeline: a --set name that is also a keyword of pipeline.run
     # (device, workers, out) must be refused as an option, not collide with the flag.
-    flag_names = {param.name for param in click.get_current_context().command.params} - {"arch", "batch_size",
-                                                                                        "seed", "quick"}
+    flag_names = {param.name for param in click.get_current_context().command.params} - set(option_flags)
     flagged = sorted(set(options) & flag_names)
     if flagged:
         raise InputError(f"{flagged[0]} is not a method option but a flag: use --{flagged[0].replace('_', '-')}")
     methods.resolve_options(method, **options)  # every --set value checked, even one a flag then overrides
-    # A flag given overrides the same option set with --set; one left out does not count as set.
-    flags = {"arch": arch, "batch_size": batch_size, "seed": seed, "quick": quick or None}
-    options.update({k: v for k, v in flags.items() if v is not None})
+    options.update({k: v for k, v in option_flags.items() if v is not None})
     progress = StageProgress(pipeline.stages(method), enabled=not quiet)
     try:
         result = pipeline.run(data, method=method, out=out, config=config, device=device, image_size=image_size,
