@@ -24,12 +24,19 @@ from sanitize.formats.records import Sample
 
 
 def verdicts(ingested, seed: int = 0):
-    """Deterministic score/suspected/relabel: every fifth sample suspected and moved to class 0."""
+    """Deterministic score/suspected/relabel: every fifth sample suspected and moved to class 0; the
+    clean model also disagrees with every seventh sample's label (index 3, 10, ...; some are clean)."""
     count = len(ingested.samples)
     score = np.random.default_rng(seed).random(count)
     suspected = np.arange(count) % 5 == 0
-    relabel = np.where(suspected, 0, ingested.labels)
+    disagree = (ingested.labels + 1) % len(ingested.classes)
+    relabel = np.where(suspected, 0, np.where(np.arange(count) % 7 == 3, disagree, ingested.labels))
     return score, suspected, relabel
+
+
+def final(ingested, suspected, relabel) -> list[int]:
+    """The relabeled set's labels: only suspects take their relabel."""
+    return [int(r) if s else int(label) for label, s, r in zip(ingested.labels, suspected, relabel)]
 
 
 def shard_paths(directory: Path) -> list[str]:
@@ -226,9 +233,12 @@ def test_clean_and_relabeled_shards_read_back_with_webdataset(make_shards, tmp_p
     assert meta == {"key": expected[0][0], "source": f"part-000000.tar:{expected[0][0]}.jpg",
                     "label": expected[0][2], "score": score[1]}
     relabeled = list(webdataset.WebDataset(shard_paths(tmp_path / "out" / "relabeled"), shardshuffle=False))
-    assert len(relabeled) == 120 and [int(s["cls"]) for s in relabeled] == relabel.tolist()
+    assert len(relabeled) == 120 and [int(s["cls"]) for s in relabeled] == final(ingested, suspected, relabel)
     assert json.loads(relabeled[0]["json"]) == {"original_label": cifar_samples[0][2], "relabel": 0,
                                                 "suspected": True, "score": score[0]}
+    # a sample judged clean keeps its given label in .cls; the clean model's other opinion is only in .json
+    assert int(relabeled[3]["cls"]) == cifar_samples[3][2] != relabel[3]
+    assert json.loads(relabeled[3]["json"])["relabel"] == relabel[3]
     assert len(shard_paths(tmp_path / "out" / "relabeled")) == 3
 
 
@@ -240,7 +250,7 @@ def test_outputs_read_back_through_read_dataset(make_shards, tmp_path):
     assert clean.classes == ingested.classes and len(clean.samples) == int((~suspected).sum())
     relabeled = read_dataset(tmp_path / "out" / "relabeled", workers=1)
     assert [s.data for s in relabeled.samples] == [s.data for s in ingested.samples]
-    assert relabeled.labels.tolist() == relabel.tolist()
+    assert relabeled.labels.tolist() == final(ingested, suspected, relabel) != relabel.tolist()
 
 
 def test_shards_are_byte_identical_on_a_second_write(make_shards, tmp_path):
@@ -290,9 +300,11 @@ def test_relabeled_imagefolder_loads_with_torchvision(make_imagefolder, tmp_path
     folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
     assert folder.classes == ingested.classes
     by_path = {Path(path).relative_to(root).as_posix(): label for path, label in folder.samples}
-    assert sorted(by_path.values()) == sorted(relabel.tolist())
-    kept = ingested.samples[1]  # not suspected: same class directory, so the same path and key
-    assert by_path[kept.source] == kept.label and (root / kept.source).read_bytes() == kept.data
+    assert sorted(by_path.values()) == sorted(final(ingested, suspected, relabel))
+    for index in (1, 3):  # not suspected (3: the clean model disagrees): same class directory, path and key
+        kept = ingested.samples[index]
+        assert by_path[kept.source] == kept.label and (root / kept.source).read_bytes() == kept.data
+    assert relabel[3] != ingested.samples[3].label
     moved = next(s for s, flagged in zip(ingested.samples, suspected) if flagged and s.label != 0)
     assert by_path[f"{ingested.classes[0]}/{moved.key}.jpg"] == 0  # relabeled to class 0: nested under it
     assert len(list(webdataset.WebDataset(shard_paths(tmp_path / "out" / "clean"), shardshuffle=False))) == 64
@@ -307,10 +319,10 @@ def gif_bytes(jpg: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def folder_placement(ingested, relabel, dirs) -> list[tuple[str, int]]:
+def folder_placement(ingested, suspected, relabel, dirs) -> list[tuple[str, int]]:
     """(path without extension, class index) that every sample must have in the relabeled tree."""
     placed = []
-    for sample, label in zip(ingested.samples, relabel.tolist()):
+    for sample, label in zip(ingested.samples, final(ingested, suspected, relabel)):
         key = sample.key if sample.key.startswith(f"{dirs[label]}/") else f"{dirs[label]}/{sample.key}"
         placed.append((key, label))
     return sorted(placed)
@@ -327,9 +339,11 @@ def test_relabeled_imagefolder_loads_whole_with_torchvision_given_the_warned_arg
     (data / "cat" / "animated.gif").write_bytes(gif)
     ingested = read_dataset(data, workers=1)
     score, suspected, relabel = verdicts(ingested)
-    relabel[relabel == 9] = 1  # nothing is relabeled "truck": an empty class directory
+    trucks = ingested.labels == 9
+    suspected[trucks], relabel[trucks] = True, 1  # every "truck" suspected and relabeled ...
+    relabel[relabel == 9] = 1  # ... and no suspect relabeled "truck": an empty class directory
     row = next(i for i, s in enumerate(ingested.samples) if s.key == "cat/animated")
-    suspected[row], relabel[row] = False, 5  # kept in the clean shards, relabeled "dog"
+    suspected[row], relabel[row] = False, 5  # kept in the clean shards, so it keeps "cat" (the model said "dog")
     write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
                   relabeled_format="imagefolder")
     root = tmp_path / "out" / "relabeled"
@@ -337,12 +351,12 @@ def test_relabeled_imagefolder_loads_whole_with_torchvision_given_the_warned_arg
         torchvision.datasets.ImageFolder(root)
     folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
     assert folder.classes == cifar_classes and not any((root / "truck").iterdir())
-    gif_path = root / "dog" / "cat" / "animated.gif"
+    gif_path = root / "cat" / "animated.gif"
     assert gif_path.read_bytes() == gif, "never re-encoded"
     assert str(gif_path) not in [path for path, _ in folder.samples]  # torchvision skips .gif unless told ...
     every = torchvision.datasets.ImageFolder(root, allow_empty=True, is_valid_file=lambda path: True)
-    assert (str(gif_path), 5) in every.samples  # ... as the warning says
-    assert loaded_placement(every, root) == folder_placement(ingested, relabel, cifar_classes)
+    assert (str(gif_path), 3) in every.samples  # ... as the warning says
+    assert loaded_placement(every, root) == folder_placement(ingested, suspected, relabel, cifar_classes)
     assert any("truck" in w and "allow_empty=True" in w for w in ingested.warnings)
     assert any("cat/animated.gif" in w and "is_valid_file" in w for w in ingested.warnings)
     assert json.loads((root / "classes.json").read_text()) == {"classes": cifar_classes}
@@ -364,7 +378,7 @@ def test_relabeled_imagefolder_keeps_our_class_indices_for_unsorted_classes(make
     folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
     dirs = class_dir_names(classes)
     assert folder.class_to_idx == {name: index for index, name in enumerate(dirs)} and dirs[0] == "0-truck"
-    assert loaded_placement(folder, root) == folder_placement(ingested, relabel, dirs)
+    assert loaded_placement(folder, root) == folder_placement(ingested, suspected, relabel, dirs)
     assert json.loads((root / "classes.json").read_text()) == {"classes": classes}  # the names behind "0-truck"
 
 

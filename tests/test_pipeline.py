@@ -48,8 +48,11 @@ def test_clean_shards_hold_exactly_the_samples_judged_clean(shard_run):
     everything = list(webdataset.WebDataset(relabeled, shardshuffle=False))
     assert len(everything) == len(scores)
     by_key = {row["key"]: row for row in scores}
-    for sample in everything:
-        assert int(sample["cls"]) == by_key[sample["__key__"]]["relabel"]
+    for sample in everything:  # only suspects take the clean model's label; the rest keep theirs
+        row = by_key[sample["__key__"]]
+        assert int(sample["cls"]) == (row["relabel"] if row["suspected"] else row["label"])
+        assert json.loads(sample["json"])["relabel"] == row["relabel"]
+    assert any(row["relabel"] != row["label"] for row in scores if not row["suspected"]), "the rule went untested"
 
 
 def test_manifest_agrees_with_scores_and_the_method(shard_run):

@@ -175,7 +175,9 @@ def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_s
     """Write the clean shards, the relabeled set and scores.csv under ``tmp``.
 
     score float [N] (higher = more likely poisoned), suspected bool [N] and
-    relabel int [N] are aligned with ``ingested.samples``. Returns the relative
+    relabel int [N] (the clean model's label) are aligned with ``ingested.samples``.
+    The relabeled set gives each sample its final label (``final_labels``): the relabel
+    of a suspect, the given label of every other sample. Returns the relative
     paths written: {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}.
     With ``relabeled_format="imagefolder"``, what a user of torchvision's ImageFolder
     must know about the tree (see ``write_relabeled_folder``) is appended to
@@ -189,16 +191,32 @@ def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_s
     clean = [index for index in range(len(samples)) if not suspected[index]]
     sets = [(tmp / "clean", "clean", (_clean_fields(samples[i], float(score[i])) for i in clean))]
     relabeled = tmp / "relabeled"
+    final = final_labels(ingested.labels, suspected, relabel)
     if relabeled_format == "imagefolder":
-        ingested.warnings.extend(write_relabeled_folder(relabeled, samples, relabel.tolist(), ingested.classes))
+        ingested.warnings.extend(write_relabeled_folder(relabeled, samples, final.tolist(), ingested.classes))
     else:
         sets.append((relabeled, "relabeled", (_relabeled_fields(sample, float(score[i]), bool(suspected[i]),
-                                                                int(relabel[i])) for i, sample in enumerate(samples))))
+                                                                int(relabel[i]), int(final[i]))
+                                              for i, sample in enumerate(samples))))
     write_shard_sets(sets, shard_size, workers)
     _write_classes(tmp / "clean", ingested.classes)
     _write_classes(relabeled, ingested.classes)
     write_scores(tmp / "scores.csv", samples, score, suspected, relabel)
     return {"clean": "clean", "relabeled": "relabeled", "scores": "scores.csv"}
+
+
+def final_labels(labels, suspected, relabel) -> np.ndarray:
+    """The relabeled set's labels: a suspect takes its relabel, every other sample keeps its given label.
+
+    Only suspects are relabeled. The clean model's label for a sample judged clean is
+    a prediction, not a correction: on a weak model (``--quick``) it differed from the
+    given label on over half the samples, and even a strong one disagrees with a few
+    percent of correct labels. Giving those to the user would silently alter the data
+    the defense found nothing wrong with. ``relabel`` stays in scores.csv and in the
+    relabeled set's ``.json`` for every sample, for users who want the model's view.
+    """
+    return np.where(np.asarray(suspected, dtype=bool), np.asarray(relabel, dtype=np.int64),
+                    np.asarray(labels, dtype=np.int64))
 
 
 def check_verdicts(ingested: Ingested, score, suspected, relabel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -222,9 +240,9 @@ def _clean_fields(sample: Sample, score: float) -> dict:
     return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(sample.label), "json": _json(meta)}
 
 
-def _relabeled_fields(sample: Sample, score: float, suspected: bool, relabel: int) -> dict:
+def _relabeled_fields(sample: Sample, score: float, suspected: bool, relabel: int, final: int) -> dict:
     meta = {"original_label": sample.label, "relabel": relabel, "suspected": suspected, "score": score}
-    return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(relabel), "json": _json(meta)}
+    return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(final), "json": _json(meta)}
 
 
 def _cls(label: int) -> bytes:
@@ -336,7 +354,7 @@ def _empty_class_warnings(labels: list[int], classes: list[str]) -> list[str]:
     empty = [name for index, name in enumerate(class_dir_names(classes)) if index not in used]
     if not empty:
         return []
-    return [f"relabeled/: class directories {_listed(empty)} are empty (no sample is relabeled to them); "
+    return [f"relabeled/: class directories {_listed(empty)} are empty (no sample has that label in the relabeled set); "
             f"load with torchvision.datasets.ImageFolder(..., allow_empty=True), which keeps the class indices"]
 
 
