@@ -359,7 +359,7 @@ def test_relabeled_imagefolder_loads_whole_with_torchvision_given_the_warned_arg
     assert loaded_placement(every, root) == folder_placement(ingested, suspected, relabel, cifar_classes)
     assert any("truck" in w and "allow_empty=True" in w for w in ingested.warnings)
     assert any("cat/animated.gif" in w and "is_valid_file" in w for w in ingested.warnings)
-    assert json.loads((root / "classes.json").read_text()) == {"classes": cifar_classes}
+    assert json.loads((root / "classes.json").read_text())["classes"] == cifar_classes
     clean = {s["__key__"]: s for s in webdataset.WebDataset(shard_paths(tmp_path / "out" / "clean"),
                                                              shardshuffle=False)}
     assert clean["cat/animated"]["gif"] == gif, "the shards keep the original bytes"
@@ -379,7 +379,7 @@ def test_relabeled_imagefolder_keeps_our_class_indices_for_unsorted_classes(make
     dirs = class_dir_names(classes)
     assert folder.class_to_idx == {name: index for index, name in enumerate(dirs)} and dirs[0] == "0-truck"
     assert loaded_placement(folder, root) == folder_placement(ingested, suspected, relabel, dirs)
-    assert json.loads((root / "classes.json").read_text()) == {"classes": classes}  # the names behind "0-truck"
+    assert json.loads((root / "classes.json").read_text())["classes"] == classes  # the names behind "0-truck"
 
 
 def test_verdicts_that_do_not_fit_are_a_bug_not_bad_data(make_shards, tmp_path):
@@ -449,6 +449,21 @@ def test_write_dataset_refuses_unsafe_or_duplicate_keys_and_existing_output(tmp_
         write_dataset(tmp_path / "c", [sample], classes)
     write_dataset(tmp_path / "c", [sample], classes, overwrite=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "escape.jpg").exists()
+
+
+def test_write_dataset_overwrite_never_replaces_a_users_own_shard_folder(make_shards, tmp_path, cifar_classes):
+    """A user's shards with their own classes.json look like a copy of ours but for the marker."""
+    data = make_shards(20, 20)
+    (data / "classes.json").write_text(json.dumps({"classes": cifar_classes}))
+    before = digests(data)
+    ingested = read_dataset(data, workers=1)
+    with pytest.raises(InputError, match="is not an earlier output"):
+        write_dataset(data, ingested.samples, ingested.classes, overwrite=True)
+    assert digests(data) == before
+    copy = write_dataset(tmp_path / "copy", ingested.samples, ingested.classes)
+    assert json.loads((copy / "classes.json").read_text()) == {"classes": cifar_classes, "written_by": "sanitize"}
+    write_dataset(copy, ingested.samples[:5], ingested.classes, overwrite=True)  # our own copy: replaced
+    assert len(read_dataset(copy, workers=1).samples) == 5
 
 
 # --- keys --------------------------------------------------------------------------------------------------------

@@ -57,8 +57,11 @@ class OutputKind:
 RUN_OUTPUT = OutputKind("manifest.json", frozenset({"schema_version", "method", "counts", "suspects"}),
                         frozenset({"manifest.json", "scores.csv", "model.onnx", "clean", "relabeled"}))
 POISON_OUTPUT = OutputKind("truth.json", frozenset({"attack", "target", "counts", "poisoned"}))
-# What a dataset copy written by ``write_dataset`` holds beside its shards or class folders.
-DATASET_COPY = OutputKind("classes.json", frozenset({"classes"}))
+# What a shard copy written by ``write_dataset`` holds beside its shards: a classes.json that says
+# who wrote it. A user's own shard folder has a classes.json with "classes" too, and
+# ``write_dataset(..., overwrite=True)`` must not take it for a copy of ours.
+WRITTEN_BY = "sanitize"
+DATASET_COPY = OutputKind("classes.json", frozenset({"classes", "written_by"}))
 # The extensions torchvision.datasets.ImageFolder loads (its IMG_EXTENSIONS, .ppm and .pgm aside):
 # a file with any other extension is silently left out by it.
 TORCHVISION_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"})
@@ -308,7 +311,8 @@ def _write_classes(directory: Path, classes: list[str]) -> None:
     Beside a relabeled ImageFolder tree it names the classes its directories stand for
     (torchvision ignores files at the root; ``read_dataset`` counts it as skipped)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "classes.json").write_text(json.dumps({"classes": classes}, indent=1) + "\n", encoding="utf-8")
+    value = {"classes": classes, "written_by": WRITTEN_BY}
+    (directory / "classes.json").write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
 
 
 def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: list[str]) -> list[str]:
@@ -402,7 +406,7 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
     labels and bytes, and the same keys when ``fmt`` is the format the samples
     were read from (an ImageFolder key starts with its class directory, so
     shards written as a folder gain one). ``overwrite`` replaces only an earlier
-    shard copy (a directory holding classes.json). Returns ``Path(out)``.
+    shard copy (a directory whose classes.json says sanitize wrote it). Returns ``Path(out)``.
     """
     if fmt not in FORMATS:
         raise InputError(f"dataset format must be one of {', '.join(FORMATS)}, got {fmt!r}")
