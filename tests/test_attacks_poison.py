@@ -130,6 +130,22 @@ def test_poison_lists_the_unreadable_inputs_it_leaves_out(make_imagefolder, tmp_
     check_copy(data, tmp_path / "out", truth, target=1)
 
 
+def test_poison_counts_the_files_the_reader_skips(make_imagefolder, tmp_path, cifar_samples):
+    data = make_imagefolder(30)
+    (data / "cat" / ".hidden.jpg").write_bytes(cifar_samples[0][1])
+    (data / "dog" / "notes.txt").write_text("not an image")
+    truth = poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out")
+    assert truth["skipped"] and sum(truth["skipped"].values()) == 2
+    assert truth["counts"]["total"] == 30 and truth["counts"]["unreadable"] == 0
+    assert any(w.startswith("2 files the reader skips are not in the copy") and "truth.json" in w
+               for w in truth["warnings"])
+    assert json.loads((tmp_path / "out" / "truth.json").read_text())["skipped"] == truth["skipped"]
+    assert not any(path.name in (".hidden.jpg", "notes.txt") for path in (tmp_path / "out").rglob("*"))
+    clean = poison_dataset(make_imagefolder(30, root=tmp_path / "plain"), attack="badnets", rate=0.1, target=1,
+                           out=tmp_path / "out2")
+    assert clean["skipped"] == {} and not any("skips" in w for w in clean["warnings"])
+
+
 def test_poison_is_deterministic(make_shards, tmp_path):
     data = make_shards(60, per_shard=60)
     first = poison_dataset(data, attack="blend", rate=0.1, target=0, out=tmp_path / "a", seed=5)

@@ -42,7 +42,9 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
     ``out`` that overlaps the input, or an existing non-empty ``out`` without ``overwrite``;
     ``overwrite`` replaces only an earlier poisoned copy (a directory holding truth.json),
     never a run's output or other files. Unreadable inputs are not copied: truth.json
-    lists them with their reasons under ``unreadable``, and a warning counts them.
+    lists them with their reasons under ``unreadable``, and a warning counts them. Nor
+    are the files the reader skips (hidden, not images, ...): ``skipped`` counts them by
+    reason, and a warning too.
     """
     attacker = make_attack(attack, **params)
     if fmt is not None and fmt not in FORMATS:
@@ -125,13 +127,24 @@ def build_truth(attacker: Attack, ingested: Ingested, result: Poisoned, samples:
         "classes": ingested.classes,
         "counts": {"total": ingested.total, "readable": len(samples), "unreadable": len(ingested.unreadable),
                    "poisoned": len(poisoned_rows), "cover": int(result.cover.sum())},
+        "skipped": dict(ingested.skipped),
         "poisoned": [keys[row] for row in poisoned_rows],
         "cover": [keys[row] for row in np.flatnonzero(result.cover)],
         "true_labels": {keys[row]: int(result.true_labels[row]) for row in poisoned_rows},
         "renamed": {new.key: old.key for new, old in zip(samples, ingested.samples) if new.key != old.key},
         "unreadable": [item.to_json() for item in ingested.unreadable],
-        "warnings": [*result.warnings, *ingested.warnings, *_unreadable_warnings(ingested)],
+        "warnings": [*result.warnings, *ingested.warnings, *_unreadable_warnings(ingested),
+                     *_skipped_warnings(ingested)],
     }
+
+
+def _skipped_warnings(ingested: Ingested) -> list[str]:
+    """Files the reader skipped (hidden, not images, links out of the tree, ...) are not in the copy either."""
+    if not ingested.skipped:
+        return []
+    counted = ", ".join(f"{count} {reason}" for reason, count in sorted(ingested.skipped.items()))
+    return [f"{sum(ingested.skipped.values())} files the reader skips are not in the copy ({counted}; "
+            f"counts in truth.json under 'skipped')"]
 
 
 def _unreadable_warnings(ingested: Ingested) -> list[str]:
