@@ -66,6 +66,13 @@ def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator |
         yield indices[start:start + batch_size]
 
 
+def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
+    """How many batches ``batches`` yields over ``count`` indices (the schedule and progress count on it)."""
+    if drop_last and count >= batch_size:
+        return count // batch_size
+    return math.ceil(count / batch_size)
+
+
 def steps_per_epoch(count: int, batch_size: int) -> int:
     return max(1, count // batch_size) if count >= batch_size else 1
 
@@ -106,7 +113,9 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
         return {"loss": float("nan"), "steps": 0}
     generator = make_generator(seed, bank.device)
     drop_last = len(indices) >= 2 * batch_size  # avoids a 1-sample BatchNorm batch
-    total = epochs * math.ceil(len(indices) / batch_size)
+    # The schedule decays to zero over the steps actually taken: counted without the dropped
+    # remainder (it used to be counted, so the rate ended at up to a sixth of its peak on small sets).
+    total = epochs * batch_count(len(indices), batch_size, drop_last)
     optimizer = make_optimizer(model, lr, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total))
     model.train()
@@ -154,11 +163,12 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
     optimizer = make_optimizer(model, lr, weight_decay)
     unlearn_batch = max(1, round(batch_size * len(unlearn) / max(1, len(relearn) + len(unlearn))))
     unlearn_batch = max(unlearn_batch, round(batch_size * unlearn_share))
-    total = epochs * math.ceil(len(relearn) / batch_size)
+    drop_last = len(relearn) >= 2 * batch_size
+    total = epochs * batch_count(len(relearn), batch_size, drop_last)
     model.train()
     step = 0
     for _ in range(epochs):
-        for batch in batches(relearn, batch_size, generator, drop_last=len(relearn) >= 2 * batch_size):
+        for batch in batches(relearn, batch_size, generator, drop_last=drop_last):
             pick = torch.randint(0, len(unlearn), (unlearn_batch,), generator=generator, device=bank.device)
             forget = unlearn[pick]
             inputs = _layout(augment(bank.images[torch.cat([batch, forget])], generator, augmentation))

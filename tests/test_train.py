@@ -55,6 +55,31 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert factor(0) < factor(14) <= 1 and factor(99) < 0.02
 
 
+@pytest.mark.parametrize("count, batch_size", [(300, 128), (256, 128), (100, 128), (150, 64)])
+def test_the_schedule_and_progress_end_with_the_last_batch_taken(bank, count, batch_size):
+    """The remainder a full-size set drops must not be counted: the rate would stop short of zero."""
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+    seen, rates = [], []
+    step = torch.optim.SGD.step
+
+    def record(optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return step(optimizer, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", record)
+        result = train.train_supervised(model, bank, indices=torch.arange(count), epochs=2, batch_size=batch_size,
+                                        lr=0.1, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (result["steps"], result["steps"]) == (len(rates), len(rates))
+    factor = train.warmup_linear(len(rates))  # the schedule of exactly the steps taken, ending at its last
+    assert rates == pytest.approx([0.1 * factor(i) for i in range(len(rates))])
+    seen.clear()
+    train.unlearn_relearn(model, bank, unlearn=torch.arange(count, count + 20), relearn=torch.arange(count),
+                          batch_size=batch_size, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1]
+
+
 def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="no CUDA"):
