@@ -187,9 +187,11 @@ def _value(value) -> str:
 @click.option("--format", "fmt", type=click.Choice(["webdataset", "imagefolder"]), help="Default: as the input.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any attack parameter.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier poisoned copy (a directory with truth.json).")
-def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite, quiet):
     """Write a poisoned copy of DATA to OUT plus truth.json (for red-teaming; DATA is not modified)."""
     from sanitize.attacks import poison_dataset
+    from sanitize.attacks.poison import poison_stages
 
     params = methods.parse_assignments(sets)
     own = {name for name, p in signature(poison_dataset).parameters.items() if p.kind is not Parameter.VAR_KEYWORD}
@@ -197,8 +199,12 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite):
     if taken:  # --set seed=3 would collide with --seed in the call below
         flag = {"data": "the DATA argument", "fmt": "--format"}.get(taken[0], f"--{taken[0]}")
         raise InputError(f"--set takes the attack's parameters, not {taken[0]}: use {flag}")
-    truth = poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=fmt,
-                           overwrite=overwrite, **params)
+    progress = StageProgress(poison_stages(attack), enabled=not quiet)
+    try:
+        truth = poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=fmt,
+                               overwrite=overwrite, progress=progress, **params)
+    finally:
+        progress.close()
     counts = truth["counts"]
     click.echo(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
                f"(target class {truth['target']}); copy and truth.json in {out}")

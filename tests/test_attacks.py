@@ -60,9 +60,28 @@ def test_ground_truth(run):
     assert changed.mean() > 0.9, f"{name}: only {changed.sum()} of {stamped.sum()} stamped rows changed"
 
 
-def test_poison_is_deterministic_for_a_seed(run):
+class Recorder:
+    """A progress that keeps what it is told: [(stage, [(done, total), ...]), ...]."""
+
+    def __init__(self):
+        self.seen = []
+
+    def stage(self, name):
+        self.seen.append((name, []))
+
+    def advance(self, done, total):
+        self.seen[-1][1].append((done, total))
+
+
+def test_poison_is_deterministic_for_a_seed_and_reports_its_stages(run):
     name, attack, images, labels, _, result = run
-    again = attack.poison(images, labels, rate=RATE, target=TARGET, seed=3, num_classes=NUM_CLASSES)
+    progress = Recorder()
+    again = attack.poison(images, labels, rate=RATE, target=TARGET, seed=3, num_classes=NUM_CLASSES,
+                          progress=progress)
+    assert [stage for stage, _ in progress.seen] == list(attack.stages)
+    if name == "label_consistent":  # the slow stages count their steps up to the end
+        assert all(steps and steps[-1][0] == steps[-1][1] for _, steps in progress.seen)
+        assert progress.seen[-1][1][-1] == (round(RATE * len(labels)),) * 2  # PGD counts the poisons
     assert np.array_equal(again.images, result.images) and np.array_equal(again.poisoned, result.poisoned)
     assert np.array_equal(again.cover, result.cover)
     if name != "label_consistent":  # a second surrogate would only slow the suite down

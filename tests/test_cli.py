@@ -157,6 +157,21 @@ def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, t
     assert captured.err.count("warning: ") == len(truth["warnings"])
 
 
+def test_poison_reports_its_stages_and_the_slow_attacks_steps(make_shards, tmp_path, capsys):
+    """Label-Consistent trains a surrogate and runs PGD (minutes on a CPU): each is a stage the user sees."""
+    data = make_shards(60, per_shard=60)
+    fast = ["--set", "surrogate_arch=small", "--set", "epochs=1", "--set", "pgd_steps=2", "--set", "batch_size=64"]
+    main(["poison", str(data), "--attack", "label_consistent", "--rate", "0.05", "--out", str(tmp_path / "lc"),
+          *fast])
+    stages = [line.split("stage ")[1] for line in capsys.readouterr().err.splitlines() if " stage " in line]
+    assert stages == ["1/4: read", "2/4: surrogate", "3/4: pgd", "4/4: write"]
+    main(["poison", str(data), "--attack", "badnets", "--rate", "0.1", "--out", str(tmp_path / "b")])
+    assert [line.split("stage ")[1] for line in capsys.readouterr().err.splitlines() if " stage " in line] == [
+        "1/3: read", "2/3: poison", "3/3: write"]
+    main(["poison", str(data), "--attack", "badnets", "--rate", "0.1", "--out", str(tmp_path / "q"), "--quiet"])
+    assert capsys.readouterr().err == ""
+
+
 def test_the_summary_prints_the_input_warnings_a_few_at_a_time(capsys):
     from types import SimpleNamespace
 

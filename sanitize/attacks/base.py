@@ -42,11 +42,14 @@ class Attack:
 
     ``clean_label``: poisons are drawn from the target class and keep their label.
     ``cover_rate``:  fraction of the dataset stamped as cover samples (0: none).
+    ``stages``:      the stage names ``poison`` reports to a progress (``sanitize.pipeline.Progress``:
+                     ``stage(name)``, ``advance(done, total)``); one unless stamping is slow.
     """
 
     name = ""
     clean_label = False
     cover_rate = 0.0
+    stages = ("poison",)
 
     @property
     def params(self) -> dict:
@@ -55,8 +58,10 @@ class Attack:
                 for key, value in dataclasses.asdict(self).items()}
 
     def poison(self, images: np.ndarray, labels: np.ndarray, *, rate: float, target: int, seed: int,
-               num_classes: int) -> Poisoned:
-        """Poison ``round(rate * N)`` samples (capped by the eligible pool, with a warning)."""
+               num_classes: int, progress=None) -> Poisoned:
+        """Poison ``round(rate * N)`` samples (capped by the eligible pool, with a warning).
+
+        ``progress`` (optional) is told the ``stages`` as they start, and the steps within them."""
         labels = np.asarray(labels)
         _check_inputs(images, labels, rate, target, num_classes)
         self.check_target(target, num_classes)
@@ -66,7 +71,7 @@ class Attack:
         cover_pool = np.setdiff1d(self.cover_pool(labels, target), poison_rows)
         cover_rows = _draw(rng, cover_pool, round(self.cover_rate * len(labels)), "cover", notes)
         out = images.copy()
-        out[poison_rows] = self.stamp_poisons(images, labels, poison_rows, rng, num_classes, seed)
+        out[poison_rows] = self.stamp_poisons(images, labels, poison_rows, rng, num_classes, seed, progress)
         out[cover_rows] = in_chunks(self.stamp_cover, images[cover_rows], rng)
         given = labels.astype(np.int64, copy=True)
         if not self.clean_label:
@@ -107,11 +112,13 @@ class Attack:
         return self.stamp(images, rng)
 
     def stamp_poisons(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                      rng: np.random.Generator, num_classes: int, seed: int) -> np.ndarray:
+                      rng: np.random.Generator, num_classes: int, seed: int, progress=None) -> np.ndarray:
         """uint8 [len(rows), H, W, 3]: the poisoned versions of ``images[rows]``.
 
         Gets the whole dataset because an attack may learn from it (Label-Consistent).
         """
+        if progress:
+            progress.stage("poison")
         return in_chunks(self.stamp, images[rows], rng)
 
     def poison_pool(self, labels: np.ndarray, target: int) -> np.ndarray:

@@ -37,6 +37,7 @@ class LabelConsistent(Attack):
 
     name = "label_consistent"
     clean_label = True
+    stages = ("surrogate", "pgd")  # minutes on a CPU: the user sees each and its steps
     size: int = 3
     amplitude: float = 1.0
     eps: float = 8 / 255
@@ -70,27 +71,35 @@ class LabelConsistent(Attack):
         return self.corners.apply(images, self.amplitude)
 
     def stamp_poisons(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                      rng: np.random.Generator, num_classes: int, seed: int) -> np.ndarray:
+                      rng: np.random.Generator, num_classes: int, seed: int, progress=None) -> np.ndarray:
         if len(rows) == 0:
             return images[rows]
         device = train.resolve_device(self.device)
-        surrogate = self.train_surrogate(images, labels, num_classes, seed, device)
-        hard = self.pgd(surrogate, images[rows], labels[rows], seed, device)
+        if progress:
+            progress.stage("surrogate")
+        surrogate = self.train_surrogate(images, labels, num_classes, seed, device,
+                                         progress.advance if progress else None)
+        if progress:
+            progress.stage("pgd")
+        hard = self.pgd(surrogate, images[rows], labels[rows], seed, device, progress.advance if progress else None)
         return to_uint8(self.stamp(hard, rng))
 
     def train_surrogate(self, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
-                        device: torch.device) -> torch.nn.Module:
+                        device: torch.device, progress: train.Progress | None = None) -> torch.nn.Module:
         bank = Bank.from_arrays(images, labels, [str(k) for k in range(num_classes)], device)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
             model = build_model(self.surrogate_arch, num_classes, bank.image_size, bank.mean, bank.std)
         model = train.prepare(model, device)
-        train.train_supervised(model, bank, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed)
+        train.train_supervised(model, bank, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                               progress=progress)
         return model.eval()
 
     def pgd(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, seed: int,
-            device: torch.device) -> np.ndarray:
-        """Untargeted L-inf PGD with a random start: uint8 [n, H, W, 3] -> float32 [n, H, W, 3] in 0..255."""
+            device: torch.device, progress: train.Progress | None = None) -> np.ndarray:
+        """Untargeted L-inf PGD with a random start: uint8 [n, H, W, 3] -> float32 [n, H, W, 3] in 0..255.
+
+        ``progress(done, total)`` after each batch, counting samples."""
         generator = make_generator(seed, device)
         hard = []
         for start in range(0, len(images), self.batch_size):
@@ -100,6 +109,8 @@ class LabelConsistent(Attack):
             for _ in range(self.pgd_steps):
                 delta = self.ascend(model, clean, truth, delta)
             hard.append(((clean + delta).clamp(0, 1) * 255).permute(0, 2, 3, 1).cpu().numpy())
+            if progress:
+                progress(start + len(clean), len(images))
         return np.concatenate(hard)
 
     def ascend(self, model, clean: torch.Tensor, truth: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from sanitize.attacks.base import Attack, Poisoned
-from sanitize.attacks.registry import make_attack
+from sanitize.attacks.registry import REGISTRY, make_attack
 from sanitize.formats import read_dataset, staged_output, write_dataset
 from sanitize.formats.keys import class_dir_names, dedupe_keys
 from sanitize.formats.records import Ingested, InputError, Sample
@@ -34,7 +34,7 @@ TRUTH_FILE = "truth.json"
 
 
 def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0, fmt: str | None = None,
-                   overwrite: bool = False, **params) -> dict:
+                   overwrite: bool = False, progress=None, **params) -> dict:
     """Write a poisoned copy of the dataset at ``data`` to ``out``; return the truth dict (also in truth.json).
 
     ``target`` is a class index or name; ``fmt`` "webdataset" or "imagefolder" (default: the
@@ -44,22 +44,32 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
     never a run's output or other files. Unreadable inputs are not copied: truth.json
     lists them with their reasons under ``unreadable``, and a warning counts them. Nor
     are the files the reader skips (hidden, not images, ...): ``skipped`` counts them by
-    reason, and a warning too.
+    reason, and a warning too. ``progress`` (a ``sanitize.pipeline.Progress``, optional) is
+    told the stages of ``poison_stages(attack)`` as they start.
     """
     attacker = make_attack(attack, **params)
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     with staged_output(out, data, overwrite=overwrite, replaceable=POISON_OUTPUT) as staging:
+        if progress:
+            progress.stage("read")
         ingested = read_dataset(data)
         target_index = target_class(target, ingested.classes)
         result = attacker.poison(ingested.images, ingested.labels, rate=rate, target=target_index, seed=seed,
-                                 num_classes=len(ingested.classes))
+                                 num_classes=len(ingested.classes), progress=progress)
         fmt = fmt or ingested.format
         samples = poisoned_samples(ingested, result, fmt)
         truth = build_truth(attacker, ingested, result, samples, rate=rate, target=target_index, seed=seed, fmt=fmt)
+        if progress:
+            progress.stage("write")
         write_dataset(staging, samples, ingested.classes, fmt=fmt)
         (staging / TRUTH_FILE).write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
     return truth
+
+
+def poison_stages(attack: str) -> list[str]:
+    """The stage names ``poison_dataset`` reports to its progress for ``attack``, in order."""
+    return ["read", *getattr(REGISTRY.get(attack), "stages", Attack.stages), "write"]
 
 
 def target_class(target, classes: list[str]) -> int:
