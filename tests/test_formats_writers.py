@@ -194,6 +194,8 @@ NO_PERMISSIONS = pytest.mark.skipif(AS_ROOT, reason="root bypasses file permissi
     (_name_too_long, "too long"),
     pytest.param(_read_only_parent, "Permission denied", marks=NO_PERMISSIONS),
     pytest.param(_unreadable_out, "Permission denied", marks=NO_PERMISSIONS),
+    pytest.param(lambda tmp_path: Path("/proc/sanitize-out"), "no directory can be made in /proc",
+                 marks=pytest.mark.skipif(not Path("/proc/self").exists(), reason="no procfs here")),
 ])
 def test_staged_output_turns_an_unusable_out_into_one_line(make_out, reason, tmp_path):
     out = make_out(tmp_path)

@@ -146,8 +146,9 @@ def _make_staging(target: Path) -> Path:
     staging = target.parent / f".{target.name}.sanitize-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         staging.mkdir()
-    except OSError as error:  # the hidden staging name would only puzzle the user: name the directory
-        raise OSError(error.errno, error.strerror, str(target.parent)) from error
+    except OSError as error:  # the hidden staging name would only puzzle the user: name the directory,
+        # and say what failed there: /proc answers "No such file or directory" for a directory that exists
+        raise OSError(error.errno, f"no directory can be made in {target.parent} ({error.strerror})") from error
     return staging
 
 
