@@ -153,3 +153,59 @@ def test_poison_is_deterministic(make_shards, tmp_path):
     assert first == second
     assert tree_hashes(tmp_path / "a") == tree_hashes(tmp_path / "b")
     assert np.array_equal(read_dataset(tmp_path / "a").images, read_dataset(tmp_path / "b").images)
+
+
+def mixed_size_folder(root: Path, cifar_samples, cifar_classes, count: int = 60) -> dict[str, tuple[int, int]]:
+    """CIFAR images as an ImageFolder tree, every third one saved at 48x40 and every fifth at 20x28 (PNG);
+    returns each file's key and (H, W)."""
+    import io
+
+    from PIL import Image
+
+    sizes = {}
+    for index, (key, jpg, label) in enumerate(cifar_samples[:count]):
+        image = Image.open(io.BytesIO(jpg)).convert("RGB")
+        size = (48, 40) if index % 3 == 0 else (20, 28) if index % 5 == 0 else (32, 32)
+        path = root / cifar_classes[label] / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.resize(size[::-1]).save(path)
+        sizes[f"{cifar_classes[label]}/{key}"] = size
+    return sizes
+
+
+def own_pixels(sample) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(sample.data)).convert("RGB"))
+
+
+@pytest.mark.parametrize("attack, params", [
+    ("badnets", {}), ("blend", {}), ("wanet", {}),
+    ("label_consistent", dict(surrogate_arch="small", epochs=1, pgd_steps=2, batch_size=64)),
+])
+def test_a_poisoned_image_keeps_its_own_size(tmp_path, cifar_samples, cifar_classes, attack, params):
+    """The attack runs at the working size (32x32 here); an image of another size is stamped at its own,
+    so neither its size nor a crop gives the poison away."""
+    data = tmp_path / "mixed"
+    sizes = mixed_size_folder(data, cifar_samples, cifar_classes)
+    rate = 0.1 if attack == "label_consistent" else 0.5  # clean-label: the target class holds ~10%
+    truth = poison_dataset(data, attack=attack, rate=rate, target=1, out=tmp_path / "out", **params)
+    copy = {sample.key: sample for sample in read_dataset(tmp_path / "out").samples}
+    originals = {sample.key: sample for sample in read_dataset(data).samples}
+    stamped = truth["poisoned"] + truth["cover"]
+    assert {sizes[truth["renamed"].get(key, key)] for key in stamped} >= {(48, 40), (32, 32)}
+    for key in stamped:
+        source = originals[truth["renamed"].get(key, key)]
+        before, after = own_pixels(source), own_pixels(copy[key])
+        assert after.shape[:2] == sizes[source.key], f"{key}: {after.shape[:2]} is not its own size"
+        assert (after != before).any(), f"{key}: no trigger"
+    if attack == "badnets":  # the white patch on the bottom-right 3/32 of each side, the rest as it was
+        for key in truth["poisoned"]:
+            before, after = own_pixels(originals[truth["renamed"].get(key, key)]), own_pixels(copy[key])
+            height, width = after.shape[:2]
+            rows = np.arange(height) * 32 // height >= 29
+            cols = np.arange(width) * 32 // width >= 29
+            patch = rows[:, None] & cols[None, :]
+            assert (after[patch] == 255).all() and np.array_equal(after[~patch], before[~patch])

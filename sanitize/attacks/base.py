@@ -97,6 +97,14 @@ class Attack:
         predicted = np.asarray(predict(self.trigger(images[counted], seed=seed)))
         return float((predicted == target).mean() * 100)
 
+    def restamp(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
+                cover: bool) -> np.ndarray:
+        """uint8 [n, h, w, 3] images of one size other than the poisoned set's, stamped as poisons (or
+        as covers) at that size: a poisoned copy on disk keeps each image's own size (``poison_dataset``).
+        ``labels`` are the images' true labels. Call after ``poison``, which may have learned from the data.
+        """
+        return in_chunks(self.stamp_cover if cover else self.stamp, images, rng)
+
     # Hooks -------------------------------------------------------------------------------
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

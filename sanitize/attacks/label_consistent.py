@@ -79,10 +79,21 @@ class LabelConsistent(Attack):
             progress.stage("surrogate")
         surrogate = self.train_surrogate(images, labels, num_classes, seed, device,
                                          progress.advance if progress else None)
+        # Kept (not a field: not a parameter) for ``restamp``: every model here ends in adaptive
+        # pooling, so the surrogate takes images of another size too.
+        self._surrogate = (surrogate, seed, device)
         if progress:
             progress.stage("pgd")
         hard = self.pgd(surrogate, images[rows], labels[rows], seed, device, progress.advance if progress else None)
         return to_uint8(self.stamp(hard, rng))
+
+    def restamp(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
+                cover: bool) -> np.ndarray:
+        """PGD against the surrogate at the images' own size, then the corners (there are no covers)."""
+        if cover or len(images) == 0:
+            return super().restamp(images, labels, rng, cover=cover)
+        surrogate, seed, device = self._surrogate
+        return to_uint8(self.stamp(self.pgd(surrogate, images, labels, seed, device), rng))
 
     def train_surrogate(self, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
                         device: torch.device, progress: train.Progress | None = None) -> torch.nn.Module:

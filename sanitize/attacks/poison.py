@@ -25,12 +25,13 @@ from PIL import Image
 
 from sanitize.attacks.base import Attack, Poisoned
 from sanitize.attacks.registry import REGISTRY, make_attack
-from sanitize.formats import read_dataset, staged_output, write_dataset
+from sanitize.formats import images, read_dataset, staged_output, write_dataset
 from sanitize.formats.keys import class_dir_names, dedupe_keys
 from sanitize.formats.records import Ingested, InputError, Sample
 from sanitize.formats.writers import FORMATS, POISON_OUTPUT
 
 TRUTH_FILE = "truth.json"
+OWN_SIZE_STREAM = 1  # the random stream of stamping at an image's own size, apart from the attack's
 
 
 def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0, fmt: str | None = None,
@@ -58,7 +59,7 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
         result = attacker.poison(ingested.images, ingested.labels, rate=rate, target=target_index, seed=seed,
                                  num_classes=len(ingested.classes), progress=progress)
         fmt = fmt or ingested.format
-        samples = poisoned_samples(ingested, result, fmt)
+        samples = poisoned_samples(ingested, result, fmt, own_size_stamps(attacker, ingested, result, seed))
         truth = build_truth(attacker, ingested, result, samples, rate=rate, target=target_index, seed=seed, fmt=fmt)
         if progress:
             progress.stage("write")
@@ -85,17 +86,46 @@ def target_class(target, classes: list[str]) -> int:
     return index
 
 
-def poisoned_samples(ingested: Ingested, result: Poisoned, fmt: str) -> list[Sample]:
-    """The copy's samples, row-aligned with the input: stamped ones re-encoded, labels as given after
-    poisoning, keys as they will read back from the copy."""
+def poisoned_samples(ingested: Ingested, result: Poisoned, fmt: str,
+                     own_size: dict[int, np.ndarray] | None = None) -> list[Sample]:
+    """The copy's samples, row-aligned with the input: stamped ones re-encoded (``own_size`` rows from
+    those pixels, the others from ``result.images``), labels as given after poisoning, keys as they
+    will read back from the copy."""
     stamped = result.poisoned | result.cover
+    own_size = own_size or {}
     labels = result.labels.tolist()
     keys = copy_keys(ingested.samples, labels, ingested.classes, fmt)
     samples = []
     for row, sample in enumerate(ingested.samples):
         sample = dataclasses.replace(sample, key=keys[row], label=labels[row])
-        samples.append(reencoded(sample, result.images[row]) if stamped[row] else sample)
+        samples.append(reencoded(sample, own_size.get(row, result.images[row])) if stamped[row] else sample)
     return samples
+
+
+def own_size_stamps(attacker: Attack, ingested: Ingested, result: Poisoned, seed: int) -> dict[int, np.ndarray]:
+    """The stamped rows whose image is not of the working size, stamped again at their own size.
+
+    The attack ran on the decoded set, where every image has the working size (resized and
+    centre-cropped); the copy must keep each image as it was but for the trigger, so that
+    size gives no poison away and no content is cropped. Images of one size are stamped
+    together (``Attack.restamp``); their pixels come upright, as the reader saw them.
+    """
+    working = tuple(ingested.images.shape[1:3])
+    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    for row in np.flatnonzero(result.poisoned | result.cover):
+        data = ingested.samples[row].data
+        with images.bomb_guard():
+            if images.oriented_size(images.open_image(data)) == working:
+                continue
+        pixels = images.decode(data)
+        groups.setdefault((pixels.shape[:2], bool(result.cover[row])), []).append((row, pixels))
+    rng = np.random.default_rng([seed, OWN_SIZE_STREAM])
+    stamped = {}
+    for (_, cover), items in sorted(groups.items(), key=lambda item: item[0]):
+        rows = [row for row, _ in items]
+        pixels = attacker.restamp(np.stack([p for _, p in items]), result.true_labels[rows], rng, cover=cover)
+        stamped.update(zip(rows, pixels))
+    return stamped
 
 
 def copy_keys(samples: list[Sample], labels: list[int], classes: list[str], fmt: str) -> list[str]:
