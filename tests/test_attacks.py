@@ -230,7 +230,7 @@ def test_make_attack_rejects_unknown_names_and_parameters():
         make_attack("nope")
     with pytest.raises(InputError, match="valid: size, kind, corner"):
         make_attack("badnets", colour="red")
-    with pytest.raises(InputError, match="must be int"):
+    with pytest.raises(InputError, match="must be a whole number"):
         make_attack("badnets", size="big")
     with pytest.raises(InputError, match="whole number"):
         make_attack("badnets", size=2.5)
@@ -238,6 +238,22 @@ def test_make_attack_rejects_unknown_names_and_parameters():
         make_attack("blend", alpha=2)
     assert make_attack("blend", alpha="0.3").alpha == 0.3
     assert make_attack("tact", source_classes=[3, 4]).params["source_classes"] == [3, 4]
+    assert make_attack("tact", source_classes=2).source_classes == (2,)  # one value is a list of one
+    assert make_attack("adaptive_patch", alphas="0.3").alphas == (0.3,)
+    with pytest.raises(InputError, match="source_classes must be a list of int"):
+        make_attack("tact", source_classes=[1.7])  # never silently class 1
+
+
+@pytest.mark.parametrize("name, params", [
+    ("sig", {"frequency": float("nan")}), ("wanet", {"s": "NaN"}), ("wanet", {"grid_rescale": "Infinity"}),
+    ("physicalba", {"degrees": float("nan")}), ("physicalba", {"scale_max": float("inf")}),
+    ("label_consistent", {"lr": float("nan")}), ("badnets", {"size": float("inf")}),
+    ("adaptive_patch", {"alphas": [0.2, float("nan")]}),
+])
+def test_attack_parameters_must_be_finite(name, params):
+    """NaN slipped past every bound and made all-black poisons, and NaN into truth.json."""
+    with pytest.raises(InputError, match="must be a (finite|whole) number|must be a list of float"):
+        make_attack(name, **params)
 
 
 def test_poison_rejects_bad_inputs(subset):

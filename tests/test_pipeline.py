@@ -150,9 +150,12 @@ def test_a_failed_onnx_check_writes_nothing(make_shards, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     ({"method": "nope"}, "unknown method 'nope'"),
-    ({"epsilon": "big"}, "option epsilon must be float"),
+    ({"epsilon": "big"}, "option epsilon must be a finite number"),
     ({"not_an_option": 1}, "unknown option"),
     ({"warmup_epochs": 1.5}, "whole number"),
+    ({"warmup_epochs": float("inf")}, "warmup_epochs must be a whole number"),  # int(inf) overflowed
+    ({"lr": float("inf")}, "lr must be a finite number"),  # passed "> 0", then the run diverged
+    ({"epsilon": float("nan")}, "epsilon must be a finite number"),
     ({"shard_size": 0}, "--shard-size"),
     ({"workers": 0}, "--workers"),
     ({"out": None}, "output directory is required"),
@@ -173,7 +176,7 @@ def test_set_values_are_json_when_they_parse_and_strings_otherwise():
     for bad in ("epsilon", "=3"):
         with pytest.raises(InputError, match="--set expects KEY=VALUE"):
             methods.parse_assignments([bad])
-    with pytest.raises(InputError, match="option epsilon must be float"):  # a string never passes for a number
+    with pytest.raises(InputError, match="option epsilon must be a finite number"):  # a string never passes for a number
         methods.resolve_options("advrbd", **methods.parse_assignments(["epsilon=8/255"]))
 
 
@@ -199,8 +202,8 @@ def test_every_numeric_option_has_bounds_that_the_defaults_meet_and_a_run_enforc
 
 
 @pytest.mark.parametrize("argument, value, message", [
-    ("shard_size", "5x", "--shard-size must be int"), ("shard_size", 0, "at least 1"),
-    ("workers", "two", "--workers must be int"), ("workers", 1.5, "whole number")])
+    ("shard_size", "5x", "--shard-size must be a whole number"), ("shard_size", 0, "at least 1"),
+    ("workers", "two", "--workers must be a whole number"), ("workers", 1.5, "whole number")])
 def test_run_arguments_of_the_wrong_type_are_a_user_error(argument, value, message, tmp_path):
     with pytest.raises(InputError, match=message):
         sanitize.run(tmp_path, out=tmp_path / "out", **{argument: value})

@@ -14,6 +14,7 @@ import importlib
 import json
 import operator
 import tomllib
+import math
 import typing
 from pathlib import Path
 
@@ -149,8 +150,9 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
 
     A Literal takes one of its strings; a bool must already be one (``bool("false")`` is
     True), and nothing else takes a bool; an int must be whole (0.5 must not silently
-    become 0); a tuple takes a list or a comma-separated string of ``item_kind``. Also used
-    for the attacks' parameters.
+    become 0); a float must be finite (NaN or infinity is never a meaningful setting: it
+    slips past a bound like "> 0" and turns the run into NaN); a tuple takes a list, a
+    comma-separated string or one value of ``item_kind``. Also used for the attacks' parameters.
     """
     if typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
@@ -163,13 +165,21 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
         raise InputError(f"{what} must be true or false, got {value!r}")
     if isinstance(value, bool):  # int(True) is 1: a flag is never taken for a number
         raise InputError(f"{what} must be {kind.__name__}, got {value!r}")
+    if kind is tuple:
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        try:
+            return tuple(coerce(what, item.strip() if isinstance(item, str) else item, item_kind)
+                         for item in items if str(item).strip())
+        except InputError:
+            raise InputError(f"{what} must be a list of {item_kind.__name__}, got {value!r}") from None
     try:
-        if kind is tuple:
-            items = value.split(",") if isinstance(value, str) else value
-            return tuple(item_kind(item) for item in items if str(item).strip())
         converted = kind(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be {kind.__name__}, got {value!r}") from None
-    if kind is int and converted != float(value):
+        whole = kind is not int or converted == float(value)
+    except (TypeError, ValueError, OverflowError):  # int(inf) overflows
+        wanted = {int: "a whole number", float: "a finite number"}.get(kind, kind.__name__)
+        raise InputError(f"{what} must be {wanted}, got {value!r}") from None
+    if not whole:
         raise InputError(f"{what} must be a whole number, got {value!r}")
+    if kind is float and not math.isfinite(converted):
+        raise InputError(f"{what} must be a finite number, got {value!r}")
     return converted
