@@ -256,6 +256,31 @@ def test_attack_parameters_must_be_finite(name, params):
         make_attack(name, **params)
 
 
+@pytest.mark.parametrize("name, params, message", [
+    ("blend", {"pattern_seed": -1}, "pattern_seed must be at least 0"),  # numpy raised ValueError
+    ("wanet", {"k": 100000}, "k must be between 2 and 32"),  # asked for 149 GiB
+    ("wanet", {"s": 0}, "s must be above 0"),
+    ("sig", {"frequency": 0}, "frequency must be above 0"),
+    ("physicalba", {"degrees": -5}, "degrees must be between 0 and 180"),
+    ("adaptive_blend", {"pieces": -4}, "pieces must be a square number"),  # TypeError (complex root)
+    ("label_consistent", {"batch_size": 0}, "batch_size must be at least 1"),  # ZeroDivisionError
+    ("label_consistent", {"pgd_steps": -1}, "pgd_steps must be at least 1"),  # silently no PGD
+    ("label_consistent", {"epochs": 0}, "epochs must be at least 1"),
+    ("label_consistent", {"lr": 0}, "lr must be above 0"),
+])
+def test_attack_parameters_out_of_range_are_user_errors(name, params, message):
+    with pytest.raises(InputError, match=message):
+        make_attack(name, **params)
+
+
+def test_a_rate_that_rounds_to_nothing_says_so(subset):
+    images, labels = subset
+    result = build("badnets").poison(images, labels, rate=0.001, target=TARGET, seed=0, num_classes=NUM_CLASSES)
+    assert not result.poisoned.any() and "rounds to no poisoned sample" in result.warnings[0]
+    assert not build("badnets").poison(images, labels, rate=0, target=TARGET, seed=0,
+                                       num_classes=NUM_CLASSES).warnings
+
+
 def test_poison_rejects_bad_inputs(subset):
     images, labels = subset
     attack = make_attack("badnets")

@@ -146,6 +146,22 @@ def test_poison_counts_the_files_the_reader_skips(make_imagefolder, tmp_path, ci
     assert clean["skipped"] == {} and not any("skips" in w for w in clean["warnings"])
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"seed": -1}, "seed must be at least 0"),  # numpy's ValueError before
+    ({"rate": None}, "rate must be a finite number"),  # TypeError before
+    ({"rate": float("nan")}, "rate must be a finite number"),
+    ({"target": 1.7}, "unknown target class 1.7"),  # silently class 1 before
+    ({"target": True}, "unknown target class True"),
+])
+def test_poison_refuses_bad_arguments_in_one_line(make_shards, tmp_path, options, message):
+    data = make_shards(20, per_shard=20)
+    arguments = {"attack": "badnets", "rate": 0.1, "target": 1, "out": tmp_path / "out", **options}
+    with pytest.raises(InputError, match=message):
+        poison_dataset(data, **arguments)
+    assert not (tmp_path / "out").exists()
+    assert poison_dataset(data, **{**arguments, **{"rate": "0.1", "target": "1", "seed": 0}})["counts"]["poisoned"] == 2
+
+
 def test_poison_is_deterministic(make_shards, tmp_path):
     data = make_shards(60, per_shard=60)
     first = poison_dataset(data, attack="blend", rate=0.1, target=0, out=tmp_path / "a", seed=5)

@@ -42,7 +42,7 @@ class AdaptiveBlend(Blend):
         super().__post_init__()
         for name in ("test_alpha", "mask_rate", "cover_rate"):
             check_fraction(name, getattr(self, name))
-        side = round(self.pieces ** 0.5)
+        side = round(max(self.pieces, 0) ** 0.5)  # a negative count has a complex root
         if side * side != self.pieces or not 1 <= side <= CANVAS:
             raise InputError(f"pieces must be a square number up to {CANVAS * CANVAS}, got {self.pieces}")
 

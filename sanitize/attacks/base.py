@@ -67,6 +67,8 @@ class Attack:
         self.check_target(target, num_classes)
         rng = np.random.default_rng(seed)
         notes: list[str] = []
+        if rate > 0 and round(rate * len(labels)) == 0:
+            notes.append(f"a rate of {rate} of {len(labels)} samples rounds to no poisoned sample at all")
         poison_rows = _draw(rng, self.poison_pool(labels, target), round(rate * len(labels)), "poisoned", notes)
         cover_pool = np.setdiff1d(self.cover_pool(labels, target), poison_rows)
         cover_rows = _draw(rng, cover_pool, round(self.cover_rate * len(labels)), "cover", notes)

@@ -59,6 +59,11 @@ class LabelConsistent(Attack):
                              f"choose one of {', '.join(sorted(ARCHS))}")
         for name in ("amplitude", "eps", "step_size"):
             check_fraction(name, getattr(self, name))
+        for name in ("pgd_steps", "epochs", "batch_size"):  # 0 steps or epochs: no attack, only the corners
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be above 0, got {self.lr}")
 
     @property
     def corners(self) -> Stamp:

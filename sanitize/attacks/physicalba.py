@@ -48,6 +48,8 @@ class PhysicalBA(Attack):
             raise InputError(f"size must be between 1 and {CANVAS}, got {self.size}")
         if self.corner not in CORNERS:
             raise InputError(f"corner must be one of {', '.join(CORNERS)}, got {self.corner!r}")
+        if not 0 <= self.degrees <= 180:
+            raise InputError(f"degrees must be between 0 and 180, got {self.degrees}")
         if not 0 < self.scale_min <= self.scale_max:
             raise InputError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
         for name in ("flip_prob", "translate", "brightness", "contrast"):

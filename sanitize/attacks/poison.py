@@ -29,6 +29,7 @@ from sanitize.formats import images, read_dataset, staged_output, write_dataset
 from sanitize.formats.keys import class_dir_names, dedupe_keys
 from sanitize.formats.records import Ingested, InputError, Sample
 from sanitize.formats.writers import FORMATS, POISON_OUTPUT
+from sanitize.methods import coerce
 
 TRUTH_FILE = "truth.json"
 OWN_SIZE_STREAM = 1  # the random stream of stamping at an image's own size, apart from the attack's
@@ -49,6 +50,10 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
     told the stages of ``poison_stages(attack)`` as they start.
     """
     attacker = make_attack(attack, **params)
+    rate = coerce("rate", rate, float)
+    seed = coerce("seed", seed, int)
+    if seed < 0:  # numpy's generators take no negative seed
+        raise InputError(f"seed must be at least 0, got {seed}")
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     with staged_output(out, data, overwrite=overwrite, replaceable=POISON_OUTPUT) as staging:
@@ -78,8 +83,8 @@ def target_class(target, classes: list[str]) -> int:
     if isinstance(target, str) and target in classes:
         return classes.index(target)
     try:
-        index = int(target)
-    except ValueError:
+        index = coerce("target class", target, int)  # never 1.7 or True for class 1
+    except InputError:
         raise InputError(f"unknown target class {target!r}; classes are {', '.join(classes)}") from None
     if not 0 <= index < len(classes):
         raise InputError(f"target class {index} is outside 0..{len(classes) - 1}")

@@ -30,7 +30,10 @@ def make_attack(name: str, **params) -> Attack:
     if unknown:
         raise InputError(f"unknown parameter(s) for {name}: {', '.join(unknown)}; "
                          f"valid: {', '.join(defaults)}")
-    return attack_class(**{key: _coerce(name, key, value, defaults[key]) for key, value in params.items()})
+    values = {key: _coerce(name, key, value, defaults[key]) for key, value in params.items()}
+    if values.get("pattern_seed", 0) < 0:  # numpy's generators take no negative seed
+        raise InputError(f"{name} parameter pattern_seed must be at least 0, got {values['pattern_seed']}")
+    return attack_class(**values)
 
 
 def _coerce(attack: str, key: str, value, default):

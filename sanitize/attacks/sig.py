@@ -28,6 +28,8 @@ class SIG(Attack):
     def __post_init__(self):
         if not 0 < self.delta <= 255:
             raise InputError(f"delta must be in (0, 255], got {self.delta}")
+        if not self.frequency > 0:  # 0 draws no signal at all
+            raise InputError(f"frequency must be above 0, got {self.frequency}")
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         height, width = images.shape[1:3]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sanitize.attacks.base import Attack, check_fraction
+from sanitize.attacks.patterns import CANVAS
 from sanitize.formats.records import InputError
 
 
@@ -34,8 +35,11 @@ class WaNet(Attack):
     pattern_seed: int = 0
 
     def __post_init__(self):
-        if self.k < 2:
-            raise InputError(f"k must be at least 2, got {self.k}")
+        if not 2 <= self.k <= CANVAS:  # a control grid finer than a CIFAR image is noise (and k=100000 took 149 GiB)
+            raise InputError(f"k must be between 2 and {CANVAS}, got {self.k}")
+        for name in ("s", "grid_rescale"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be above 0, got {getattr(self, name)}")
         check_fraction("cover_rate", self.cover_rate)
 
     def warp_grid(self, height: int, width: int) -> torch.Tensor:
