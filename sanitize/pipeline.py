@@ -212,8 +212,8 @@ def _check_result(result: MethodResult, n: int) -> None:
         value = getattr(result, name)
         if value.shape != (n,) or not np.issubdtype(value.dtype, dtype):
             raise AssertionError(f"method returned {name} {value.dtype}{value.shape}, expected [{n}]")
-    if not np.isfinite(result.score).all():
-        raise AssertionError("method returned non-finite scores")
+    if not np.isfinite(result.score).all():  # a training that diverged without a NaN loss
+        raise InputError(train.DIVERGED)
 
 
 def _export(result: MethodResult, bank: Bank, path: Path, method: str) -> dict:

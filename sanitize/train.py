@@ -66,6 +66,17 @@ def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator |
         yield indices[start:start + batch_size]
 
 
+DIVERGED = ("training diverged: the loss became NaN or infinite; lower the learning rate, or undo other values "
+            "set with --set or --config")
+
+
+def require_finite(value: torch.Tensor) -> None:
+    """Stop a diverged training with one line for the user, not a traceback after all the compute.
+    It waits for the device: call it once per epoch, not per step."""
+    if not bool(torch.isfinite(value).all()):
+        raise InputError(DIVERGED)
+
+
 def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
     """How many batches ``batches`` yields over ``count`` indices (the schedule and progress count on it)."""
     if drop_last and count >= batch_size:
@@ -136,6 +147,7 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
             step += 1
             if progress:
                 progress(step, total)
+        require_finite(loss_sum)
     return {"loss": float(loss_sum / max(1, count)), "steps": step}
 
 
@@ -183,6 +195,7 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
             step += 1
             if progress:
                 progress(step, total)
+        require_finite(learn_loss.detach() + forget_loss.detach())
     return {"learn_loss": float(learn_loss.detach()), "forget_loss": float(forget_loss.detach()), "steps": step}
 
 

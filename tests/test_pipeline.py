@@ -166,6 +166,18 @@ def test_bad_options_are_user_errors(options, message, make_shards, tmp_path):
         sanitize.run(make_shards(20), **arguments)
 
 
+@pytest.mark.parametrize("method, options", [
+    ("advrbd", {"lr": 1e12}),
+    ("dbd", {"temperature": 1e-30, "ss_epochs": 1, "mixmatch_epochs": 1}),
+])
+def test_a_diverged_training_is_one_line_not_a_traceback(method, options, make_shards, tmp_path):
+    """Values inside every option's range can still blow training up; the run stops at the first epoch
+    that does, with one line, and leaves nothing behind."""
+    with pytest.raises(InputError, match="training diverged: the loss became NaN or infinite"):
+        sanitize.run(make_shards(60), method=method, out=tmp_path / "out", **FAST, **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
 def test_set_values_are_json_when_they_parse_and_strings_otherwise():
     """One rule for --set in the CLI, bench.py and calibrate_advrbd.py."""
     assert methods.parse_assignments(["split_margin=0.6", "detect_augment=flip", "quick=true", "name=\"x=y\"",
@@ -176,7 +188,8 @@ def test_set_values_are_json_when_they_parse_and_strings_otherwise():
     for bad in ("epsilon", "=3"):
         with pytest.raises(InputError, match="--set expects KEY=VALUE"):
             methods.parse_assignments([bad])
-    with pytest.raises(InputError, match="option epsilon must be a finite number"):  # a string never passes for a number
+    # a string never passes for a number
+    with pytest.raises(InputError, match="option epsilon must be a finite number"):
         methods.resolve_options("advrbd", **methods.parse_assignments(["epsilon=8/255"]))
 
 

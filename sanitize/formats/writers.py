@@ -359,8 +359,9 @@ def _empty_class_warnings(labels: list[int], classes: list[str]) -> list[str]:
     empty = [name for index, name in enumerate(class_dir_names(classes)) if index not in used]
     if not empty:
         return []
-    return [f"relabeled/: class directories {_listed(empty)} are empty (no sample has that label in the relabeled set); "
-            f"load with torchvision.datasets.ImageFolder(..., allow_empty=True), which keeps the class indices"]
+    return [f"relabeled/: class directories {_listed(empty)} are empty (no sample has that label in the "
+            f"relabeled set); load with torchvision.datasets.ImageFolder(..., allow_empty=True), which keeps "
+            f"the class indices"]
 
 
 def _skipped_by_torchvision_warnings(samples: list[Sample]) -> list[str]:

@@ -163,7 +163,7 @@ class AdvrbdOptions:
     # The values each numeric option may take (methods.resolve_options enforces them). The unlearn
     # set must leave a rest to relearn; a margin lies in [-1, 1].
     BOUNDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "batch_size": (">= 1",), "lr": ("> 0",), "weight_decay": (">= 0",), "warmup_epochs": (">= 1",),
+        "batch_size": (">= 1",), "lr": ("> 0",), "weight_decay": (">= 0", "<= 1"), "warmup_epochs": (">= 1",),
         "epsilon": ("> 0", "<= 1"), "pgd_steps": (">= 1",), "mask_fraction": ("> 0", "<= 1"),
         "score_masks": (">= 1",), "partition_rate": ("> 0", "< 1"), "enhance_epochs": (">= 1",),
         "enhance_lr": ("> 0",), "unlearn_weight": (">= 0",), "unlearn_share": (">= 0", "<= 1"),

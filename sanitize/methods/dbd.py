@@ -99,11 +99,11 @@ class DbdOptions:
     # The values each numeric option may take (methods.resolve_options enforces them). NT-Xent needs
     # two images a batch; MixMatch needs both a labeled and an unlabeled part.
     BOUNDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "batch_size": (">= 2",), "ss_epochs": (">= 1",), "ss_lr": ("> 0",), "ss_weight_decay": (">= 0",),
+        "batch_size": (">= 2",), "ss_epochs": (">= 1",), "ss_lr": ("> 0",), "ss_weight_decay": (">= 0", "<= 1"),
         "temperature": ("> 0",), "projection_dim": (">= 1",), "crop_scale": ("> 0", "<= 1"),
         "sce_alpha": (">= 0",), "sce_beta": (">= 0",), "head_steps": (">= 1",), "head_batch_size": (">= 1",),
-        "head_lr": ("> 0",), "head_weight_decay": (">= 0",), "filter_ratio": ("> 0", "< 1"),
-        "mixmatch_epochs": (">= 1",), "mixmatch_lr": ("> 0",), "mixmatch_weight_decay": (">= 0",),
+        "head_lr": ("> 0",), "head_weight_decay": (">= 0", "<= 1"), "filter_ratio": ("> 0", "< 1"),
+        "mixmatch_epochs": (">= 1",), "mixmatch_lr": ("> 0",), "mixmatch_weight_decay": (">= 0", "<= 1"),
         "sharpen_temperature": ("> 0",), "unlabeled_views": (">= 1",), "lambda_u": (">= 0",),
         "mixup_alpha": ("> 0",), "seed": (">= 0",)}
 
@@ -199,6 +199,7 @@ def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, 
             optimizer.step()
             schedule.step()
             epoch_loss[epoch] += loss.detach().float()
+        train.require_finite(epoch_loss[epoch])
         if progress:
             progress(epoch + 1, opts.ss_epochs)
     return rounded(epoch_loss / steps)
@@ -248,6 +249,7 @@ def train_head(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, op
         loss.backward()
         optimizer.step()
         step_loss[step] = loss.detach()
+    train.require_finite(step_loss)
     return rounded(torch.stack([part.mean() for part in step_loss.tensor_split(10)]))
 
 
@@ -342,6 +344,7 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
         loss = sample_losses(model, bank, opts)
         labeled, unlabeled = split_by_loss(loss, opts.filter_ratio)
         history[epoch, 2] = len(labeled) - torch.isin(labeled, previous).sum()
+        train.require_finite(history[epoch])
         if progress:
             progress(epoch + 1, opts.mixmatch_epochs)
     return {"loss": loss, "labeled": labeled, "history": history}
