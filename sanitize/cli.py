@@ -143,7 +143,8 @@ def run(data, method, out, config, sets, arch, device, batch_size, seed, quick, 
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-@click.option("--suspects", "show", type=int, default=10, show_default=True, help="How many suspects to list.")
+@click.option("--suspects", "show", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many suspects to list.")
 def inspect(out, as_json, show):
     """Print the audit of an existing output directory OUT."""
     from sanitize import pipeline

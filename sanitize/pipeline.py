@@ -159,7 +159,9 @@ def suspect_target(manifest: dict) -> dict | None:
     classes = manifest["input"]["classes"]
     label, count = collections.Counter(s["label"] for s in suspects).most_common(1)[0]
     readable = sum(row["total"] for row in manifest["per_class"].values())
-    expected = manifest["per_class"][classes[label]]["total"] / readable
+    expected = manifest["per_class"][classes[label]]["total"] / max(1, readable)
+    if expected == 0:  # only a hand-edited manifest (read_manifest refuses most of those)
+        return None
     share = count / len(suspects)
     lift = share / expected
     p_value = binomial_tail(count, len(suspects), expected)

@@ -172,6 +172,12 @@ def test_poison_reports_its_stages_and_the_slow_attacks_steps(make_shards, tmp_p
     assert capsys.readouterr().err == ""
 
 
+def test_inspect_refuses_a_negative_suspect_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # a slice would have listed all but the last
+        main(["inspect", str(tmp_path), "--suspects", "-1"])
+    assert exit_info.value.code == 2 and "-1 is not in the range x>=0" in capsys.readouterr().err
+
+
 def test_the_summary_prints_the_input_warnings_a_few_at_a_time(capsys):
     from types import SimpleNamespace
 

@@ -95,6 +95,8 @@ def test_write_and_read_back(run, tmp_path):
     (("counts", "clean"), 0, "clean \\+ suspected \\+ unreadable != total"),
     (("suspects", 0, "label"), 99, "label or relabel outside input/classes"),
     (("suspects", 0, "relabel"), 10, "label or relabel outside input/classes"),
+    (("per_class", "airplane", "total"), 0, "per_class: (totals do not add up|a class with more suspects)"),
+    (("per_class", "cat", "suspected"), 10**6, "per_class: suspected do not add up"),
 ])
 def test_validation_names_the_first_problem(run, path, value, message):
     manifest = copy.deepcopy(run[-1])
@@ -126,8 +128,14 @@ def test_read_manifest_rejects_an_invalid_file(run, tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(InputError, match="not a valid sanitize manifest"):
         read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[" * 100_000)  # RecursionError before
+    with pytest.raises(InputError, match="nested too deeply"):
+        read_manifest(tmp_path)
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(InputError, match="not a sanitize output directory"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").mkdir()  # IsADirectoryError before
+    with pytest.raises(InputError, match="cannot read .*manifest.json: Is a directory"):
         read_manifest(tmp_path)
 
 

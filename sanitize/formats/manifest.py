@@ -107,6 +107,12 @@ def _check_invariants(manifest: dict) -> None:
          "not sorted by descending score"),
         ("per_class", set(manifest["per_class"]) != set(manifest["input"]["classes"]),
          "classes differ from input/classes"),
+        ("per_class", sum(row["total"] for row in manifest["per_class"].values())
+         != counts["clean"] + counts["suspected"], "totals do not add up to the readable samples"),
+        ("per_class", sum(row["suspected"] for row in manifest["per_class"].values()) != counts["suspected"],
+         "suspected do not add up to counts/suspected"),
+        ("per_class", any(row["suspected"] > row["total"] for row in manifest["per_class"].values()),
+         "a class with more suspects than samples"),
         ("suspects", any(not 0 <= s[name] < len(manifest["input"]["classes"]) for s in manifest["suspects"]
                          for name in ("label", "relabel")), "a label or relabel outside input/classes"),
     ]
@@ -133,6 +139,10 @@ def read_manifest(out_dir) -> dict:
         raise InputError(f"no {MANIFEST} in {out_dir}: not a sanitize output directory") from None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise InputError(f"{path} is not a valid sanitize manifest: {error}") from None
+    except RecursionError:  # JSON nested deeper than Python's stack
+        raise InputError(f"{path} is not a valid sanitize manifest: nested too deeply") from None
+    except OSError as error:  # a directory, no permission, ...
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
     return manifest
 
 
