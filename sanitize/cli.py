@@ -210,8 +210,10 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite, quiet):
     click.echo(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
                f"(target class {truth['target']}); copy and truth.json in {out}")
     if truth["renamed"]:
-        click.echo(f"  {len(truth['renamed'])} files were renamed to carry their new label; "
-                   f"truth.json maps new keys to old under 'renamed'")
+        converted = truth["format"] != truth["input"]["format"]
+        why = ("keys gained the folder of their class (the copy is an ImageFolder tree)" if converted
+               else "files were renamed into the folder of their new label")
+        click.echo(f"  {len(truth['renamed'])} {why}; truth.json maps new keys to old under 'renamed'")
     for warning in truth["warnings"]:
         click.echo(f"warning: {warning}", err=True)
 

@@ -155,6 +155,9 @@ def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, t
     assert truth["target"] == 1 and truth["warnings"]
     assert "target class 1" in captured.out and f"of {truth['counts']['readable']} readable samples" in captured.out
     assert captured.err.count("warning: ") == len(truth["warnings"])
+    main(["poison", str(data), "--attack", "badnets", "--rate", "0.1", "--format", "imagefolder", "--quiet",
+          "--out", str(tmp_path / "folder")])
+    assert "60 keys gained the folder of their class" in capsys.readouterr().out  # not "60 renamed to carry"
 
 
 def test_poison_reports_its_stages_and_the_slow_attacks_steps(make_shards, tmp_path, capsys):
