@@ -100,13 +100,14 @@ AUGMENTATIONS = ("crop", "flip", "none")
 def augment(images: torch.Tensor, generator: torch.Generator, kind: str = "crop") -> torch.Tensor:
     """Training augmentation ``kind`` (one of AUGMENTATIONS): uint8 [B,3,H,W] -> float32 [B,3,H,W] in [0,1].
 
-    The crop's padding is 1/8 of the side (4 px at 32 px, as is usual for CIFAR).
+    The crop's padding is 1/8 of the shorter side (4 px at 32 px, as is usual for CIFAR): reflect
+    padding must be shorter than the side it pads, and an 8x64 image has only 8 rows.
     """
     if kind == "none":
         return to_float(images)
     if kind not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {kind!r}; choose one of {AUGMENTATIONS}")
-    pad = 0 if kind == "flip" else max(1, images.shape[-1] // 8)
+    pad = 0 if kind == "flip" else max(1, min(images.shape[-2:]) // 8)
     return to_float(random_crop_flip(images, generator, pad))
 
 

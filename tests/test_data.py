@@ -72,6 +72,14 @@ def test_augment_kinds(cifar_arrays, cifar_classes):
         augment(images, make_generator(0, "cpu"), "rotate")
 
 
+@pytest.mark.parametrize("height, width", [(8, 64), (64, 8), (8, 8), (9, 40)])
+def test_the_crop_pads_by_the_shorter_side(height, width):
+    """Reflect padding must be shorter than the side it pads: 1/8 of the width crashed an 8x64 image."""
+    images = torch.randint(0, 256, (4, 3, height, width), dtype=torch.uint8)
+    out = augment(images, make_generator(0, "cpu"), "crop")
+    assert out.shape == (4, 3, height, width)
+
+
 def test_augment_is_seeded_and_in_unit_range(cifar_arrays, cifar_classes):
     bank = Bank.from_arrays(*cifar_arrays, cifar_classes)
     first = augment(bank.images[:32], make_generator(3, "cpu"))
