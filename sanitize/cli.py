@@ -292,9 +292,10 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> None:
-    """Entry point: user errors are one line on stderr and a non-zero exit, never a traceback."""
-    from sanitize.formats.onnx import OnnxCheckError
+    """Entry point: user errors are one line on stderr and a non-zero exit, never a traceback.
 
+    Torch is imported inside the ``try`` (by the command that needs it), so that Ctrl-C while it
+    loads, a second or so, is "interrupted" too."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="sanitize", standalone_mode=False)
@@ -307,10 +308,14 @@ def main(argv=None) -> None:
         sys.exit(error.exit_code)
     except InputError as error:
         _fail(str(error))
-    except OnnxCheckError as error:
-        _fail(f"{error}; no output was written", EXIT_ONNX_CHECK)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except RuntimeError as error:
+        from sanitize.formats.onnx import OnnxCheckError  # loaded by then: the run that raised it imported it
+
+        if not isinstance(error, OnnxCheckError):
+            raise
+        _fail(f"{error}; no output was written", EXIT_ONNX_CHECK)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

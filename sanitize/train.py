@@ -21,15 +21,21 @@ Progress = Callable[[int, int], None]  # (done, total) per step
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present. Asking for CUDA without it is the user's error."""
+    """``auto`` picks CUDA when present. Asking for CUDA without it is the user's error, as is any
+    other kind of device (mps, xpu, meta, ...): the engine is built and tested for CUDA and the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cuda", "cpu"):
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but no CUDA GPU is available (try --device cpu)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as error:
         raise InputError(f"unknown device {name!r}: {error}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there is no such GPU ({torch.cuda.device_count()} visible)")
+    return device
 
 
 def configure_determinism() -> None:
@@ -56,14 +62,33 @@ def _layout(images: torch.Tensor) -> torch.Tensor:
 
 
 def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator | None,
-            drop_last: bool = False) -> Iterator[torch.Tensor]:
-    """Index batches over ``indices``, shuffled when a generator is given."""
+            drop_last: bool = False, min_size: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches over ``indices``, shuffled when a generator is given.
+
+    ``drop_last``: no short last batch when there is a full one. ``min_size``: no last batch
+    smaller than that when there is another (training passes TRAIN_MIN_BATCH).
+    """
     if generator is not None:
         indices = indices[torch.randperm(len(indices), generator=generator, device=generator.device)
                           .to(indices.device)]
-    stop = len(indices) - (len(indices) % batch_size if drop_last and len(indices) >= batch_size else 0)
+    stop = _batched(len(indices), batch_size, drop_last, min_size)
     for start in range(0, stop, batch_size):
         yield indices[start:start + batch_size]
+
+
+# BatchNorm cannot train on a batch of one sample whose features are 1x1 (an 8-15 px image
+# through the small CNN, a 32 px one through ResNet-18's last stage): training drops a last
+# batch of one; the sample is drawn into another batch in the next epoch.
+TRAIN_MIN_BATCH = 2
+
+
+def _batched(count: int, batch_size: int, drop_last: bool, min_size: int) -> int:
+    """How many of ``count`` shuffled indices ``batches`` yields."""
+    if drop_last and count >= batch_size:
+        return count - count % batch_size
+    if count > batch_size and 0 < count % batch_size < min_size:
+        return count - count % batch_size
+    return count
 
 
 DIVERGED = ("training diverged: the loss became NaN or infinite; lower the learning rate, or undo other values "
@@ -77,11 +102,9 @@ def require_finite(value: torch.Tensor) -> None:
         raise InputError(DIVERGED)
 
 
-def batch_count(count: int, batch_size: int, drop_last: bool) -> int:
+def batch_count(count: int, batch_size: int, drop_last: bool, min_size: int = 1) -> int:
     """How many batches ``batches`` yields over ``count`` indices (the schedule and progress count on it)."""
-    if drop_last and count >= batch_size:
-        return count // batch_size
-    return math.ceil(count / batch_size)
+    return math.ceil(_batched(count, batch_size, drop_last, min_size) / batch_size)
 
 
 def steps_per_epoch(count: int, batch_size: int) -> int:
@@ -120,13 +143,13 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
     """
     indices = all_indices(bank) if indices is None else indices.to(bank.device)
     labels = bank.labels if labels is None else labels.to(bank.device)
-    if len(indices) == 0 or epochs <= 0:
+    if len(indices) < TRAIN_MIN_BATCH or epochs <= 0:  # BatchNorm cannot train on one sample
         return {"loss": float("nan"), "steps": 0}
     generator = make_generator(seed, bank.device)
     drop_last = len(indices) >= 2 * batch_size  # avoids a 1-sample BatchNorm batch
     # The schedule decays to zero over the steps actually taken: counted without the dropped
     # remainder (it used to be counted, so the rate ended at up to a sixth of its peak on small sets).
-    total = epochs * batch_count(len(indices), batch_size, drop_last)
+    total = epochs * batch_count(len(indices), batch_size, drop_last, TRAIN_MIN_BATCH)
     optimizer = make_optimizer(model, lr, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total))
     model.train()
@@ -134,7 +157,7 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
     for _ in range(epochs):
         loss_sum.zero_()
         count = 0
-        for batch in batches(indices, batch_size, generator, drop_last):
+        for batch in batches(indices, batch_size, generator, drop_last, TRAIN_MIN_BATCH):
             inputs = _layout(augment(bank.images[batch], generator, augmentation))
             with autocast(bank.device):
                 loss = F.cross_entropy(model(inputs), labels[batch])
@@ -171,16 +194,18 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
     ``unlearn_share`` of ``batch_size``, so a small unlearn set is seen many times per
     epoch: it is the signal the enhancement amplifies.
     """
+    if len(unlearn) == 0 or len(relearn) == 0 or epochs <= 0:  # nothing to do (a tiny set's every sample unlearned)
+        return {"learn_loss": float("nan"), "forget_loss": float("nan"), "steps": 0}
     generator = make_generator(seed, bank.device)
     optimizer = make_optimizer(model, lr, weight_decay)
     unlearn_batch = max(1, round(batch_size * len(unlearn) / max(1, len(relearn) + len(unlearn))))
     unlearn_batch = max(unlearn_batch, round(batch_size * unlearn_share))
     drop_last = len(relearn) >= 2 * batch_size
-    total = epochs * batch_count(len(relearn), batch_size, drop_last)
+    total = epochs * batch_count(len(relearn), batch_size, drop_last, TRAIN_MIN_BATCH)
     model.train()
     step = 0
     for _ in range(epochs):
-        for batch in batches(relearn, batch_size, generator, drop_last=drop_last):
+        for batch in batches(relearn, batch_size, generator, drop_last, TRAIN_MIN_BATCH):
             pick = torch.randint(0, len(unlearn), (unlearn_batch,), generator=generator, device=bank.device)
             forget = unlearn[pick]
             inputs = _layout(augment(bank.images[torch.cat([batch, forget])], generator, augmentation))

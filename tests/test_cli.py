@@ -175,6 +175,22 @@ def test_poison_reports_its_stages_and_the_slow_attacks_steps(make_shards, tmp_p
     assert capsys.readouterr().err == ""
 
 
+def test_an_onnx_model_that_disagrees_is_exit_3_and_one_line(make_shards, tmp_path, monkeypatch, capsys):
+    from sanitize import pipeline
+    from sanitize.formats.onnx import OnnxCheckError
+
+    def disagree(*args, **kwargs):
+        raise OnnxCheckError("exported ONNX model disagrees with torch")
+
+    monkeypatch.setattr(pipeline, "check_onnx", disagree)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(make_shards(40)), "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and err.strip() == (
+        "sanitize: error: exported ONNX model disagrees with torch; no output was written")
+    assert not (tmp_path / "out").exists()
+
+
 def test_inspect_refuses_a_negative_suspect_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # a slice would have listed all but the last
         main(["inspect", str(tmp_path), "--suspects", "-1"])

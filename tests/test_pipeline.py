@@ -10,7 +10,7 @@ import torchvision
 import webdataset
 
 import sanitize
-from conftest import write_shards
+from conftest import write_shard, write_shards
 from sanitize import methods, pipeline
 from sanitize.formats import read_manifest, read_scores
 from sanitize.formats.onnx import OnnxCheckError
@@ -176,6 +176,41 @@ def test_a_diverged_training_is_one_line_not_a_traceback(method, options, make_s
     with pytest.raises(InputError, match="training diverged: the loss became NaN or infinite"):
         sanitize.run(make_shards(60), method=method, out=tmp_path / "out", **FAST, **options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def tiny_png_shards(root, cifar_samples, cifar_classes, count: int, size: tuple[int, int]):
+    """``count`` CIFAR images shrunk to ``size`` (H, W), as PNG in shards."""
+    import io
+
+    from PIL import Image
+
+    samples = []
+    for key, jpg, label in cifar_samples[:count]:
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(jpg)).resize(size[::-1]).save(buffer, format="PNG")
+        samples.append((key, buffer.getvalue(), label))
+    root.mkdir(parents=True)
+    for start in range(0, count, 100):
+        members = []
+        for key, png, label in samples[start:start + 100]:
+            members += [(f"{key}.png", png), (f"{key}.cls", str(label).encode())]
+        write_shard(root / f"part-{start // 100:06d}.tar", members)
+    (root / "classes.json").write_text(json.dumps({"classes": cifar_classes}))
+    return root
+
+
+@pytest.mark.parametrize("method, count, size, options", [
+    ("advrbd", 129, (8, 8), {"batch_size": 128}),  # a batch of one 1x1 feature map crashed BatchNorm
+    ("dbd", 129, (8, 8), {"batch_size": 128}),
+    ("advrbd", 60, (8, 64), {}),  # the crop padded 8 rows by 8
+    ("dbd", 60, (8, 64), {}),
+    ("advrbd", 20, (32, 32), {"partition_rate": 0.99}),  # the partition took all 20: nothing left to relearn
+])
+def test_odd_but_valid_sets_run_to_the_end(method, count, size, options, tmp_path, cifar_samples, cifar_classes):
+    data = tiny_png_shards(tmp_path / "data", cifar_samples, cifar_classes, count, size)
+    result = sanitize.run(data, method=method, out=tmp_path / "out", **{**FAST, **options})
+    assert result.counts["total"] == count and result.counts["clean"] + result.counts["suspected"] == count
+    assert result.manifest["input"]["image_size"] == list(size)
 
 
 def test_set_values_are_json_when_they_parse_and_strings_otherwise():

@@ -80,11 +80,47 @@ def test_the_schedule_and_progress_end_with_the_last_batch_taken(bank, count, ba
     assert seen[-1][0] == seen[-1][1]
 
 
+@pytest.mark.parametrize("count", [1, 2, 5, 7, 8, 9, 16, 17, 33])
+@pytest.mark.parametrize("drop_last, min_size", [(False, 1), (True, 1), (False, 2)])
+def test_batches_and_batch_count_agree(count, drop_last, min_size):
+    got = list(train.batches(torch.arange(count), 8, torch.Generator().manual_seed(0), drop_last, min_size))
+    assert len(got) == train.batch_count(count, 8, drop_last, min_size)
+    if min_size == 1 and not drop_last:  # scoring: every sample, once
+        assert sorted(torch.cat(got).tolist()) == list(range(count))
+    if len(got) > 1:  # a short last batch only when allowed
+        assert len(got[-1]) >= (8 if drop_last else min_size)
+
+
+def test_training_never_takes_a_batch_of_one_sample(cifar_arrays, cifar_classes):
+    """8x8 images pool to 1x1 before the small CNN's last BatchNorm: 129 samples in batches of 128 used to
+    leave one sample alone in a batch and crash training."""
+    images, labels = cifar_arrays
+    tiny = Bank.from_arrays(images[:129, ::4, ::4].copy(), labels[:129], cifar_classes)
+    model = build_model("small", tiny.num_classes, tiny.image_size, tiny.mean, tiny.std)
+    assert train.train_supervised(model, tiny, epochs=1, batch_size=128)["steps"] == 1
+    assert train.train_supervised(model, tiny, indices=torch.arange(1), epochs=1)["steps"] == 0
+    assert train.unlearn_relearn(model, tiny, unlearn=torch.arange(129), relearn=torch.arange(0))["steps"] == 0
+
+
 def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="no CUDA"):
         train.resolve_device("cuda")
     assert train.resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", "meta", "tpu", "cpu0"])
+def test_other_devices_are_one_line(name):
+    """mps (a Mac user's first guess) ended in PyTorch's RuntimeError from deep in the bank."""
+    with pytest.raises(InputError, match=f"unknown device '{name}': use auto, cpu, cuda or cuda:N"):
+        train.resolve_device(name)
+
+
+def test_a_gpu_index_beyond_the_visible_ones_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InputError, match="cuda:3: there is no such GPU .1 visible"):
+        train.resolve_device("cuda:3")
 
 
 def test_predictor_takes_numpy_images_as_they_are_stored(cifar_arrays):

@@ -163,7 +163,7 @@ class AdvrbdOptions:
     # The values each numeric option may take (methods.resolve_options enforces them). The unlearn
     # set must leave a rest to relearn; a margin lies in [-1, 1].
     BOUNDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "batch_size": (">= 1",), "lr": ("> 0",), "weight_decay": (">= 0", "<= 1"), "warmup_epochs": (">= 1",),
+        "batch_size": (">= 2",), "lr": ("> 0",), "weight_decay": (">= 0", "<= 1"), "warmup_epochs": (">= 1",),
         "epsilon": ("> 0", "<= 1"), "pgd_steps": (">= 1",), "mask_fraction": ("> 0", "<= 1"),
         "score_masks": (">= 1",), "partition_rate": ("> 0", "< 1"), "enhance_epochs": (">= 1",),
         "enhance_lr": ("> 0",), "unlearn_weight": (">= 0",), "unlearn_share": (">= 0", "<= 1"),
@@ -253,8 +253,9 @@ def masked_pgd_kl(model, inputs: torch.Tensor, log_p: torch.Tensor, opts: Advrbd
 
 # ------------------------------------------------------- stage 3/4: enhancement
 def partition_size(opts: AdvrbdOptions, count: int) -> int:
-    """How many samples the partition takes, and each enhancement round adds to the unlearn set."""
-    return max(1, round(opts.partition_rate * count))
+    """How many samples the partition takes, and each enhancement round adds to the unlearn set; never
+    all of them (a partition_rate of 0.98 took all 20 of a tiny set and left nothing to relearn)."""
+    return max(1, min(count - 1, round(opts.partition_rate * count)))
 
 
 def grow_unlearn_set(unlearn: torch.Tensor, kl: torch.Tensor, rest: torch.Tensor, count: int,
