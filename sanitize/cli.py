@@ -251,6 +251,8 @@ def _report(result, as_json: bool, show: int = 5) -> None:
                    f"{classes[suspect['relabel']]}")
     if result.manifest["unreadable"]:
         click.echo(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
+    for warning in result.manifest.get("warnings", []):  # about the verdicts: few, and each one matters
+        click.echo(f"warning: {warning}", err=True)
     warnings = result.manifest["input"]["warnings"]
     for warning in warnings[:WARNINGS_SHOWN]:
         click.echo(f"warning: {warning}", err=True)

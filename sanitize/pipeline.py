@@ -120,7 +120,7 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
             score=result.score, suspected=result.suspected, relabel=result.relabel,
             model={"file": "model.onnx", "arch": options.arch, "input_size": list(bank.image_size)},
             timings_s=_stage_order(clock.timings_s, result.timings_s, time.perf_counter() - started),
-            environment=_environment(torch_device), metrics=metrics)
+            environment=_environment(torch_device), metrics=metrics, warnings=result.warnings)
         write_manifest(staging, manifest)
         outputs["manifest"] = "manifest.json"
     return dataclasses.replace(summarise(manifest, Path(out), outputs), model=result.model, details=result.details)

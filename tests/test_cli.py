@@ -191,6 +191,17 @@ def test_an_onnx_model_that_disagrees_is_exit_3_and_one_line(make_shards, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_that_flags_most_samples_warns_on_stderr_and_in_the_manifest(make_shards, tmp_path, capsys):
+    main(["run", str(make_shards(60)), "--out", str(tmp_path / "out"), *FAST, "--set", "split_margin=-1"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["suspected"] == 60
+    warning, = manifest["warnings"]
+    assert warning.startswith("60 of 60 samples are suspected") and "trained on no sample" in warning
+    assert f"warning: {warning}" in capsys.readouterr().err
+    main(["inspect", str(tmp_path / "out")])
+    assert f"warning: {warning}" in capsys.readouterr().err
+
+
 def test_inspect_refuses_a_negative_suspect_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # a slice would have listed all but the last
         main(["inspect", str(tmp_path), "--suspects", "-1"])

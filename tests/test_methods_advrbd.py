@@ -120,6 +120,20 @@ def test_clean_label_rule_keeps_relabel_equals_given_suspects_out():
     assert advrbd.keep_for_finetune(suspected, relabel, given).tolist() == [False, True, True, True]
 
 
+def test_a_split_that_flags_most_samples_warns_and_names_a_dominant_class():
+    classes = ["airplane", "bird", "cat"]
+    labels = torch.tensor([0] * 90 + [1] * 5 + [2] * 5)
+    few = torch.zeros(100, dtype=torch.bool)
+    few[:10] = True
+    assert advrbd.verdict_warnings(labels, few, classes) == []
+    most = labels == 0  # a dominant class flagged wholesale
+    warning, = advrbd.verdict_warnings(labels, most, classes)
+    assert warning.startswith("90 of 100 samples are suspected (90%)") and "class 'airplane' holds 90%" in warning
+    assert "trained on the 10 others" in warning
+    warning, = advrbd.verdict_warnings(torch.tensor([0, 1] * 50), torch.ones(100, dtype=torch.bool), classes)
+    assert "holds" not in warning and "trained on no sample" in warning
+
+
 def test_scores_rank_planted_poisons_above_clean_samples(poisoned_bank, result):
     _, poisoned = poisoned_bank
     assert auroc(result.score, poisoned) > 0.85
@@ -132,6 +146,7 @@ def test_result_honours_the_seam(poisoned_bank, result):
     assert result.suspected.dtype == bool and result.relabel.dtype == np.int64
     assert set(result.timings_s) == set(advrbd.STAGES)
     assert not result.model.training
+    assert result.warnings == []  # a few percent poisoned: nothing to warn about
 
 
 def test_split_is_consistent_with_the_scores(result):

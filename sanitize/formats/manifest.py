@@ -25,8 +25,10 @@ SCORES = "scores.csv"
 
 
 def build_manifest(ingested: Ingested, *, method: str, options: dict, seed: int, score, suspected, relabel,
-                   model: dict, timings_s: dict, environment: dict, metrics: dict | None = None) -> dict:
-    """The audit manifest of one run; score/suspected/relabel are aligned with ``ingested.samples``."""
+                   model: dict, timings_s: dict, environment: dict, metrics: dict | None = None,
+                   warnings: list[str] | None = None) -> dict:
+    """The audit manifest of one run; score/suspected/relabel are aligned with ``ingested.samples``.
+    ``warnings``: what the method says about its verdicts (the input's own are under ``input``)."""
     score, suspected, relabel = check_verdicts(ingested, score, suspected, relabel)
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -40,6 +42,7 @@ def build_manifest(ingested: Ingested, *, method: str, options: dict, seed: int,
         "suspects": _suspects(ingested, score, suspected, relabel),
         "unreadable": [item.to_json() for item in ingested.unreadable],
         "model": model, "timings_s": timings_s, "environment": environment, "metrics": metrics or {},
+        "warnings": list(warnings or []),
     }
     return json.loads(json.dumps(manifest, default=_plain, allow_nan=False))
 

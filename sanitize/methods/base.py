@@ -30,6 +30,7 @@ class MethodResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # JSON-serialisable, goes into the manifest
     details: dict[str, np.ndarray] = field(default_factory=dict)  # per-sample diagnostics, [N] each
+    warnings: list[str] = field(default_factory=list)  # what the user must know about the verdicts
 
 
 class StageClock:
