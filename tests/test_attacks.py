@@ -273,6 +273,19 @@ def test_attack_parameters_out_of_range_are_user_errors(name, params, message):
         make_attack(name, **params)
 
 
+def test_adaptive_patch_deals_its_patches_to_images_stamped_one_at_a_time(subset):
+    """An image stamped at its own size is a batch of one; it used to get the first patch every time."""
+    images, _ = subset
+    attack = build("adaptive_patch")
+    rng = np.random.default_rng(0)
+    corners = set()
+    for image in images[:40]:
+        stamped = attack.stamp(image[None].astype(np.float32), rng)[0]
+        changed = np.argwhere((stamped != image).any(axis=-1))
+        corners.add((int(changed[:, 0].mean() > 16), int(changed[:, 1].mean() > 16)))
+    assert len(corners) == len(attack.alphas)
+
+
 def test_a_rate_that_rounds_to_nothing_says_so(subset):
     images, labels = subset
     result = build("badnets").poison(images, labels, rate=0.001, target=TARGET, seed=0, num_classes=NUM_CLASSES)

@@ -225,3 +225,17 @@ def test_a_poisoned_image_keeps_its_own_size(tmp_path, cifar_samples, cifar_clas
             cols = np.arange(width) * 32 // width >= 29
             patch = rows[:, None] & cols[None, :]
             assert (after[patch] == 255).all() and np.array_equal(after[~patch], before[~patch])
+
+
+def test_own_size_stamping_in_bounded_chunks_gives_the_same_copy(tmp_path, cifar_samples, cifar_classes,
+                                                                   monkeypatch):
+    """Photos are stamped a few at a time (OWN_SIZE_PIXELS), not all decoded at once; BadNets has no
+    randomness, so one image at a time must give the same bytes."""
+    from sanitize.attacks import poison
+
+    data = tmp_path / "mixed"
+    mixed_size_folder(data, cifar_samples, cifar_classes)
+    poison_dataset(data, attack="badnets", rate=0.5, target=1, out=tmp_path / "whole")
+    monkeypatch.setattr(poison, "OWN_SIZE_PIXELS", 1)
+    poison_dataset(data, attack="badnets", rate=0.5, target=1, out=tmp_path / "one_by_one")
+    assert tree_hashes(tmp_path / "whole") == tree_hashes(tmp_path / "one_by_one")

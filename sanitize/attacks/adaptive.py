@@ -92,7 +92,9 @@ class AdaptivePatch(Attack):
         return images
 
     def stamp(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        which = rng.permutation(len(images)) % len(self.alphas)
+        # Dealt out evenly, from a random first patch: a batch of one (an image stamped at its own
+        # size, poison_dataset) must not always get the first.
+        which = (rng.permutation(len(images)) + rng.integers(len(self.alphas))) % len(self.alphas)
         stamped = images.copy()
         for index, (patch, alpha) in enumerate(zip(self.patches(), self.alphas)):
             rows = which == index

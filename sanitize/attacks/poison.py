@@ -33,6 +33,7 @@ from sanitize.methods import coerce
 
 TRUTH_FILE = "truth.json"
 OWN_SIZE_STREAM = 1  # the random stream of stamping at an image's own size, apart from the attack's
+OWN_SIZE_PIXELS = 1 << 22  # pixels stamped at a time at their own size (48 MB as float32 RGB)
 
 
 def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0, fmt: str | None = None,
@@ -95,7 +96,7 @@ def poisoned_samples(ingested: Ingested, result: Poisoned, fmt: str,
                      own_size: dict[int, np.ndarray] | None = None) -> list[Sample]:
     """The copy's samples, row-aligned with the input: stamped ones re-encoded (``own_size`` rows from
     those pixels, the others from ``result.images``), labels as given after poisoning, keys as they
-    will read back from the copy."""
+    will read back from the copy. ``own_size`` may be consumed: a row's pixels are dropped once encoded."""
     stamped = result.poisoned | result.cover
     own_size = own_size or {}
     labels = result.labels.tolist()
@@ -103,7 +104,7 @@ def poisoned_samples(ingested: Ingested, result: Poisoned, fmt: str,
     samples = []
     for row, sample in enumerate(ingested.samples):
         sample = dataclasses.replace(sample, key=keys[row], label=labels[row])
-        samples.append(reencoded(sample, own_size.get(row, result.images[row])) if stamped[row] else sample)
+        samples.append(reencoded(sample, own_size.pop(row, result.images[row])) if stamped[row] else sample)
     return samples
 
 
@@ -116,20 +117,20 @@ def own_size_stamps(attacker: Attack, ingested: Ingested, result: Poisoned, seed
     together (``Attack.restamp``); their pixels come upright, as the reader saw them.
     """
     working = tuple(ingested.images.shape[1:3])
-    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    groups: dict[tuple, list[int]] = {}
     for row in np.flatnonzero(result.poisoned | result.cover):
-        data = ingested.samples[row].data
-        with images.bomb_guard():
-            if images.oriented_size(images.open_image(data)) == working:
-                continue
-        pixels = images.decode(data)
-        groups.setdefault((pixels.shape[:2], bool(result.cover[row])), []).append((row, pixels))
+        with images.bomb_guard():  # the header only: most images have the working size
+            size = images.oriented_size(images.open_image(ingested.samples[row].data))
+        if size != working:
+            groups.setdefault((size, bool(result.cover[row])), []).append(int(row))
     rng = np.random.default_rng([seed, OWN_SIZE_STREAM])
     stamped = {}
-    for (_, cover), items in sorted(groups.items(), key=lambda item: item[0]):
-        rows = [row for row, _ in items]
-        pixels = attacker.restamp(np.stack([p for _, p in items]), result.true_labels[rows], rng, cover=cover)
-        stamped.update(zip(rows, pixels))
+    for ((height, width), cover), rows in sorted(groups.items()):
+        step = max(1, OWN_SIZE_PIXELS // (height * width))  # a 12-megapixel photo is stamped alone
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            pixels = np.stack([images.decode(ingested.samples[row].data) for row in chunk])
+            stamped.update(zip(chunk, attacker.restamp(pixels, result.true_labels[chunk], rng, cover=cover)))
     return stamped
 
 
