@@ -221,8 +221,8 @@ def test_a_poisoned_image_keeps_its_own_size(tmp_path, cifar_samples, cifar_clas
         for key in truth["poisoned"]:
             before, after = own_pixels(originals[truth["renamed"].get(key, key)]), own_pixels(copy[key])
             height, width = after.shape[:2]
-            rows = np.arange(height) * 32 // height >= 29
-            cols = np.arange(width) * 32 // width >= 29
+            rows = (2 * np.arange(height) + 1) * 32 // (2 * height) >= 29  # by pixel centres
+            cols = (2 * np.arange(width) + 1) * 32 // (2 * width) >= 29
             patch = rows[:, None] & cols[None, :]
             assert (after[patch] == 255).all() and np.array_equal(after[~patch], before[~patch])
 
@@ -239,3 +239,42 @@ def test_own_size_stamping_in_bounded_chunks_gives_the_same_copy(tmp_path, cifar
     monkeypatch.setattr(poison, "OWN_SIZE_PIXELS", 1)
     poison_dataset(data, attack="badnets", rate=0.5, target=1, out=tmp_path / "one_by_one")
     assert tree_hashes(tmp_path / "whole") == tree_hashes(tmp_path / "one_by_one")
+
+
+@pytest.mark.parametrize("attack, params", [
+    ("badnets", {}), ("tact", {}),
+    ("label_consistent", dict(surrogate_arch="small", epochs=1, pgd_steps=2, batch_size=64)),
+])
+def test_small_images_keep_a_trigger(tmp_path, cifar_samples, cifar_classes, attack, params):
+    """At 10x9 px a corner patch sampled by the pixels' left edges vanished (a pure label flip); under
+    8 px Label-Consistent's PGD crashed. 8 px and up: stamped at their own size, by pixel centres;
+    smaller: written at the working size, with a warning."""
+    import io
+
+    from PIL import Image
+
+    data = tmp_path / "small"
+    sizes = {}
+    for index, (key, jpg, label) in enumerate(cifar_samples[:60]):
+        size = [(10, 9), (6, 7), (32, 32)][index % 3]
+        path = data / cifar_classes[label] / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(io.BytesIO(jpg)).convert("RGB").resize(size[::-1]).save(path)
+        sizes[f"{cifar_classes[label]}/{key}"] = size
+    rate = 0.1 if attack == "label_consistent" else 0.5
+    truth = poison_dataset(data, attack=attack, rate=rate, target=1, out=tmp_path / "out", **params)
+    copy = {sample.key: sample for sample in read_dataset(tmp_path / "out").samples}
+    ingested = read_dataset(data)
+    originals = {sample.key: sample for sample in ingested.samples}
+    seen = set()
+    for key in truth["poisoned"]:
+        source = originals[truth["renamed"].get(key, key)]
+        before, after = own_pixels(source), own_pixels(copy[key])
+        size = sizes[source.key]
+        seen.add(size)
+        assert after.shape[:2] == (size if min(size) >= 8 else ingested.image_size)
+        if before.shape == after.shape:
+            assert (after != before).any(), f"{key} ({size}): no trigger"
+    assert (10, 9) in seen
+    if (6, 7) in seen:
+        assert any("side under 8 px" in warning for warning in truth["warnings"])

@@ -84,9 +84,7 @@ class LabelConsistent(Attack):
             progress.stage("surrogate")
         surrogate = self.train_surrogate(images, labels, num_classes, seed, device,
                                          progress.advance if progress else None)
-        # Kept (not a field: not a parameter) for ``restamp``: every model here ends in adaptive
-        # pooling, so the surrogate takes images of another size too.
-        self._surrogate = (surrogate, seed, device)
+        self._surrogate = (surrogate, seed, device, images.shape[1:3])  # for ``restamp`` (not a parameter)
         if progress:
             progress.stage("pgd")
         hard = self.pgd(surrogate, images[rows], labels[rows], seed, device, progress.advance if progress else None)
@@ -94,11 +92,17 @@ class LabelConsistent(Attack):
 
     def restamp(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *,
                 cover: bool) -> np.ndarray:
-        """PGD against the surrogate at the images' own size, then the corners (there are no covers)."""
+        """The PGD perturbation found at the surrogate's size, resized onto the images, then the corners
+        (there are no covers). The surrogate never sees another size: a 10 px image is too small for
+        a model built for 224 px ones, and a photo's PGD at full size would take gigabytes."""
         if cover or len(images) == 0:
             return super().restamp(images, labels, rng, cover=cover)
-        surrogate, seed, device = self._surrogate
-        return to_uint8(self.stamp(self.pgd(surrogate, images, labels, seed, device), rng))
+        surrogate, seed, device, working = self._surrogate
+        own = tuple(images.shape[1:3])
+        small = to_uint8(_resize(images.astype(np.float32), working))
+        delta = _resize(self.pgd(surrogate, small, labels, seed, device) - small, own)
+        bound = self.eps * 255
+        return to_uint8(self.stamp(np.clip(images + np.clip(delta, -bound, bound), 0, 255), rng))
 
     def train_surrogate(self, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
                         device: torch.device, progress: train.Progress | None = None) -> torch.nn.Module:
@@ -136,3 +140,10 @@ class LabelConsistent(Attack):
             loss = F.cross_entropy(model((clean + delta).clamp(0, 1)).float(), truth)
         gradient, = torch.autograd.grad(loss, delta)
         return (delta.detach() + self.step_size * gradient.sign()).clamp(-self.eps, self.eps)
+
+
+def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 [n, h, w, 3] -> [n, *size, 3], bilinear (antialiased when shrinking)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    resized = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized.permute(0, 2, 3, 1).numpy()

@@ -15,8 +15,12 @@ CANVAS = 32
 
 
 def cell_index(size: int, cells: int) -> np.ndarray:
-    """For each of ``size`` pixels, the cell of a ``cells``-wide grid it falls in (nearest resize)."""
-    return np.arange(size) * cells // size
+    """For each of ``size`` pixels, the cell of a ``cells``-wide grid its centre falls in (nearest resize).
+
+    The centre, not the left edge: a 6 px side sampled at the edges (canvas cells 0, 5, ..., 26)
+    never reached a 3-cell corner patch at cells 29-31, and the trigger vanished; by centres it
+    reaches cell 29. Integer scales (32 -> 32, 224) sample the same cells either way."""
+    return (2 * np.arange(size) + 1) * cells // (2 * size)
 
 
 def resize_nearest(array: np.ndarray, height: int, width: int, axis: int) -> np.ndarray:

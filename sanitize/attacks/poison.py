@@ -65,8 +65,10 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
         result = attacker.poison(ingested.images, ingested.labels, rate=rate, target=target_index, seed=seed,
                                  num_classes=len(ingested.classes), progress=progress)
         fmt = fmt or ingested.format
-        samples = poisoned_samples(ingested, result, fmt, own_size_stamps(attacker, ingested, result, seed))
+        own_size, notes = own_size_stamps(attacker, ingested, result, seed)
+        samples = poisoned_samples(ingested, result, fmt, own_size)
         truth = build_truth(attacker, ingested, result, samples, rate=rate, target=target_index, seed=seed, fmt=fmt)
+        truth["warnings"] += notes
         if progress:
             progress.stage("write")
         write_dataset(staging, samples, ingested.classes, fmt=fmt)
@@ -108,21 +110,30 @@ def poisoned_samples(ingested: Ingested, result: Poisoned, fmt: str,
     return samples
 
 
-def own_size_stamps(attacker: Attack, ingested: Ingested, result: Poisoned, seed: int) -> dict[int, np.ndarray]:
-    """The stamped rows whose image is not of the working size, stamped again at their own size.
+def own_size_stamps(attacker: Attack, ingested: Ingested, result: Poisoned,
+                    seed: int) -> tuple[dict[int, np.ndarray], list[str]]:
+    """The stamped rows whose image is not of the working size, stamped again at their own size, and
+    warnings for the user.
 
     The attack ran on the decoded set, where every image has the working size (resized and
     centre-cropped); the copy must keep each image as it was but for the trigger, so that
     size gives no poison away and no content is cropped. Images of one size are stamped
-    together (``Attack.restamp``); their pixels come upright, as the reader saw them.
+    together (``Attack.restamp``); their pixels come upright, as the reader saw them. An
+    image with a side under ``images.MIN_SIDE`` keeps its working-size stamp (the reader
+    scales such images up): a trigger does not fit in a few pixels, and the models take none.
     """
     working = tuple(ingested.images.shape[1:3])
     groups: dict[tuple, list[int]] = {}
+    tiny = 0
     for row in np.flatnonzero(result.poisoned | result.cover):
         with images.bomb_guard():  # the header only: most images have the working size
             size = images.oriented_size(images.open_image(ingested.samples[row].data))
-        if size != working:
+        if size != working and min(size) < images.MIN_SIDE:
+            tiny += 1
+        elif size != working:
             groups.setdefault((size, bool(result.cover[row])), []).append(int(row))
+    notes = [f"{tiny} stamped images have a side under {images.MIN_SIDE} px, too small to hold a trigger: they "
+             f"are written at the working size {working[0]}x{working[1]}, stamped there"] if tiny else []
     rng = np.random.default_rng([seed, OWN_SIZE_STREAM])
     stamped = {}
     for ((height, width), cover), rows in sorted(groups.items()):
@@ -131,7 +142,7 @@ def own_size_stamps(attacker: Attack, ingested: Ingested, result: Poisoned, seed
             chunk = rows[start:start + step]
             pixels = np.stack([images.decode(ingested.samples[row].data) for row in chunk])
             stamped.update(zip(chunk, attacker.restamp(pixels, result.true_labels[chunk], rng, cover=cover)))
-    return stamped
+    return stamped, notes
 
 
 def copy_keys(samples: list[Sample], labels: list[int], classes: list[str], fmt: str) -> list[str]:
