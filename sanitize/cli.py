@@ -251,13 +251,11 @@ def _report(result, as_json: bool, show: int = 5) -> None:
                    f"{classes[suspect['relabel']]}")
     if result.manifest["unreadable"]:
         click.echo(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
-    for warning in result.manifest.get("warnings", []):  # about the verdicts: few, and each one matters
-        click.echo(f"warning: {warning}", err=True)
-    warnings = result.manifest["input"]["warnings"]
-    for warning in warnings[:WARNINGS_SHOWN]:
-        click.echo(f"warning: {warning}", err=True)
-    if len(warnings) > WARNINGS_SHOWN:
-        click.echo(f"warning: {len(warnings) - WARNINGS_SHOWN} more in manifest.json (input/warnings)", err=True)
+    for warnings, where in ((result.warnings, "warnings"), (result.manifest["input"]["warnings"], "input/warnings")):
+        for warning in warnings[:WARNINGS_SHOWN]:
+            click.echo(f"warning: {warning}", err=True)
+        if len(warnings) > WARNINGS_SHOWN:
+            click.echo(f"warning: {len(warnings) - WARNINGS_SHOWN} more in manifest.json ({where})", err=True)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
     click.echo(f"  time: {times}")
     click.echo(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))

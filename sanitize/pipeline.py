@@ -45,6 +45,7 @@ class RunResult:
     model: torch.nn.Module | None = field(default=None, repr=False)  # the clean model (None from inspect)
     # The method's per-sample diagnostics ([N] arrays in scores.csv row order; empty from inspect).
     details: dict = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)  # the method's about its verdicts (manifest "warnings")
 
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -131,7 +132,8 @@ def summarise(manifest: dict, out: Path, outputs: dict[str, str] | None = None) 
     return RunResult(out=out, method=manifest["method"], counts=manifest["counts"],
                      per_class=manifest["per_class"], suspect_target=suspect_target(manifest),
                      outputs=outputs or _listed_outputs(out), timings_s=manifest["timings_s"],
-                     metrics=manifest.get("metrics", {}), manifest=manifest)
+                     metrics=manifest.get("metrics", {}), manifest=manifest,
+                     warnings=manifest.get("warnings", []))
 
 
 # A dirty-label backdoor gives its poisons one label, so that class is over-represented among the

@@ -200,6 +200,8 @@ def test_a_run_that_flags_most_samples_warns_on_stderr_and_in_the_manifest(make_
     assert f"warning: {warning}" in capsys.readouterr().err
     main(["inspect", str(tmp_path / "out")])
     assert f"warning: {warning}" in capsys.readouterr().err
+    main(["inspect", str(tmp_path / "out"), "--json"])  # machines are told too
+    assert json.loads(capsys.readouterr().out)["warnings"] == [warning]
 
 
 def test_inspect_refuses_a_negative_suspect_count(tmp_path, capsys):
@@ -208,19 +210,21 @@ def test_inspect_refuses_a_negative_suspect_count(tmp_path, capsys):
     assert exit_info.value.code == 2 and "-1 is not in the range x>=0" in capsys.readouterr().err
 
 
-def test_the_summary_prints_the_input_warnings_a_few_at_a_time(capsys):
+def test_the_summary_prints_the_warnings_a_few_at_a_time(capsys):
     from types import SimpleNamespace
 
     from sanitize.cli import WARNINGS_SHOWN, _report
 
     warnings = [f"shard part-{i}.tar may be truncated" for i in range(WARNINGS_SHOWN + 3)]
+    verdicts = [f"verdict {i}" for i in range(WARNINGS_SHOWN + 1)]  # a hand-made manifest may hold any number
     result = SimpleNamespace(method="advrbd", counts={"total": 2, "clean": 2, "suspected": 0, "unreadable": 0},
                              suspect_target=None, per_class={"a": {"total": 1, "suspected": 0}},
                              manifest={"input": {"classes": ["a"], "warnings": warnings}, "suspects": [],
-                                       "unreadable": []}, timings_s={}, out="o", outputs={})
+                                       "unreadable": []}, timings_s={}, out="o", outputs={}, warnings=verdicts)
     _report(result, as_json=False)
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"warning: {w}" for w in warnings[:WARNINGS_SHOWN]] + \
+    assert err == [f"warning: {w}" for w in verdicts[:WARNINGS_SHOWN]] + \
+        ["warning: 1 more in manifest.json (warnings)"] + [f"warning: {w}" for w in warnings[:WARNINGS_SHOWN]] + \
         ["warning: 3 more in manifest.json (input/warnings)"]
 
 
