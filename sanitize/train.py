@@ -196,6 +196,7 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
     """
     if len(unlearn) == 0 or len(relearn) == 0 or epochs <= 0:  # nothing to do (a tiny set's every sample unlearned)
         return {"learn_loss": float("nan"), "forget_loss": float("nan"), "steps": 0}
+    batch_size = min(batch_size, len(relearn) + len(unlearn))  # a batch of 100,000 on 80 images took 24 GB
     generator = make_generator(seed, bank.device)
     optimizer = make_optimizer(model, lr, weight_decay)
     unlearn_batch = max(1, round(batch_size * len(unlearn) / max(1, len(relearn) + len(unlearn))))

@@ -249,10 +249,11 @@ def test_make_attack_rejects_unknown_names_and_parameters():
     ("physicalba", {"degrees": float("nan")}), ("physicalba", {"scale_max": float("inf")}),
     ("label_consistent", {"lr": float("nan")}), ("badnets", {"size": float("inf")}),
     ("adaptive_patch", {"alphas": [0.2, float("nan")]}),
+    ("sig", {"frequency": 1e39}),  # inf in float32: black poisons
 ])
 def test_attack_parameters_must_be_finite(name, params):
     """NaN slipped past every bound and made all-black poisons, and NaN into truth.json."""
-    with pytest.raises(InputError, match="must be a (finite|whole) number|must be a list of float"):
+    with pytest.raises(InputError, match="must be a (finite|whole) number|must be a list of float|within float32"):
         make_attack(name, **params)
 
 

@@ -156,6 +156,10 @@ def test_a_failed_onnx_check_writes_nothing(make_shards, tmp_path, monkeypatch):
     ({"warmup_epochs": float("inf")}, "warmup_epochs must be a whole number"),  # int(inf) overflowed
     ({"lr": float("inf")}, "lr must be a finite number"),  # passed "> 0", then the run diverged
     ({"epsilon": float("nan")}, "epsilon must be a finite number"),
+    ({"lr": 1e39}, "lr must be a finite number within float32's range"),  # overflowed in the optimizer
+    ({"seed": 2**64}, "seed must be a whole number of at most 2..53"),  # overflowed in torch
+    ({"batch_size": 1e30}, "batch_size must be a whole number of at most 2..53"),
+    ({"batch_size": 9223372036854775807}, "at most 2..53 in size"),  # was "must be a whole number": it is
     ({"shard_size": 0}, "--shard-size"),
     ({"workers": 0}, "--workers"),
     ({"out": None}, "output directory is required"),

@@ -100,6 +100,13 @@ def test_training_never_takes_a_batch_of_one_sample(cifar_arrays, cifar_classes)
     assert train.train_supervised(model, tiny, epochs=1, batch_size=128)["steps"] == 1
     assert train.train_supervised(model, tiny, indices=torch.arange(1), epochs=1)["steps"] == 0
     assert train.unlearn_relearn(model, tiny, unlearn=torch.arange(129), relearn=torch.arange(0))["steps"] == 0
+    # a batch far beyond the set is the set (100,000 on 80 images drew 50,000 unlearn samples: 24 GB)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    assert train.unlearn_relearn(model, tiny, unlearn=torch.arange(20), relearn=torch.arange(20, 80),
+                                 batch_size=100_000)["steps"] == 1
+    hook.remove()
+    assert seen == [60 + 20]
 
 
 def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):

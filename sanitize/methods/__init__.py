@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import operator
 import tomllib
-import math
 import typing
 from pathlib import Path
+
+import numpy as np
 
 from sanitize.formats.records import InputError
 
@@ -173,13 +175,33 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
         except InputError:
             raise InputError(f"{what} must be a list of {item_kind.__name__}, got {value!r}") from None
     try:
-        converted = kind(value)
-        whole = kind is not int or converted == float(value)
+        converted = _whole(value) if kind is int else kind(value)
     except (TypeError, ValueError, OverflowError):  # int(inf) overflows
         wanted = {int: "a whole number", float: "a finite number"}.get(kind, kind.__name__)
         raise InputError(f"{what} must be {wanted}, got {value!r}") from None
-    if not whole:
-        raise InputError(f"{what} must be a whole number, got {value!r}")
-    if kind is float and not math.isfinite(converted):
-        raise InputError(f"{what} must be a finite number, got {value!r}")
+    if kind is int and abs(converted) > MAX_INT:
+        raise InputError(f"{what} must be a whole number of at most 2**53 in size, got {value!r}")
+    if kind is float and not (math.isfinite(converted) and abs(converted) <= MAX_FLOAT):
+        raise InputError(f"{what} must be a finite number within float32's range, got {value!r}")
     return converted
+
+
+# The engine computes in float32: a larger value is infinity there (lr=1e39 overflowed in the optimizer,
+# a SIG frequency of 1e39 made black poisons). Integers beyond 2**53 are not exact as floats, and no
+# epoch count, batch size or seed needs them (torch took 1e30 for a seed and overflowed).
+MAX_FLOAT = float(np.finfo(np.float32).max)
+MAX_INT = 2 ** 53
+
+
+def _whole(value) -> int:
+    """``value`` as an int if it is a whole number (7, 7.0, "7", "7.0", "1e3"); ValueError otherwise."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            value = float(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(value)
