@@ -97,6 +97,7 @@ def test_write_and_read_back(run, tmp_path):
     (("suspects", 0, "relabel"), 10, "label or relabel outside input/classes"),
     (("per_class", "airplane", "total"), 0, "per_class: (totals do not add up|a class with more suspects)"),
     (("per_class", "cat", "suspected"), 10**6, "per_class: suspected do not add up"),
+    (("suspects", 0, "label"), 1.0, "not a whole number"),  # inspect failed on a float index
 ])
 def test_validation_names_the_first_problem(run, path, value, message):
     manifest = copy.deepcopy(run[-1])
@@ -128,6 +129,14 @@ def test_read_manifest_rejects_an_invalid_file(run, tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(InputError, match="not a valid sanitize manifest"):
         read_manifest(tmp_path)
+    broken = json.dumps(manifest).replace('"schema_version"', '"score_nan": NaN, "schema_version"')
+    (tmp_path / "manifest.json").write_text(broken)
+    with pytest.raises(InputError, match="NaN is not a JSON number"):
+        read_manifest(tmp_path)
+    twice = copy.deepcopy(run[-1])
+    twice["suspects"][1] = dict(twice["suspects"][0])
+    with pytest.raises(ValueError, match="a key listed twice"):
+        validate_manifest(twice)
     (tmp_path / "manifest.json").write_text("[" * 100_000)  # RecursionError before
     with pytest.raises(InputError, match="nested too deeply"):
         read_manifest(tmp_path)

@@ -116,8 +116,11 @@ def _check_invariants(manifest: dict) -> None:
          "suspected do not add up to counts/suspected"),
         ("per_class", any(row["suspected"] > row["total"] for row in manifest["per_class"].values()),
          "a class with more suspects than samples"),
+        ("suspects", any(type(s[name]) is not int for s in manifest["suspects"] for name in ("label", "relabel")),
+         "a label or relabel that is not a whole number"),  # the schema's "integer" takes 1.0
         ("suspects", any(not 0 <= s[name] < len(manifest["input"]["classes"]) for s in manifest["suspects"]
                          for name in ("label", "relabel")), "a label or relabel outside input/classes"),
+        ("suspects", len({s["key"] for s in manifest["suspects"]}) != len(manifest["suspects"]), "a key listed twice"),
     ]
     for where, broken, message in problems:
         if broken:
@@ -136,7 +139,7 @@ def read_manifest(out_dir) -> dict:
     """``out_dir/manifest.json``, validated. A missing or broken manifest is the user's error (InputError)."""
     path = Path(out_dir) / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
         validate_manifest(manifest)
     except FileNotFoundError:
         raise InputError(f"no {MANIFEST} in {out_dir}: not a sanitize output directory") from None
@@ -147,6 +150,11 @@ def read_manifest(out_dir) -> dict:
     except OSError as error:  # a directory, no permission, ...
         raise InputError(f"cannot read {path}: {error.strerror or error}") from None
     return manifest
+
+
+def _not_json(name: str):
+    """NaN and Infinity: Python's json reads them, strict JSON (and our writer) has none."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_scores(out_dir) -> list[dict]:
