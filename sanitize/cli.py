@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from sanitize import __version__, methods
-from sanitize.formats.records import InputError
+from sanitize.formats.records import InputError, OnnxCheckError
 
 EXIT_USER_ERROR = 2
 EXIT_ONNX_CHECK = 3
@@ -308,14 +308,10 @@ def main(argv=None) -> None:
         sys.exit(error.exit_code)
     except InputError as error:
         _fail(str(error))
+    except OnnxCheckError as error:
+        _fail(f"{error}; no output was written", EXIT_ONNX_CHECK)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except RuntimeError as error:
-        from sanitize.formats.onnx import OnnxCheckError  # loaded by then: the run that raised it imported it
-
-        if not isinstance(error, OnnxCheckError):
-            raise
-        _fail(f"{error}; no output was written", EXIT_ONNX_CHECK)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -21,10 +21,7 @@ import onnxruntime
 import torch
 
 from sanitize import __version__
-
-
-class OnnxCheckError(RuntimeError):
-    """The exported file disagrees with the torch model: the run must fail, not ship it."""
+from sanitize.formats.records import OnnxCheckError
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, classes: list[str], input_size: tuple[int, int],

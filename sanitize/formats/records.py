@@ -92,3 +92,8 @@ class Listing:
 
 class InputError(Exception):
     """A problem with the user's input or options: reported as one line, non-zero exit."""
+
+
+class OnnxCheckError(RuntimeError):
+    """The exported file disagrees with the torch model: the run must fail, not ship it. Defined here,
+    not beside the export, so that the command line can catch it without importing torch."""

@@ -152,9 +152,10 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
 
     A Literal takes one of its strings; a bool must already be one (``bool("false")`` is
     True), and nothing else takes a bool; an int must be whole (0.5 must not silently
-    become 0); a float must be finite (NaN or infinity is never a meaningful setting: it
-    slips past a bound like "> 0" and turns the run into NaN); a tuple takes a list, a
-    comma-separated string or one value of ``item_kind``. Also used for the attacks' parameters.
+    become 0) and at most MAX_INT in size; a float must be finite and within float32's range
+    (NaN or infinity is never a meaningful setting: it slips past a bound like "> 0" and turns
+    the run into NaN); a tuple takes a list, a comma-separated string or one value of
+    ``item_kind``. Also used for the attacks' parameters.
     """
     if typing.get_origin(kind) is typing.Literal:
         choices = typing.get_args(kind)
