@@ -279,6 +279,12 @@ def test_config_file_tables_are_the_methods_and_the_top_level_applies_to_all(tmp
     config.write_text("[advbrd]\nepsilon = 0.5\n")  # misspelt: never silently ignored
     with pytest.raises(InputError, match=r"unknown table\(s\) \[advbrd\]"):
         methods.resolve_options("advrbd", config)
+    config.write_text("[dbd]\nss_lr = nan\n")  # the other method's table is checked too
+    with pytest.raises(InputError, match=r"table \[dbd\]: option ss_lr must be a finite number"):
+        methods.resolve_options("advrbd", config)
+    config.write_text("[dbd]\nepsilon = 0.1\n")
+    with pytest.raises(InputError, match=r"table \[dbd\]: unknown option\(s\) for dbd: epsilon"):
+        methods.resolve_options("advrbd", config)
 
 
 def test_config_file_sits_between_defaults_and_flags(tmp_path):

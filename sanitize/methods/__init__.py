@@ -51,17 +51,25 @@ def resolve_options(name: str, config: str | Path | None = None, **overrides):
     if config is not None:
         values.update(_read_config(Path(config), name))
     values.update({key: value for key, value in overrides.items() if value is not None})
-    check_names(name, values)
-    hints = typing.get_type_hints(options_class)
-    for key, value in values.items():
-        values[key] = coerce(f"option {key}", value, _value_type(hints[key]))
-        check_bounds(key, values[key], options_class.BOUNDS.get(key, ()))
+    values = checked_values(name, values)
     if "arch" in values:  # every method trains a model of the engine's (the import brings torch)
         from sanitize.models import ARCHS
 
         if values["arch"] not in ARCHS:
             raise InputError(f"option arch must be one of {', '.join(sorted(ARCHS))}, got {values['arch']!r}")
     return dataclasses.replace(options_class(**values).scaled(), **values)
+
+
+def checked_values(name: str, values: dict) -> dict:
+    """``values`` as method ``name``'s option types, every name and bound checked (InputError otherwise)."""
+    _, options_class = load(name)
+    check_names(name, values)
+    hints = typing.get_type_hints(options_class)
+    checked = {}
+    for key, value in values.items():
+        checked[key] = coerce(f"option {key}", value, _value_type(hints[key]))
+        check_bounds(key, checked[key], options_class.BOUNDS.get(key, ()))
+    return checked
 
 
 def check_names(name: str, keys) -> None:
@@ -136,6 +144,11 @@ def _read_config(path: Path, name: str) -> dict:
                          f"the tables are the methods: {', '.join(f'[{m}]' for m in sorted(REGISTRY))}")
     if name in data and not isinstance(data[name], dict):
         raise InputError(f"config file {path}: [{name}] must be a table")
+    for other in sorted(tables - {name}):  # one file serves both methods: a bad value waits for no run
+        try:
+            checked_values(other, data[other])
+        except InputError as error:
+            raise InputError(f"config file {path}, table [{other}]: {error}") from None
     # Keys at the top level apply to every method; the method's own table overrides them.
     return {**{key: value for key, value in data.items() if key not in tables}, **data.get(name, {})}
 
