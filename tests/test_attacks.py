@@ -261,6 +261,8 @@ def test_attack_parameters_must_be_finite(name, params):
     ("blend", {"pattern_seed": -1}, "pattern_seed must be at least 0"),  # numpy raised ValueError
     ("wanet", {"k": 100000}, "k must be between 2 and 32"),  # asked for 149 GiB
     ("wanet", {"s": 0}, "s must be above 0"),
+    ("wanet", {"s": 1e30}, "s must be above 0 and at most 32"),  # near-white poisons
+    ("wanet", {"grid_rescale": 3}, "grid_rescale must be above 0 and at most 2"),
     ("sig", {"frequency": 0}, "frequency must be above 0"),
     ("physicalba", {"degrees": -5}, "degrees must be between 0 and 180"),
     ("adaptive_blend", {"pieces": -4}, "pieces must be a square number"),  # TypeError (complex root)

@@ -37,9 +37,12 @@ class WaNet(Attack):
     def __post_init__(self):
         if not 2 <= self.k <= CANVAS:  # a control grid finer than a CIFAR image is noise (and k=100000 took 149 GiB)
             raise InputError(f"k must be between 2 and {CANVAS}, got {self.k}")
-        for name in ("s", "grid_rescale"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be above 0, got {getattr(self, name)}")
+        # s / H of the image is the mean displacement in grid units (2 = the whole image), so an s past
+        # CANVAS moves a CIFAR pixel half the image away; a grid_rescale past 2 samples outside it
+        # (s or grid_rescale at 1e308 made near-white poisons). WaNet: s 0.5, grid_rescale 1.
+        for name, top in (("s", CANVAS), ("grid_rescale", 2)):
+            if not 0 < getattr(self, name) <= top:
+                raise InputError(f"{name} must be above 0 and at most {top}, got {getattr(self, name)}")
         check_fraction("cover_rate", self.cover_rate)
 
     def warp_grid(self, height: int, width: int) -> torch.Tensor:
