@@ -1,7 +1,9 @@
 """sanitize: find backdoor-poisoned samples in an image-classification dataset.
 
 Library first: ``sanitize.run(data, method="advrbd", out=..., **options)`` does
-what ``sanitize run`` does and returns a :class:`sanitize.pipeline.RunResult`.
+what ``sanitize run`` does and returns a :class:`sanitize.pipeline.RunResult`;
+``sanitize.poison(data, attack=..., rate=..., target=..., out=...)`` does what
+``sanitize poison`` does and returns the ground truth (truth.json's contents).
 """
 __version__ = "0.1.0"
 
@@ -11,3 +13,10 @@ def run(data, method="advrbd", out=None, **options):
     from sanitize.pipeline import run as _run
 
     return _run(data, method=method, out=out, **options)
+
+
+def poison(data, *, attack: str, rate: float, target=0, out, seed: int = 0, **options) -> dict:
+    """Write a poisoned copy of ``data`` to ``out`` (see :func:`sanitize.attacks.poison_dataset`)."""
+    from sanitize.attacks import poison_dataset
+
+    return poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, **options)

@@ -162,6 +162,15 @@ def test_poison_refuses_bad_arguments_in_one_line(make_shards, tmp_path, options
     assert poison_dataset(data, **{**arguments, **{"rate": "0.1", "target": "1", "seed": 0}})["counts"]["poisoned"] == 2
 
 
+def test_the_library_call_is_the_command(make_shards, tmp_path):
+    import sanitize
+
+    data = make_shards(30, per_shard=30)
+    truth = sanitize.poison(data, attack="badnets", rate=0.1, target="automobile", out=tmp_path / "api", seed=4)
+    assert truth == json.loads((tmp_path / "api" / TRUTH_FILE).read_text())
+    assert truth["target"] == 1 and truth["counts"]["poisoned"] == 3 and truth["seed"] == 4
+
+
 def test_poison_is_deterministic(make_shards, tmp_path):
     data = make_shards(60, per_shard=60)
     first = poison_dataset(data, attack="blend", rate=0.1, target=0, out=tmp_path / "a", seed=5)
