@@ -15,8 +15,13 @@ def run(data, method="advrbd", out=None, **options):
     return _run(data, method=method, out=out, **options)
 
 
-def poison(data, *, attack: str, rate: float, target=0, out, seed: int = 0, **options) -> dict:
-    """Write a poisoned copy of ``data`` to ``out`` (see :func:`sanitize.attacks.poison_dataset`)."""
+def poison(data, *, attack: str, rate: float, target=0, out, seed: int = 0, format: str | None = None,
+           overwrite: bool = False, **params) -> dict:
+    """Write a poisoned copy of ``data`` to ``out`` (see :func:`sanitize.attacks.poison_dataset`).
+
+    ``format``: "webdataset" or "imagefolder" (default: the input's), as ``--format``; ``params``
+    are the attack's parameters, as ``--set``."""
     from sanitize.attacks import poison_dataset
 
-    return poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, **options)
+    return poison_dataset(data, attack=attack, rate=rate, target=target, out=out, seed=seed, fmt=format,
+                          overwrite=overwrite, **params)

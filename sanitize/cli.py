@@ -210,10 +210,12 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite, quiet):
     click.echo(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
                f"(target class {truth['target']}); copy and truth.json in {out}")
     if truth["renamed"]:
-        converted = truth["format"] != truth["input"]["format"]
-        why = ("keys gained the folder of their class (the copy is an ImageFolder tree)" if converted
-               else "files were renamed into the folder of their new label")
-        click.echo(f"  {len(truth['renamed'])} {why}; truth.json maps new keys to old under 'renamed'")
+        moved = sum(key in truth["renamed"] and label != truth["target"] for key, label in truth["true_labels"].items())
+        parts = [f"{moved} poisons moved into the folder of their new label"] if moved else []
+        if len(truth["renamed"]) > moved:  # shards written as a tree, or class names unsafe as folder names
+            parts.append(f"{len(truth['renamed']) - moved} {'other ' if moved else ''}keys changed with the "
+                         f"copy's class folders")
+        click.echo(f"  {', '.join(parts)}; truth.json maps new keys to old under 'renamed'")
     for warning in truth["warnings"]:
         click.echo(f"warning: {warning}", err=True)
 

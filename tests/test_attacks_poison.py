@@ -169,6 +169,9 @@ def test_the_library_call_is_the_command(make_shards, tmp_path):
     truth = sanitize.poison(data, attack="badnets", rate=0.1, target="automobile", out=tmp_path / "api", seed=4)
     assert truth == json.loads((tmp_path / "api" / TRUTH_FILE).read_text())
     assert truth["target"] == 1 and truth["counts"]["poisoned"] == 3 and truth["seed"] == 4
+    folder = sanitize.poison(data, attack="blend", rate=0.1, out=tmp_path / "folder", format="imagefolder",
+                             alpha=0.3)  # the flag's name, not poison_dataset's fmt
+    assert folder["format"] == "imagefolder" and folder["params"]["alpha"] == 0.3
 
 
 def test_poison_is_deterministic(make_shards, tmp_path):

@@ -157,7 +157,11 @@ def test_poison_takes_a_class_name_and_prints_the_attack_warnings(make_shards, t
     assert captured.err.count("warning: ") == len(truth["warnings"])
     main(["poison", str(data), "--attack", "badnets", "--rate", "0.1", "--format", "imagefolder", "--quiet",
           "--out", str(tmp_path / "folder")])
-    assert "60 keys gained the folder of their class" in capsys.readouterr().out  # not "60 renamed to carry"
+    assert "6 poisons moved into the folder of their new label, 54 other keys changed with the copy's class " \
+        "folders" in capsys.readouterr().out  # not "60 renamed to carry their new label"
+    main(["poison", str(data), "--attack", "sig", "--rate", "0.05", "--format", "imagefolder", "--quiet",
+          "--out", str(tmp_path / "sig")])
+    assert "  60 keys changed with the copy's class folders;" in capsys.readouterr().out  # clean-label: none moved
 
 
 def test_poison_reports_its_stages_and_the_slow_attacks_steps(make_shards, tmp_path, capsys):
