@@ -382,6 +382,19 @@ def test_relabeled_imagefolder_keeps_our_class_indices_for_unsorted_classes(make
     assert folder.class_to_idx == {name: index for index, name in enumerate(dirs)} and dirs[0] == "0-truck"
     assert loaded_placement(folder, root) == folder_placement(ingested, suspected, relabel, dirs)
     assert json.loads((root / "classes.json").read_text())["classes"] == classes  # the names behind "0-truck"
+    again = read_dataset(root, workers=1)  # a second run on the tree gets the names back, not "0-truck"
+    assert again.classes == classes and "outside_class_dir" not in again.skipped
+    final_of = dict(zip((s.key for s in ingested.samples), final(ingested, suspected, relabel)))
+    assert all(final_of[s.key.split("/", 1)[1]] == s.label for s in again.samples)
+
+
+def test_a_classes_json_that_does_not_fit_the_folders_is_skipped_not_trusted(make_imagefolder, cifar_classes):
+    root = make_imagefolder(40)
+    (root / "classes.json").write_text(json.dumps({"classes": cifar_classes[::-1]}))  # not what the folders say
+    ingested = read_dataset(root, workers=1)
+    assert ingested.classes == cifar_classes and ingested.skipped == {"outside_class_dir": 1}
+    (root / "classes.json").write_text("{broken")
+    assert read_dataset(root, workers=1).skipped == {"outside_class_dir": 1}
 
 
 def test_verdicts_that_do_not_fit_are_a_bug_not_bad_data(make_shards, tmp_path):

@@ -31,10 +31,16 @@ from sanitize.formats.records import Listing, Sample, Unreadable
 MAX_FILE_BYTES = 256 * 2**20
 
 
+CLASSES_FILE = "classes.json"  # beside the class directories: their class names (``readers._list_folder``)
+
+
 def class_dirs(root: Path, listing: Listing) -> list[str]:
-    """Sorted visible directory names under root; everything else there is counted as skipped."""
+    """Sorted visible directory names under root; everything else there but a classes.json is counted as
+    skipped."""
     names = []
     for entry in os.scandir(root):
+        if entry.name == CLASSES_FILE and entry.is_file(follow_symlinks=False):
+            continue
         if entry.name.startswith("."):
             listing.skip("hidden")
         elif entry.is_dir(follow_symlinks=False):

@@ -15,9 +15,9 @@ import re
 from functools import partial
 from pathlib import Path
 
-from sanitize.formats.folder_reader import class_dirs, holds_image, image_files, read_files
+from sanitize.formats.folder_reader import CLASSES_FILE, class_dirs, holds_image, image_files, read_files
 from sanitize.formats.images import CHUNK, IMAGE_EXTS, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
-from sanitize.formats.keys import dedupe_keys, readable_name
+from sanitize.formats.keys import class_dir_names, dedupe_keys, readable_name
 from sanitize.formats.records import Ingested, InputError, Listing, Sample, Unreadable
 from sanitize.formats.shard_reader import list_shard
 from sanitize.formats.workers import Workers
@@ -227,6 +227,9 @@ def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str
     dirs = class_dirs(root, listing)
     names = _class_names(root, dirs)
     classes = names if classes_file is None else load_classes(classes_file)
+    named = _named_by_classes_file(root, names, listing) if classes_file is None else None
+    if named:  # directories 0-air plane, 1-café, ... stand for the classes "air plane", "café", ...
+        classes, names = named, named
     unknown = sorted(set(names) - set(classes))
     if unknown:
         raise InputError(f"{root}: class directories not in {classes_file}: {', '.join(unknown[:5])}")
@@ -237,6 +240,24 @@ def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str
         listing.records += [record for record in records if record is not None]
         listing.skip("not_regular_file", records.count(None))
     return "imagefolder", classes, listing
+
+
+def _named_by_classes_file(root: Path, names: list[str], listing: Listing) -> list[str] | None:
+    """The class names of a tree sanitize wrote (a relabeled set, an ImageFolder copy): its classes.json
+    lists them, and its directories are ``class_dir_names`` of them (names unsafe or unsorted as
+    directories carry an index prefix). None when there is no such file or it does not fit the
+    directories exactly; a file that does not fit is counted as skipped."""
+    path = root / CLASSES_FILE
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        classes = load_classes(path)
+    except InputError:
+        classes = None
+    if classes is None or class_dir_names(classes) != names:
+        listing.skip("outside_class_dir")
+        return None
+    return classes
 
 
 def _class_names(root: Path, dirs: list[str]) -> list[str]:

@@ -309,8 +309,9 @@ def _write_shard(path: Path, samples: list[dict]) -> None:
 def _write_classes(directory: Path, classes: list[str]) -> None:
     """classes.json beside shards, so that ``read_dataset`` of the directory gets the class names back.
 
-    Beside a relabeled ImageFolder tree it names the classes its directories stand for
-    (torchvision ignores files at the root; ``read_dataset`` counts it as skipped)."""
+    Beside an ImageFolder tree (a relabeled set, a copy) it names the classes its directories
+    stand for: torchvision ignores files at the root, and ``read_dataset`` takes the names from
+    it, so ``0-air plane`` reads back as the class "air plane"."""
     directory.mkdir(parents=True, exist_ok=True)
     value = {"classes": classes, "written_by": WRITTEN_BY}
     (directory / "classes.json").write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
@@ -404,8 +405,8 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
 
     ``fmt="webdataset"``: shards ``part-%06d.tar`` (``<key>.<ext>``, ``<key>.cls``)
     plus classes.json. ``fmt="imagefolder"``: ``<out>/<class>/<key>.<ext>`` (see
-    ``write_folder``). Reading ``out`` back with ``read_dataset`` gives the same
-    labels and bytes, and the same keys when ``fmt`` is the format the samples
+    ``write_folder``) plus classes.json. Reading ``out`` back with ``read_dataset`` gives the
+    same class names, labels and bytes, and the same keys when ``fmt`` is the format the samples
     were read from (an ImageFolder key starts with its class directory, so
     shards written as a folder gain one). ``overwrite`` replaces only an earlier
     shard copy (a directory whose classes.json says sanitize wrote it). Returns ``Path(out)``.
@@ -423,5 +424,5 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
         else:
             fields = ({"__key__": s.key, s.ext: s.data, "cls": _cls(s.label)} for s in samples)
             write_shards(staging, "part", fields, shard_size, workers)
-            _write_classes(staging, classes)
+        _write_classes(staging, classes)  # a tree's folders may carry index prefixes: the names come back
     return Path(out)
