@@ -395,6 +395,10 @@ def test_a_classes_json_that_does_not_fit_the_folders_is_skipped_not_trusted(mak
     assert ingested.classes == cifar_classes and ingested.skipped == {"outside_class_dir": 1}
     (root / "classes.json").write_text("{broken")
     assert read_dataset(root, workers=1).skipped == {"outside_class_dir": 1}
+    listed = root.parent / "names.txt"
+    listed.write_text("\n".join(cifar_classes))
+    (root / "classes.json").write_text(json.dumps({"classes": cifar_classes}))  # fits, but --classes decides
+    assert read_dataset(root, classes_file=listed, workers=1).skipped == {"outside_class_dir": 1}
 
 
 def test_verdicts_that_do_not_fit_are_a_bug_not_bad_data(make_shards, tmp_path):

@@ -227,7 +227,7 @@ def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str
     dirs = class_dirs(root, listing)
     names = _class_names(root, dirs)
     classes = names if classes_file is None else load_classes(classes_file)
-    named = _named_by_classes_file(root, names, listing) if classes_file is None else None
+    named = _named_by_classes_file(root, names, listing, wanted=classes_file is None)
     if named:  # directories 0-air plane, 1-café, ... stand for the classes "air plane", "café", ...
         classes, names = named, named
     unknown = sorted(set(names) - set(classes))
@@ -242,16 +242,17 @@ def _list_folder(root: Path, classes_file, pool: Workers) -> tuple[str, list[str
     return "imagefolder", classes, listing
 
 
-def _named_by_classes_file(root: Path, names: list[str], listing: Listing) -> list[str] | None:
+def _named_by_classes_file(root: Path, names: list[str], listing: Listing, wanted: bool) -> list[str] | None:
     """The class names of a tree sanitize wrote (a relabeled set, an ImageFolder copy): its classes.json
     lists them, and its directories are ``class_dir_names`` of them (names unsafe or unsorted as
-    directories carry an index prefix). None when there is no such file or it does not fit the
-    directories exactly; a file that does not fit is counted as skipped."""
+    directories carry an index prefix). None when there is no such file, it does not fit the
+    directories exactly, or a ``--classes`` file names the classes (not ``wanted``); a file not
+    used is counted as skipped."""
     path = root / CLASSES_FILE
     if not path.is_file() or path.is_symlink():
         return None
     try:
-        classes = load_classes(path)
+        classes = load_classes(path) if wanted else None
     except InputError:
         classes = None
     if classes is None or class_dir_names(classes) != names:
