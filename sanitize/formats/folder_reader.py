@@ -26,12 +26,9 @@ from pathlib import Path
 
 from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import readable_name, safe_key
-from sanitize.formats.records import Listing, Sample, Unreadable
+from sanitize.formats.records import CLASSES_FILE, Listing, Sample, Unreadable
 
 MAX_FILE_BYTES = 256 * 2**20
-
-
-CLASSES_FILE = "classes.json"  # beside the class directories: their class names (``readers._list_folder``)
 
 
 def class_dirs(root: Path, listing: Listing) -> list[str]:

@@ -15,10 +15,10 @@ import re
 from functools import partial
 from pathlib import Path
 
-from sanitize.formats.folder_reader import CLASSES_FILE, class_dirs, holds_image, image_files, read_files
+from sanitize.formats.folder_reader import class_dirs, holds_image, image_files, read_files
 from sanitize.formats.images import CHUNK, IMAGE_EXTS, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import class_dir_names, dedupe_keys, readable_name
-from sanitize.formats.records import Ingested, InputError, Listing, Sample, Unreadable
+from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Listing, Sample, Unreadable
 from sanitize.formats.shard_reader import list_shard
 from sanitize.formats.workers import Workers
 
@@ -131,7 +131,7 @@ def _count_beside_shards(root: Path, listing: Listing) -> None:
         # The shards are the visible files with a shard name (``_list``): tested as such, not looked up
         # in the list of shards, which would cost shards x entries comparisons in a folder of many.
         is_shard = is_shard_name(entry.name) and entry.is_file()
-        if entry.name.startswith(".") or entry.name == "classes.json" or is_shard or entry.is_dir():
+        if entry.name.startswith(".") or entry.name == CLASSES_FILE or is_shard or entry.is_dir():
             continue
         is_image = entry.suffix.lower().lstrip(".") in IMAGE_EXTS
         images += is_image
@@ -188,7 +188,7 @@ def _list_shards(path: str, shards: list[Path], root: Path, classes_file,
     parallel = len(shards) > 1 and sum(shard.stat().st_size for shard in shards) >= POOL_MIN_BYTES
     for part in pool.map(list_shard, shards, names, parallel=parallel):
         listing.extend(part)
-    beside = root / "classes.json"
+    beside = root / CLASSES_FILE
     names = load_classes(classes_file or beside) if classes_file or beside.is_file() else None
     classes = names if names is not None else _inferred_classes(listing.records, path)
     _check_labels(listing, len(classes))

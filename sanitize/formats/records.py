@@ -90,6 +90,11 @@ class Listing:
         self.warnings += other.warnings
 
 
+# The class names beside a dataset (shards, or an ImageFolder tree's class directories): read by the
+# readers, written by the writers.
+CLASSES_FILE = "classes.json"
+
+
 class InputError(Exception):
     """A problem with the user's input or options: reported as one line, non-zero exit."""
 

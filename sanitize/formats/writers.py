@@ -22,7 +22,7 @@ import numpy as np
 from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
 from sanitize.formats.readers import expand_braces
-from sanitize.formats.records import Ingested, InputError, Sample
+from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample
 from sanitize.formats.workers import Workers, available_cpus
 
 SCORES_HEADER = ("key", "source", "label", "score", "suspected", "relabel")
@@ -61,7 +61,7 @@ POISON_OUTPUT = OutputKind("truth.json", frozenset({"attack", "target", "counts"
 # who wrote it. A user's own shard folder has a classes.json with "classes" too, and
 # ``write_dataset(..., overwrite=True)`` must not take it for a copy of ours.
 WRITTEN_BY = "sanitize"
-DATASET_COPY = OutputKind("classes.json", frozenset({"classes", "written_by"}))
+DATASET_COPY = OutputKind(CLASSES_FILE, frozenset({"classes", "written_by"}))
 # The extensions torchvision.datasets.ImageFolder loads (its IMG_EXTENSIONS, .ppm and .pgm aside):
 # a file with any other extension is silently left out by it.
 TORCHVISION_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"})
@@ -314,7 +314,7 @@ def _write_classes(directory: Path, classes: list[str]) -> None:
     it, so ``0-air plane`` reads back as the class "air plane"."""
     directory.mkdir(parents=True, exist_ok=True)
     value = {"classes": classes, "written_by": WRITTEN_BY}
-    (directory / "classes.json").write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    (directory / CLASSES_FILE).write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
 
 
 def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: list[str]) -> list[str]:
