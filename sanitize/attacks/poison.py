@@ -67,8 +67,8 @@ def poison_dataset(data, *, attack: str, rate: float, target, out, seed: int = 0
         fmt = fmt or ingested.format
         own_size, notes = own_size_stamps(attacker, ingested, result, seed)
         samples = poisoned_samples(ingested, result, fmt, own_size)
-        truth = build_truth(attacker, ingested, result, samples, rate=rate, target=target_index, seed=seed, fmt=fmt)
-        truth["warnings"] += notes
+        truth = build_truth(attacker, ingested, result, samples, rate=rate, target=target_index, seed=seed, fmt=fmt,
+                            notes=notes)
         if progress:
             progress.stage("write")
         write_dataset(staging, samples, ingested.classes, fmt=fmt)
@@ -169,7 +169,8 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 def build_truth(attacker: Attack, ingested: Ingested, result: Poisoned, samples: list[Sample], *, rate: float,
-                target: int, seed: int, fmt: str) -> dict:
+                target: int, seed: int, fmt: str, notes: list[str] = ()) -> dict:
+    """truth.json's contents; ``notes`` are the copy's own warnings (``own_size_stamps``), after the rest."""
     keys = [sample.key for sample in samples]
     poisoned_rows = np.flatnonzero(result.poisoned)
     return {
@@ -191,7 +192,7 @@ def build_truth(attacker: Attack, ingested: Ingested, result: Poisoned, samples:
         "renamed": {new.key: old.key for new, old in zip(samples, ingested.samples) if new.key != old.key},
         "unreadable": [item.to_json() for item in ingested.unreadable],
         "warnings": [*result.warnings, *ingested.warnings, *_unreadable_warnings(ingested),
-                     *_skipped_warnings(ingested)],
+                     *_skipped_warnings(ingested), *notes],
     }
 
 
