@@ -287,6 +287,44 @@ def test_duplicate_keys_are_kept_renamed_and_reported(tmp_path, cifar_samples):
     assert sum("duplicate key 'same'" in warning for warning in ingested.warnings) == 2
 
 
+def test_members_apart_are_joined_by_key_with_a_warning(tmp_path, cifar_samples):
+    """A plain ``tar czf`` of a folder stores members in directory order: every image apart from its label."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    chosen = cifar_samples[:6]
+    members = [(f"{key}.jpg", jpg) for key, jpg, _ in chosen[::-1]] + \
+        [(f"{key}.cls", str(label).encode()) for key, _, label in chosen]
+    members += members_of([("dup", chosen[0][1], chosen[0][2])]) + [("dup.jpg", chosen[1][1]), ("x.jpg", chosen[2][1]),
+                                                                     ("dup.cls", str(chosen[1][2]).encode())]
+    write_shard(root / "a.tar", members)
+    ingested = read_dataset(root, workers=1)
+    assert [s.key for s in ingested.samples] == [key for key, _, _ in chosen[::-1]] + ["dup", "dup~1"]
+    by_key = {s.key: s for s in ingested.samples}
+    assert all(by_key[key].data == jpg and by_key[key].label == label for key, jpg, label in chosen)
+    assert (by_key["dup"].data, by_key["dup~1"].data) == (chosen[0][1], chosen[1][1])
+    assert by_key["dup~1"].label == chosen[1][2]
+    [lone] = ingested.unreadable
+    assert (lone.key, lone.error.split(" (")[0]) == ("x", "no label: neither .cls nor .json")
+    [note] = [warning for warning in ingested.warnings if "not next to each other" in warning]
+    assert note.startswith(f"a.tar: the members of 6 sample(s) are not next to each other (first: key "
+                           f"{chosen[1][0]!r})")
+    assert "tar --sort=name" in note
+
+
+def test_shard_cut_inside_a_member_whose_key_came_earlier_loses_only_that_sample(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    chosen = list({label: (key, jpg, label) for key, jpg, label in cifar_samples[::-1]}.values())[-4:]
+    members = [(f"{key}.jpg", jpg) for key, jpg, _ in chosen] + \
+        [(f"{key}.cls", str(label).encode()) for key, _, label in chosen]
+    shard = write_shard(root / "a.tar", members)
+    shard.write_bytes(shard.read_bytes()[:data_offset(shard, f"{chosen[2][0]}.cls")])
+    ingested = read_dataset(root, workers=1)
+    assert [s.key for s in ingested.samples] == [key for key, _, _ in chosen[:2]]
+    assert sorted(unreadable_by_key(ingested)) == ["a_tar", chosen[3][0]]
+    assert f"inside member '{chosen[2][0]}.cls': that sample and the rest" in unreadable_by_key(ingested)["a_tar"]
+
+
 def test_hostile_member_names_get_safe_keys_and_keep_their_source(tmp_path, cifar_samples):
     root = tmp_path / "shards"
     root.mkdir()

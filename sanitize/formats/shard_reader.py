@@ -1,14 +1,17 @@
 """WebDataset shards -> records (Sample or Unreadable), in shard and member order.
 
-Members are grouped into samples the way WebDataset does it: a member name
-splits into key and field at the first dot of its base name, consecutive
-members with the same key form one sample, and a field seen twice starts a new
-sample. The image is the member whose field ends in an image extension, the
-label comes from ``.cls`` (integer text) or ``.json`` (``{"label": int}``); a
-sample whose ``.cls`` and ``.json`` labels disagree is unreadable.
-Other members (``.pyd``, ``.pth``, ``.pickle`` ...) are never read, let alone
-unpickled; a group with neither an image nor a label member (``readme.txt``) is
-not a sample and is counted as skipped. Shards are only ever opened as local files.
+Members are grouped into samples by key: a member name splits into key and field
+at the first dot of its base name, the members with the same key form one sample,
+and a field seen twice starts a new sample (a duplicate key). WebDataset itself
+joins only consecutive members; a plain ``tar czf`` of a folder stores them in
+directory order, so members apart are joined by key all the same, with a warning
+that WebDataset would not read such a shard correctly. The image is the member
+whose field ends in an image extension, the label comes from ``.cls`` (integer
+text) or ``.json`` (``{"label": int}``); a sample whose ``.cls`` and ``.json``
+labels disagree is unreadable. Other members (``.pyd``, ``.pth``, ``.pickle`` ...)
+are never read, let alone unpickled; a group with neither an image nor a label
+member (``readme.txt``) is not a sample and is counted as skipped. Shards are only
+ever opened as local files.
 
 Damage ends the reading of a shard: the samples before it are kept, and the shard
 itself becomes one Unreadable (source: the shard) that says where the damage struck
@@ -149,7 +152,10 @@ def list_shard(path: Path, name: str) -> Listing:
     """The records of one shard; ``name`` is how sources refer to it."""
     listing = Listing()
     scan = TarScan(path, MAX_MEMBER_BYTES)
-    group: _Group | None = None
+    groups: list[_Group] = []  # in the order their keys first appear
+    latest: dict[str, _Group] = {}  # key -> its latest group (a duplicate key starts another)
+    scattered: list[str] = []  # keys whose members are not next to each other
+    group: _Group | None = None  # the group of the last member read
     last = None  # the name of the last member read, to say where damage struck
     for member in scan.members(_wanted):
         last = member.name
@@ -158,32 +164,43 @@ def list_shard(path: Path, name: str) -> Listing:
             listing.skip("hidden" if member.name.rpartition("/")[2].startswith(".") else "no_key")
             continue
         prefix, suffix = split
-        if group is None or group.prefix != prefix or suffix in group.fields:
-            _flush(group, listing)
-            group = _Group(name, prefix)
+        joined = latest.get(prefix)
+        if joined is None or suffix in joined.fields:
+            joined = latest[prefix] = _Group(name, prefix)
+            groups.append(joined)
+        elif joined is not group:
+            scattered.append(prefix)
+        group = joined
         group.fields[suffix] = member
-    _record_end(scan, name, group, last, listing)
+    _record_end(scan, name, groups, latest, group, last, listing)
+    if scattered:
+        listing.warnings.append(
+            f"{name}: the members of {len(set(scattered))} sample(s) are not next to each other (first: key "
+            f"{readable_name(scattered[0])!r}); sanitize joined them by key, but WebDataset's own reader "
+            f"splits such samples: write shards with their members sorted by name (tar --sort=name)")
     _report(scan, name, listing)
     return listing
 
 
-def _flush(group: _Group | None, listing: Listing) -> None:
-    if group is None:
-        return
+def _flush(group: _Group, listing: Listing) -> None:
     if group.is_sample():
         listing.records.append(group.to_record())
     else:
         listing.skip("no_image_or_label")
 
 
-def _record_end(scan: TarScan, name: str, group: _Group | None, last: str | None, listing: Listing) -> None:
-    """Flush the last group; on damage, add the shard itself as Unreadable, saying what was lost.
+def _record_end(scan: TarScan, name: str, groups: list[_Group], latest: dict[str, _Group], group: _Group | None,
+                last: str | None, listing: Listing) -> None:
+    """Flush the groups; on damage, add the shard itself as Unreadable, saying what was lost.
 
     A sample the damage struck (a member of it cut, or its members after the damage lost) is
-    part of that loss, not a second entry."""
+    part of that loss, not a second entry. ``group`` is the last member's group, ``latest`` each
+    key's latest group."""
     struck = _struck_prefix(scan, group)
-    if group is not None and group.prefix != struck:
-        _flush(group, listing)
+    struck_group = latest.get(struck) if struck is not None else None
+    for each in groups:
+        if each is not struck_group:
+            _flush(each, listing)
     if scan.damage is None:
         return
     listing.records.append(Unreadable(safe_key(name), name, _loss(scan, last, struck is not None)))
