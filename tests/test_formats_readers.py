@@ -98,6 +98,35 @@ def test_classes_file_json_label_and_inferred_classes(tmp_path, cifar_samples):
     assert read_dataset(root, workers=1).classes == ["x", "y", "z"]
 
 
+def test_classes_file_as_torchvision_class_to_idx(tmp_path, make_shards, cifar_classes):
+    root = make_shards(40, 40)
+    class_to_idx = {name: index for index, name in enumerate(cifar_classes)}
+    (root / "classes.json").write_text(json.dumps(dict(reversed(class_to_idx.items()))))  # order is the index's
+    assert read_dataset(root, workers=1).classes == cifar_classes
+    (root / "classes.json").write_text(json.dumps({"cat": 0, "dog": 2}))
+    with pytest.raises(InputError, match=r"mapping must give the indices 0\.\.1 once each"):
+        read_dataset(root, workers=1)
+
+
+def test_brace_pattern_over_folders_reads_the_classes_beside_the_shards(make_shards, tmp_path, cifar_classes):
+    root = make_shards(60, 30)
+    top = tmp_path / "top"
+    for part, folder in enumerate(["train", "extra"]):
+        (top / folder).mkdir(parents=True)
+        (top / folder / "part.tar").write_bytes((root / f"part-00000{part}.tar").read_bytes())
+        (top / folder / "classes.json").write_text(json.dumps(cifar_classes))
+    ingested = read_dataset(f"{top}/{{train,extra}}/part.tar", workers=1)
+    assert ingested.classes == cifar_classes and len(ingested.samples) == 60
+    assert ingested.samples[0].source.startswith("train/part.tar:")
+    (top / "extra" / "classes.json").unlink()  # one folder's list serves the pattern
+    assert read_dataset(f"{top}/{{train,extra}}/part.tar", workers=1).classes == cifar_classes
+    (top / "extra" / "classes.json").write_text(json.dumps(cifar_classes[::-1]))
+    with pytest.raises(InputError, match="class lists disagree"):
+        read_dataset(f"{top}/{{train,extra}}/part.tar", workers=1)
+    assert read_dataset(f"{top}/{{train,extra}}/part.tar", classes_file=top / "train" / "classes.json",
+                        workers=1).classes == cifar_classes
+
+
 def test_one_huge_label_cannot_make_a_huge_class_list(tmp_path, cifar_samples):
     root = tmp_path / "shards"
     root.mkdir()

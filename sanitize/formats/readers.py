@@ -188,11 +188,23 @@ def _list_shards(path: str, shards: list[Path], root: Path, classes_file,
     parallel = len(shards) > 1 and sum(shard.stat().st_size for shard in shards) >= POOL_MIN_BYTES
     for part in pool.map(list_shard, shards, names, parallel=parallel):
         listing.extend(part)
-    beside = root / CLASSES_FILE
-    names = load_classes(classes_file or beside) if classes_file or beside.is_file() else None
+    names = load_classes(classes_file) if classes_file else _classes_beside(shards, root)
     classes = names if names is not None else _inferred_classes(listing.records, path)
     _check_labels(listing, len(classes))
     return "webdataset", classes, listing
+
+
+def _classes_beside(shards: list[Path], root: Path) -> list[str] | None:
+    """The class list in a classes.json beside the shards (in each folder that holds shards, as a brace
+    pattern may span several; else at ``root``), or None. Files that disagree are an InputError."""
+    files = [folder / CLASSES_FILE for folder in dict.fromkeys(shard.parent for shard in shards)]
+    files = [file for file in files if file.is_file()] or [file for file in [root / CLASSES_FILE] if file.is_file()]
+    lists = [(file, load_classes(file)) for file in files]
+    for other, names in lists[1:]:
+        if names != lists[0][1]:
+            raise InputError(f"the shards' class lists disagree: {readable_name(str(lists[0][0]))} and "
+                             f"{readable_name(str(other))} name different classes; pass --classes FILE")
+    return lists[0][1] if lists else None
 
 
 def _inferred_classes(records, path: str) -> list[str]:
@@ -300,9 +312,14 @@ def _parse_classes(text: str, path) -> list:
         value = json.loads(text)
     except ValueError as error:
         raise InputError(f"{path}: not valid JSON: {error}") from None
+    if isinstance(value, dict) and "classes" not in value and value and all(
+            isinstance(index, int) and not isinstance(index, bool) for index in value.values()):
+        if sorted(value.values()) != list(range(len(value))):  # torchvision's class_to_idx, {"cat": 0, ...}
+            raise InputError(f"{path}: a class -> index mapping must give the indices 0..{len(value) - 1} once each")
+        return sorted(value, key=value.get)
     names = value.get("classes") if isinstance(value, dict) else value
     if not isinstance(names, list):
-        raise InputError(f'{path}: expected a list of class names or {{"classes": [...]}}')
+        raise InputError(f'{path}: expected a list of class names, {{"classes": [...]}} or {{"name": index, ...}}')
     return names
 
 
