@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from sanitize import __version__, methods
-from sanitize.formats.records import InputError, OnnxCheckError
+from sanitize.formats.records import InputError, OnnxCheckError, skipped_text
 
 EXIT_USER_ERROR = 2
 EXIT_ONNX_CHECK = 3
@@ -253,6 +253,9 @@ def _report(result, as_json: bool, show: int = 5) -> None:
                    f"{classes[suspect['relabel']]}")
     if result.manifest["unreadable"]:
         click.echo(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
+    skipped = result.manifest["input"].get("skipped") or {}
+    if skipped:  # files that are not samples (not images, hidden, links that leave the root, ...)
+        click.echo(f"  skipped files: {skipped_text(skipped)}")
     for warnings, where in ((result.warnings, "warnings"), (result.manifest["input"]["warnings"], "input/warnings")):
         for warning in warnings[:WARNINGS_SHOWN]:
             click.echo(f"warning: {warning}", err=True)

@@ -226,10 +226,21 @@ def test_the_summary_prints_the_warnings_a_few_at_a_time(capsys):
                              manifest={"input": {"classes": ["a"], "warnings": warnings}, "suspects": [],
                                        "unreadable": []}, timings_s={}, out="o", outputs={}, warnings=verdicts)
     _report(result, as_json=False)
-    err = capsys.readouterr().err.splitlines()
+    out, err = capsys.readouterr()
+    assert "skipped" not in out  # nothing was
+    err = err.splitlines()
     assert err == [f"warning: {w}" for w in verdicts[:WARNINGS_SHOWN]] + \
         ["warning: 1 more in manifest.json (warnings)"] + [f"warning: {w}" for w in warnings[:WARNINGS_SHOWN]] + \
         ["warning: 3 more in manifest.json (input/warnings)"]
+
+
+def test_the_summary_counts_the_skipped_files_by_reason(make_imagefolder, tmp_path, capsys):
+    root = make_imagefolder(60)
+    for index in range(3):
+        (root / "cat" / f"notes{index}.txt").write_text("not an image")
+    (root / ".hidden.jpg").write_bytes(b"")
+    main(["run", str(root), "--out", str(tmp_path / "out"), *FAST])
+    assert "  skipped files: 3 not_image, 1 hidden\n" in capsys.readouterr().out
 
 
 def test_per_class_line_stays_one_screen_for_many_classes():

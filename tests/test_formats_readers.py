@@ -624,6 +624,27 @@ def test_imagefolder_never_reads_through_a_link_out_of_the_tree(case, reason, ma
     assert ingested.skipped == {reason: 1}
 
 
+def test_a_class_of_links_out_of_the_tree_is_named_in_the_warning_and_the_error(tmp_path, cifar_samples):
+    """A symlink farm (DVC's cache, git-annex) whose links lead outside the root: the messages say why
+    a class came out empty."""
+    outside, root = tmp_path / "pool", tmp_path / "farm"
+    outside.mkdir()
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    for key, jpg, _ in cifar_samples[:6]:
+        (outside / f"{key}.jpg").write_bytes(jpg)
+        (root / "cat" / f"{key}.jpg").symlink_to(outside / f"{key}.jpg")
+    for key, jpg, _ in cifar_samples[6:10]:
+        (root / "dog" / f"{key}.jpg").write_bytes(jpg)
+    with pytest.raises(InputError, match=r"need two classes \(skipped files: 6 symlink_outside_root\)"):
+        read_dataset(root, workers=1)
+    (root / "bird").mkdir()
+    for key, jpg, _ in cifar_samples[10:14]:
+        (root / "bird" / f"{key}.jpg").write_bytes(jpg)
+    ingested = read_dataset(root, workers=1)
+    assert "class directory 'cat' holds no image that can be read: skipped 6 symlink_outside_root" in ingested.warnings
+
+
 def test_imagefolder_reads_a_file_link_that_stays_inside_the_tree(make_imagefolder):
     root = make_imagefolder(40)
     target = sorted((root / "cat").iterdir())[0]

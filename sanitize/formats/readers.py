@@ -18,7 +18,7 @@ from pathlib import Path
 from sanitize.formats.folder_reader import class_dirs, holds_image, image_files, read_files
 from sanitize.formats.images import CHUNK, IMAGE_EXTS, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import class_dir_names, dedupe_keys, readable_name
-from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Listing, Sample, Unreadable
+from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Listing, Sample, Unreadable, skipped_text
 from sanitize.formats.shard_reader import list_shard
 from sanitize.formats.workers import Workers
 
@@ -77,7 +77,7 @@ def _read(path, classes_file, requested, pool: Workers) -> Ingested:
     records = _apply_decoding(records, decoded.errors)
     samples = [record for record in records if isinstance(record, Sample)]
     unreadable = [record for record in records if isinstance(record, Unreadable)]
-    _require_readable(path, samples, unreadable)
+    _require_readable(path, samples, unreadable, listing.skipped)
     return Ingested(os.path.abspath(str(path)), fmt, classes, samples, decoded.images, unreadable,
                     fingerprint(records), decoded.image_size, decoded.size_rule, dict(sorted(listing.skipped.items())),
                     listing.warnings)
@@ -287,9 +287,14 @@ def _class_names(root: Path, dirs: list[str]) -> list[str]:
 
 def _class_files(root: Path, directory: str, name: str, listing: Listing) -> list[Path]:
     """The image files under ``root/directory``, the on-disk name; ``name`` is its class name, for the warning."""
+    before = dict(listing.skipped)
     files = image_files(root, root / directory, listing)
     if not files:
-        listing.warnings.append(f"class directory {name!r} holds no image")
+        skipped = {reason: count - before.get(reason, 0) for reason, count in listing.skipped.items()
+                   if count > before.get(reason, 0)}
+        listing.warnings.append(f"class directory {name!r} holds no image" + (
+            f" that can be read: skipped {skipped_text(skipped)}"
+            if skipped else ""))
     return files
 
 
@@ -353,11 +358,13 @@ def _apply_decoding(records: list, errors: dict[int, str]) -> list:
     return result
 
 
-def _require_readable(path, samples: list[Sample], unreadable: list[Unreadable]) -> None:
+def _require_readable(path, samples: list[Sample], unreadable: list[Unreadable], skipped: dict[str, int]) -> None:
     if not samples:
         raise _none_readable(path, unreadable)
     if len({sample.label for sample in samples}) < 2:
-        raise InputError(f"{path}: every readable sample has the same label ({samples[0].label}); need two classes")
+        files = f" (skipped files: {skipped_text(skipped)})"
+        raise InputError(f"{path}: every readable sample has the same label ({samples[0].label}); need two classes"
+                         + (files if skipped else ""))
 
 
 def _none_readable(path, unreadable: list[Unreadable]) -> InputError:

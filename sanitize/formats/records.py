@@ -90,6 +90,11 @@ class Listing:
         self.warnings += other.warnings
 
 
+def skipped_text(skipped: dict[str, int]) -> str:
+    """"40 symlink_outside_root, 12 not_image": skipped files by reason, most first."""
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items(), key=lambda item: -item[1]))
+
+
 # The class names beside a dataset (shards, or an ImageFolder tree's class directories): read by the
 # readers, written by the writers.
 CLASSES_FILE = "classes.json"
