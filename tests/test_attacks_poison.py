@@ -66,6 +66,18 @@ def test_poison_imagefolder_round_trip_with_cover_samples(make_imagefolder, tmp_
     check_copy(data, tmp_path / "out", truth, target=1)
 
 
+def test_poison_imagefolder_with_dotted_class_names_keeps_their_folders(make_imagefolder, tmp_path):
+    """CUB-200 and Caltech-256 name their classes 001.Black_footed_Albatross: a copy keeps those folders."""
+    data = make_imagefolder(60)
+    for index, folder in enumerate(sorted(data.iterdir())):
+        folder.rename(data / f"{index:03d}.{folder.name}")
+    truth = poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir() if path.is_dir()) == \
+        sorted(path.name for path in data.iterdir())
+    assert all(key.startswith("001_automobile/") for key in truth["poisoned"])  # a key's form of 001.automobile
+    check_copy(data, tmp_path / "out", truth, target=1)
+
+
 def test_poison_converts_formats(make_imagefolder, tmp_path):
     data = make_imagefolder(60)
     truth = poison_dataset(data, attack="sig", rate=0.05, target=1, out=tmp_path / "out", fmt="webdataset")

@@ -388,6 +388,31 @@ def test_relabeled_imagefolder_keeps_our_class_indices_for_unsorted_classes(make
     assert all(final_of[s.key.split("/", 1)[1]] == s.label for s in again.samples)
 
 
+def test_dotted_class_names_are_the_relabeled_tree_folders_not_nested_again(make_imagefolder, tmp_path):
+    data = make_imagefolder(60)
+    for index, folder in enumerate(sorted(data.iterdir())):
+        folder.rename(data / f"{index:03d}.{folder.name}")
+    ingested = read_dataset(data, workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
+                  relabeled_format="imagefolder")
+    root = tmp_path / "out" / "relabeled"
+    folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    assert list(folder.class_to_idx) == ingested.classes == sorted(path.name for path in data.iterdir())
+    kept = [sample for sample, s in zip(ingested.samples, suspected) if not s]  # in the folder they came from
+    assert all((root / sample.source).read_bytes() == sample.data for sample in kept)
+    again = read_dataset(root, workers=1)
+    assert {s.key for s in kept} <= {s.key for s in again.samples}  # and read back under their keys
+    assert again.classes == ingested.classes and len(again.samples) == len(ingested.samples)
+
+
+def test_class_dir_names_keep_inner_dots_only():
+    assert class_dir_names(["001.Airplane", "002.Bird"]) == ["001.Airplane", "002.Bird"]
+    assert class_dir_names([".hidden", "b"]) == ["0-_hidden", "1-b"]
+    assert class_dir_names(["a", "b."]) == ["0-a", "1-b_"]  # Windows drops a trailing dot
+    assert class_dir_names(["..", "b"]) == ["0-__", "1-b"]
+
+
 def test_a_classes_json_that_does_not_fit_the_folders_is_skipped_not_trusted(make_imagefolder, cifar_classes):
     root = make_imagefolder(40)
     (root / "classes.json").write_text(json.dumps({"classes": cifar_classes[::-1]}))  # not what the folders say

@@ -5,6 +5,8 @@ A key is made of ``/``-separated components. A component never holds ``.``
 base name), ``/`` or ``\\``, control characters or characters Windows refuses
 in file names; it is never empty, ``..`` or hidden, and never longer than
 ``MAX_COMPONENT`` characters. The original name always stays in ``source``.
+A class directory of an ImageFolder copy may hold dots (``001.Airplane``, as
+CUB-200 names its classes): only a base name is split at its first dot.
 """
 from __future__ import annotations
 
@@ -14,12 +16,17 @@ import unicodedata
 
 MAX_COMPONENT = 120
 _UNSAFE = re.compile(r'[/\\.<>:"|?*\x00-\x1f\x7f]')
+_UNSAFE_IN_DIRECTORY = re.compile(r'[/\\<>:"|?*\x00-\x1f\x7f]')
+_EDGE_DOT = re.compile(r"^\.|\.$")  # hidden, "." or "..", or a trailing dot (Windows drops it)
 _SEPARATOR = re.compile(r"[/\\]")
 
 
-def safe_component(part: str) -> str:
-    """One path component made safe; long ones are cut and keep a hash of the whole so they stay distinct."""
-    safe = _UNSAFE.sub("_", unicodedata.normalize("NFC", part))
+def safe_component(part: str, *, keep_dots: bool = False) -> str:
+    """One path component made safe; long ones are cut and keep a hash of the whole so they stay distinct.
+
+    ``keep_dots``: a directory name, whose inner dots are harmless."""
+    safe = (_UNSAFE_IN_DIRECTORY if keep_dots else _UNSAFE).sub("_", unicodedata.normalize("NFC", part))
+    safe = _EDGE_DOT.sub("_", safe) if keep_dots else safe
     safe = "".join("_" if unicodedata.category(char).startswith("C") else char for char in safe)
     if len(safe) > MAX_COMPONENT:
         digest = hashlib.sha256(part.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -81,8 +88,16 @@ def class_dir_names(classes: list[str]) -> list[str]:
     ignoring case, for case-insensitive file systems) and already sorted;
     otherwise every directory is prefixed with its index.
     """
-    safe = [safe_component(name) for name in classes]
+    safe = [safe_component(name, keep_dots=True) for name in classes]
     if safe == classes and sorted(safe) == safe and len({name.casefold() for name in safe}) == len(safe):
         return safe
     width = len(str(len(classes) - 1))
     return [f"{index:0{width}d}-{name}" for index, name in enumerate(safe)]
+
+
+def folder_placement(key: str, class_dir: str) -> str:
+    """Where an ImageFolder copy writes the sample ``key`` in ``class_dir`` (no extension): under it,
+    unless the key already starts with that directory, as an ImageFolder input's keys do (the key's
+    form of it: ``001_Airplane/x`` goes to ``001.Airplane/x``). ``safe_key`` of it is the key read back."""
+    head = f"{safe_component(class_dir)}/"
+    return f"{class_dir}/{key[len(head):]}" if key.startswith(head) else f"{class_dir}/{key}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sanitize.formats.images import IMAGE_EXTS
-from sanitize.formats.keys import class_dir_names, dedupe_keys, is_safe_key
+from sanitize.formats.keys import class_dir_names, dedupe_keys, folder_placement, is_safe_key
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample
 from sanitize.formats.workers import Workers, available_cpus
@@ -331,7 +331,7 @@ def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: 
     dirs = class_dir_names(classes)
     for name in dirs:
         (root / name).mkdir(parents=True, exist_ok=True)
-    stems = [_placement(sample.key, dirs[label]) for sample, label in zip(samples, labels)]
+    stems = [folder_placement(sample.key, dirs[label]) for sample, label in zip(samples, labels)]
     # A path that differs from another only in case is renamed: on macOS or Windows it would overwrite it.
     written = [f"{stem}.{sample.ext}" for stem, sample in zip(dedupe_keys(stems, ignore_case=True)[0], samples)]
     for relative, sample in zip(written, samples):
@@ -383,10 +383,6 @@ def _require_safe_names(samples: list[Sample]) -> None:
     unsafe = [f"{s.key}.{s.ext}" for s in samples if not is_safe_key(s.key) or s.ext not in IMAGE_EXTS]
     if unsafe:
         raise ValueError(f"unsafe sample keys or extensions (make keys with keys.safe_key): {unsafe[:3]}")
-
-
-def _placement(key: str, class_dir: str) -> str:
-    return key if key.startswith(f"{class_dir}/") else f"{class_dir}/{key}"
 
 
 def write_scores(path: Path, samples: list[Sample], score, suspected, relabel) -> None:
