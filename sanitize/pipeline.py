@@ -201,13 +201,19 @@ def _load_bank(ingested, device: torch.device) -> Bank:
 
 
 def _guard_memory(work):
-    """Turn running out of GPU memory into one actionable line."""
+    """Turn running out of GPU or CPU memory into one actionable line."""
     try:
         return work()
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         raise InputError("out of GPU memory; try a smaller --batch-size, a smaller --image-size "
                          "or --device cpu") from None
+    except (MemoryError, RuntimeError) as error:
+        # torch's CPU allocator raises a RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+        if isinstance(error, RuntimeError) and "can't allocate memory" not in str(error):
+            raise
+        raise InputError("out of memory on the CPU; try a smaller --batch-size or --image-size, or check the "
+                         "options that size the model or the data") from None
 
 
 def _check_result(result: MethodResult, n: int) -> None:

@@ -182,6 +182,13 @@ def test_a_diverged_training_is_one_line_not_a_traceback(method, options, make_s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
 
 
+def test_running_out_of_cpu_memory_is_one_line_not_a_traceback(make_shards, tmp_path):
+    """A projection head of 2**40 outputs asks torch's CPU allocator for petabytes."""
+    with pytest.raises(InputError, match="out of memory on the CPU; try a smaller --batch-size"):
+        sanitize.run(make_shards(20), method="dbd", out=tmp_path / "out", **FAST, projection_dim=2**40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
 def tiny_png_shards(root, cifar_samples, cifar_classes, count: int, size: tuple[int, int]):
     """``count`` CIFAR images shrunk to ``size`` (H, W), as PNG in shards."""
     import io
