@@ -72,6 +72,15 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert decoded.tolist() == [[0, 4, 128, 255]]
 
 
+def test_netpbm_as_torchvision_reads_it():
+    """.ppm and .pgm are in torchvision's ImageFolder extensions; a 16-bit PGM is scaled like a 16-bit PNG."""
+    pixels = gradient()
+    assert np.array_equal(decode(encode(Image.fromarray(pixels), "PPM")), pixels)
+    values = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
+    assert decode(encode(Image.fromarray(values), "PPM"))[..., 0].tolist() == [[0, 4, 128, 255]]
+    assert decode(encode(Image.fromarray(pixels[..., 0]), "PPM"))[..., 2].tolist() == pixels[..., 0].tolist()
+
+
 def test_float_tiff_in_unit_range_is_scaled():
     values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
     decoded = decode(encode(Image.fromarray(values, "F"), "TIFF"))[..., 0]
@@ -209,7 +218,7 @@ def test_decode_images_keeps_order_and_reports_failures():
 
 @pytest.mark.filterwarnings("error")  # Pillow's warnings (corrupt EXIF in some of these) must not leak out
 @pytest.mark.parametrize("fmt, params", [("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("GIF", {}), ("BMP", {}),
-                                         ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"})])
+                                         ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"}), ("PPM", {})])
 def test_randomly_damaged_images_decode_or_become_reasons(fmt, params):
     """A fuzz of the one image-open path: bytes flipped or cut, 60 times per format (12,000 once by hand:
     none raised). Each result is an image, a measured size (probe) or a reason, never an exception."""

@@ -31,8 +31,8 @@ from PIL import Image, ImageOps
 
 from sanitize.formats.workers import Workers
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")  # JPEG also opens MPO (camera) files
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"})
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM")  # JPEG also opens MPO (camera) files
 # 40 megapixels is a 6300x6300 photo; anything larger in a classification set is an attack.
 MAX_PIXELS = 40_000_000
 SMALL_SIDE = 64

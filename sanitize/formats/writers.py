@@ -64,7 +64,7 @@ WRITTEN_BY = "sanitize"
 DATASET_COPY = OutputKind(CLASSES_FILE, frozenset({"classes", "written_by"}))
 # The extensions torchvision.datasets.ImageFolder loads (its IMG_EXTENSIONS, .ppm and .pgm aside):
 # a file with any other extension is silently left out by it.
-TORCHVISION_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"})
+TORCHVISION_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "ppm", "pgm"})
 MAX_LISTED = 5  # sample keys named in one warning; the rest are counted
 
 
