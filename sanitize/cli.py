@@ -94,7 +94,8 @@ def cli():
 @click.argument("data")
 @click.option("--method", type=click.Choice(sorted(methods.REGISTRY)), default="advrbd", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (created).")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file of method options ([advrbd] table).")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="TOML file of method options: top-level keys for every method, an [advrbd] or [dbd] table for one.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any method option, e.g. --set epsilon=0.03.")
 @click.option("--arch", help="resnet18 (default), resnet34, mobilenetv2 or small.")
 @click.option("--device", default="auto", show_default=True, help="auto, cuda, cuda:N or cpu.")
@@ -256,7 +257,7 @@ def _report(result, as_json: bool, show: int = 5) -> None:
     skipped = result.manifest["input"].get("skipped") or {}
     if skipped:  # files that are not samples (not images, hidden, links that leave the root, ...)
         click.echo(f"  skipped files: {skipped_text(skipped)}")
-    for warnings, where in ((result.warnings, "warnings"), (result.manifest["input"]["warnings"], "input/warnings")):
+    for warnings, where in ((result.warnings, "warnings"), (result.input_warnings, "input/warnings")):
         for warning in warnings[:WARNINGS_SHOWN]:
             click.echo(f"warning: {warning}", err=True)
         if len(warnings) > WARNINGS_SHOWN:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import inspect
 import math
 import platform
 import sys
@@ -31,7 +32,8 @@ ONNX_CHECK_SAMPLES = 256
 
 @dataclass
 class RunResult:
-    """What a run did: counts, where the outputs are, per-stage timings and metrics."""
+    """What a run did: counts, where the outputs are (``outputs``: paths relative to ``out``, as in the
+    manifest; ``result.out / result.outputs["scores"]``), per-stage timings and metrics."""
 
     out: Path
     method: str
@@ -46,6 +48,7 @@ class RunResult:
     # The method's per-sample diagnostics ([N] arrays in scores.csv row order; empty from inspect).
     details: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)  # the method's about its verdicts (manifest "warnings")
+    input_warnings: list[str] = field(default_factory=list)  # the reader's and writers' (manifest input.warnings)
 
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -91,13 +94,12 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
     if workers is not None and workers < 1:
         raise InputError("--workers must be at least 1")
     progress = progress or Progress()
-    options = methods.resolve_options(method, config, seed=seed, **method_options)
+    options = _method_options(method, config, seed, method_options)
     module, _ = methods.load(method)
     torch_device = train.resolve_device(device)
-    train.configure_determinism()
     clock = StageClock(torch_device, progress)
     started = time.perf_counter()
-    with staged_output(out, data, overwrite=overwrite) as staging:
+    with train.deterministic(torch_device), staged_output(out, data, overwrite=overwrite) as staging:
         with clock("ingest"):
             ingested = read_dataset(data, classes_file=classes_file, image_size=image_size, workers=workers)
         bank = _load_bank(ingested, torch_device)
@@ -127,13 +129,26 @@ def run(data, method: str = "advrbd", out=None, *, config=None, device: str = "a
     return dataclasses.replace(summarise(manifest, Path(out), outputs), model=result.model, details=result.details)
 
 
+def _method_options(method: str, config, seed, method_options: dict):
+    """``methods.resolve_options``; a name that is neither the method's option nor ``run``'s own argument
+    is answered with both lists (``classes=`` for ``classes_file=`` said only the method's)."""
+    try:
+        return methods.resolve_options(method, config, seed=seed, **method_options)
+    except InputError as error:
+        if not str(error).startswith("unknown option"):
+            raise
+        own = [name for name, parameter in inspect.signature(run).parameters.items()
+               if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+        raise InputError(f"{error}; and run's own arguments: {', '.join(own)} (--classes is classes_file)") from None
+
+
 def summarise(manifest: dict, out: Path, outputs: dict[str, str] | None = None) -> RunResult:
     """A :class:`RunResult` from a manifest (also used by ``sanitize inspect``)."""
     return RunResult(out=out, method=manifest["method"], counts=manifest["counts"],
                      per_class=manifest["per_class"], suspect_target=suspect_target(manifest),
                      outputs=outputs or _listed_outputs(out), timings_s=manifest["timings_s"],
                      metrics=manifest.get("metrics", {}), manifest=manifest,
-                     warnings=manifest.get("warnings", []))
+                     warnings=manifest.get("warnings", []), input_warnings=manifest["input"]["warnings"])
 
 
 # A dirty-label backdoor gives its poisons one label, so that class is over-represented among the

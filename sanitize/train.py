@@ -44,6 +44,20 @@ def configure_determinism() -> None:
     torch.backends.cudnn.deterministic = True
 
 
+@contextlib.contextmanager
+def deterministic(device: torch.device):
+    """``configure_determinism`` for a run, after which the caller's random state (CPU, and ``device``'s
+    if a GPU) and cuDNN flags are put back: a notebook's own seeds and speed settings are not ours."""
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    gpus = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        configure_determinism()
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
+
+
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

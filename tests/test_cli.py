@@ -19,13 +19,16 @@ def sanitize_cli(*args, cwd=None):
     return done.returncode, done.stdout, done.stderr
 
 
-def test_run_json_then_inspect(make_shards, tmp_path):
+def test_run_json_then_inspect(make_shards, tmp_path, cifar_samples):
     data = make_shards(120, per_shard=60)
+    (data / "stray.jpg").write_bytes(cifar_samples[0][1])  # an input warning, which --json must carry too
     code, stdout, stderr = sanitize_cli("run", data, "--out", tmp_path / "out", "--json", *FAST)
     assert code == 0, stderr
     result = json.loads(stdout)
     assert result["counts"]["total"] == 120 and result["method"] == "advrbd"
     assert set(result["outputs"]) >= {"clean", "relabeled", "scores", "manifest", "model"}
+    assert result["input_warnings"] == json.loads((tmp_path / "out" / "manifest.json").read_text())["input"]["warnings"]
+    assert "1 image file(s) beside the shards" in result["input_warnings"][0]
     code, stdout, _ = sanitize_cli("inspect", tmp_path / "out")
     assert code == 0 and "120 samples" in stdout and "suspected per class" in stdout
 
@@ -224,7 +227,8 @@ def test_the_summary_prints_the_warnings_a_few_at_a_time(capsys):
     result = SimpleNamespace(method="advrbd", counts={"total": 2, "clean": 2, "suspected": 0, "unreadable": 0},
                              suspect_target=None, per_class={"a": {"total": 1, "suspected": 0}},
                              manifest={"input": {"classes": ["a"], "warnings": warnings}, "suspects": [],
-                                       "unreadable": []}, timings_s={}, out="o", outputs={}, warnings=verdicts)
+                                       "unreadable": []}, timings_s={}, out="o", outputs={}, warnings=verdicts,
+                             input_warnings=warnings)
     _report(result, as_json=False)
     out, err = capsys.readouterr()
     assert "skipped" not in out  # nothing was

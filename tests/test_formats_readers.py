@@ -688,9 +688,10 @@ def test_mixed_sizes_follow_the_working_size_rule(tmp_path):
         Image.new("RGB", (300, 200)).save(root / "c1" / f"big{index}.png")
     assert read_dataset(root, workers=1).images.shape == (15, 224, 224, 3)
     assert read_dataset(root, image_size=(20, 24), workers=1).images.shape == (15, 20, 24, 3)
-    for too_small in (0, 7, (8, 3)):
+    for too_small in (0, 7, (8, 3), True, "32", 32.0, (32,), (True, 32)):
         with pytest.raises(InputError, match="image_size must be an int or \\(H, W\\) between 8 and 4096"):
             read_dataset(root, image_size=too_small, workers=1)
+    assert read_dataset(root, image_size=np.array([20, 24]), workers=1).image_size == (20, 24)  # numpy's ints too
 
 
 @pytest.mark.parametrize("layout", ["shards", "folder"])

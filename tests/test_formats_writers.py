@@ -136,6 +136,7 @@ def test_staged_output_replaces_only_its_own_kind_of_output(tmp_path):
     ("not json", None),
     (json.dumps(RUN_MARKER), "src"),  # ours, beside a user's folder
     (json.dumps(RUN_MARKER), "notes.txt"),
+    (json.dumps(RUN_MARKER), ".DS_Store"),  # hidden: the message must name it
 ])
 def test_overwrite_never_takes_a_mere_manifest_json_for_an_earlier_output(marker_text, extra, tmp_path):
     out = tmp_path / "project"
@@ -143,7 +144,8 @@ def test_overwrite_never_takes_a_mere_manifest_json_for_an_earlier_output(marker
     (out / "manifest.json").write_text(marker_text)
     if extra:
         (out / extra).mkdir() if "." not in extra else (out / extra).write_text("x")
-    with pytest.raises(InputError, match="not an earlier output of this command"):
+    named = f": it also holds {re.escape(extra)}\\);" if extra else "[^:]\\);"
+    with pytest.raises(InputError, match="not an earlier output of this command .*" + named):
         with staged_output(out, tmp_path / "input", overwrite=True):
             pass
     assert (out / "manifest.json").read_text() == marker_text

@@ -268,6 +268,42 @@ def test_run_arguments_of_the_wrong_type_are_a_user_error(argument, value, messa
         sanitize.run(tmp_path, out=tmp_path / "out", **{argument: value})
 
 
+def test_a_run_from_a_notebook_takes_its_numbers_and_leaves_its_torch_state(make_shards, tmp_path, monkeypatch):
+    """numpy's and torch's numbers are numbers; the caller's seed and cuDNN flags are as they were."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    torch.manual_seed(123)
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(123))
+    result = sanitize.run(make_shards(40), out=tmp_path / "out", **{**FAST, "batch_size": np.int64(32)},
+                          seed=np.int64(3), image_size=np.int64(32), shard_size=np.int32(16), workers=torch.tensor(1))
+    assert torch.initial_seed() == 123 and torch.equal(torch.rand(3), expected)
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    assert result.manifest["options"]["batch_size"] == 32 and result.manifest["options"]["seed"] == 3
+    assert result.manifest["input"]["image_size"] == [32, 32]
+    assert methods.resolve_options("advrbd", quick=np.bool_(True), epsilon=np.float32(0.5)).epsilon == 0.5
+    for bad in (np.float64(2.5), np.bool_(True)):
+        with pytest.raises(InputError, match="option warmup_epochs must be"):
+            methods.resolve_options("advrbd", warmup_epochs=bad)
+
+
+def test_the_python_api_names_its_errors_and_its_arguments(make_shards, tmp_path):
+    import inspect
+    import subprocess
+    import sys
+
+    assert sanitize.InputError is InputError and sanitize.OnnxCheckError is OnnxCheckError
+    assert "classes_file" in inspect.signature(sanitize.run).parameters  # the whole signature, for help()
+    light = "import sys, sanitize; assert 'torch' not in sys.modules and sanitize.InputError"
+    assert subprocess.run([sys.executable, "-c", light]).returncode == 0
+    with pytest.raises(InputError, match=r"unknown option\(s\) for advrbd: classes; .*run's own arguments: .*"
+                                         r"classes_file.*\(--classes is classes_file\)"):
+        sanitize.run(tmp_path, out=tmp_path / "out", classes="names.json")
+    with pytest.raises(InputError, match="format=..., not fmt="):  # a TypeError from two fmt= before
+        sanitize.poison(make_shards(20), attack="badnets", rate=0.1, out=tmp_path / "p", fmt="imagefolder")
+
+
 def test_options_that_contradict_each_other_are_refused():
     for pool, rate in ((0.05, 0.05), (0.3, 0.4)):
         with pytest.raises(InputError, match="unlearn_pool .* must exceed partition_rate"):

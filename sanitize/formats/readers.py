@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 import os
 import re
 from functools import partial
@@ -92,8 +93,16 @@ def fingerprint(records) -> str:
 def _requested_size(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(side, int) and MIN_SIDE <= side <= 4096 for side in size):
+    size = ()  # from an int (numpy's and torch's too) or a pair of them; never a bool or a string
+    if not isinstance(image_size, (bool, str, bytes)):
+        try:
+            size = (operator.index(image_size),) * 2
+        except TypeError:
+            try:
+                size = tuple(operator.index(side) for side in image_size if not isinstance(side, bool))
+            except TypeError:
+                pass
+    if len(size) != 2 or not all(MIN_SIDE <= side <= 4096 for side in size):
         raise InputError(f"image_size must be an int or (H, W) between {MIN_SIDE} and 4096, got {image_size!r}")
     return size
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sanitize.formats.images import IMAGE_EXTS
-from sanitize.formats.keys import class_dir_names, dedupe_keys, folder_placement, is_safe_key
+from sanitize.formats.keys import class_dir_names, dedupe_keys, folder_placement, is_safe_key, readable_name
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample
 from sanitize.formats.workers import Workers, available_cpus
@@ -125,20 +125,28 @@ def _refuse_existing(target: Path, overwrite: bool, replaceable: OutputKind) -> 
         return
     if not overwrite:
         raise InputError(f"output {target} exists and is not empty (use --overwrite to replace it)")
-    if not _is_output_of_kind(target, replaceable):
+    foreign = _not_output_of_kind(target, replaceable)
+    if foreign is not None:
         raise InputError(f"output {target} is not empty and is not an earlier output of this command "
-                         f"({replaceable.describe()}); --overwrite only replaces those: choose another OUT or "
-                         f"empty it yourself")
+                         f"({replaceable.describe()}{foreign}); --overwrite only replaces those: choose another "
+                         f"OUT or empty it yourself")
 
 
-def _is_output_of_kind(directory: Path, kind: OutputKind) -> bool:
+def _not_output_of_kind(directory: Path, kind: OutputKind) -> str | None:
+    """None if ``directory`` is an output of ``kind``; else "" or, when only other entries are in the way
+    (a .DS_Store, an .ipynb_checkpoints folder: hidden, so unseen), ": it also holds <them>"."""
     try:
         marker = json.loads((directory / kind.marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError is a ValueError)
-        return False
+        return ""
     if not isinstance(marker, dict) or not kind.keys <= marker.keys():
-        return False
-    return kind.entries is None or all(entry.name in kind.entries for entry in directory.iterdir())
+        return ""
+    foreign = [] if kind.entries is None else sorted(entry.name for entry in directory.iterdir()
+                                                     if entry.name not in kind.entries)
+    if not foreign:
+        return None
+    shown = ", ".join(readable_name(name) for name in foreign[:MAX_LISTED])
+    return f": it also holds {shown}" + (f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else "")
 
 
 def _make_staging(target: Path) -> Path:

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import math
+import numbers
 import operator
 import tomllib
 import typing
@@ -176,10 +177,10 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
             return value
         raise InputError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     if kind is bool:
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
         raise InputError(f"{what} must be true or false, got {value!r}")
-    if isinstance(value, bool):  # int(True) is 1: a flag is never taken for a number
+    if isinstance(value, (bool, np.bool_)):  # int(True) is 1: a flag is never taken for a number
         raise InputError(f"{what} must be {kind.__name__}, got {value!r}")
     if kind is tuple:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
@@ -208,14 +209,17 @@ MAX_INT = 2 ** 53
 
 
 def _whole(value) -> int:
-    """``value`` as an int if it is a whole number (7, 7.0, "7", "7.0", "1e3"); ValueError otherwise."""
-    if isinstance(value, int):
-        return value
+    """``value`` as an int if it is a whole number (7, 7.0, "7", "7.0", "1e3", numpy's and torch's
+    integers, as a notebook hands them over); ValueError otherwise."""
     if isinstance(value, str):
         try:
             return int(value)
         except ValueError:
             value = float(value)
-    if isinstance(value, float) and value.is_integer():
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, numbers.Real) and float(value).is_integer():
         return int(value)
     raise ValueError(value)
