@@ -369,17 +369,22 @@ def test_relabeled_imagefolder_loads_whole_with_torchvision_given_the_warned_arg
     assert clean["cat/animated"]["gif"] == gif, "the shards keep the original bytes"
 
 
+def relabeled_tree(data: Path, out: Path):
+    """``data`` read and written to ``out`` with ``verdicts`` and an ImageFolder relabeled set; returns
+    (ingested, suspected, relabel, the tree's root, the tree as torchvision loads it)."""
+    ingested = read_dataset(data, workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(out, ingested, score=score, suspected=suspected, relabel=relabel, relabeled_format="imagefolder")
+    return ingested, suspected, relabel, out / "relabeled", torchvision.datasets.ImageFolder(out / "relabeled",
+                                                                                              allow_empty=True)
+
+
 def test_relabeled_imagefolder_keeps_our_class_indices_for_unsorted_classes(make_shards, tmp_path, cifar_classes):
     """torchvision numbers classes by sorted directory name; classes.json of shards need not be sorted."""
     data = make_shards(80, 80)
     classes = cifar_classes[::-1]
     (data / "classes.json").write_text(json.dumps({"classes": classes}))
-    ingested = read_dataset(data, workers=1)
-    score, suspected, relabel = verdicts(ingested)
-    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
-                  relabeled_format="imagefolder")
-    root = tmp_path / "out" / "relabeled"
-    folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    ingested, suspected, relabel, root, folder = relabeled_tree(data, tmp_path / "out")
     dirs = class_dir_names(classes)
     assert folder.class_to_idx == {name: index for index, name in enumerate(dirs)} and dirs[0] == "0-truck"
     assert loaded_placement(folder, root) == folder_placement(ingested, suspected, relabel, dirs)
@@ -394,12 +399,7 @@ def test_dotted_class_names_are_the_relabeled_tree_folders_not_nested_again(make
     data = make_imagefolder(60)
     for index, folder in enumerate(sorted(data.iterdir())):
         folder.rename(data / f"{index:03d}.{folder.name}")
-    ingested = read_dataset(data, workers=1)
-    score, suspected, relabel = verdicts(ingested)
-    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
-                  relabeled_format="imagefolder")
-    root = tmp_path / "out" / "relabeled"
-    folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    ingested, suspected, relabel, root, folder = relabeled_tree(data, tmp_path / "out")
     assert list(folder.class_to_idx) == ingested.classes == sorted(path.name for path in data.iterdir())
     kept = [sample for sample, s in zip(ingested.samples, suspected) if not s]  # in the folder they came from
     assert all((root / sample.source).read_bytes() == sample.data for sample in kept)
