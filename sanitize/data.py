@@ -126,10 +126,6 @@ def make_generator(seed: int, device) -> torch.Generator:
 
 # ITU-R BT.601 luma, the weights torchvision uses for grayscale.
 _LUMA = (0.299, 0.587, 0.114)
-# RGB -> YIQ. A hue shift is a rotation of the (I, Q) chroma plane: one 3x3 matrix
-# per sample instead of a round trip through HSV.
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-_YIQ_TO_RGB = tuple(map(tuple, np.linalg.inv(np.array(_RGB_TO_YIQ)).tolist()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,17 +172,29 @@ def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, s
                          align_corners=False)
 
 
-def rotate_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Shift each sample's hue by ``turns`` [B] of a full circle (torchvision's hue factor) in YIQ space."""
-    angle = turns.to(images.dtype) * 2 * math.pi
-    rotation = torch.zeros(len(turns), 3, 3, dtype=images.dtype, device=images.device)
-    rotation[:, 0, 0] = 1
-    # This sense turns red towards yellow for a positive shift, as HSV hue does.
-    rotation[:, 1, 1], rotation[:, 1, 2] = angle.cos(), angle.sin()
-    rotation[:, 2, 1], rotation[:, 2, 2] = -angle.sin(), angle.cos()
-    matrix = _constant(_YIQ_TO_RGB, images.device, images.dtype) @ rotation @ _constant(
-        _RGB_TO_YIQ, images.device, images.dtype)
-    return torch.einsum("bij,bjhw->bihw", matrix, images)
+def shift_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` with a hue factor per sample: each float [B, 3, H, W] image in [0, 1]
+    to HSV, its hue moved by ``turns`` [B] of a full circle, and back; elementwise, so batched."""
+    red, green, blue = images.unbind(1)
+    value, _ = images.max(1)
+    delta = value - images.min(1).values
+    saturation = delta / value.clamp_min(1e-12)  # 0 where value is 0 (delta is 0 too)
+    spread = torch.where(delta > 0, delta, torch.ones_like(delta))  # grey pixels: any hue, kept at 0
+    hue = torch.where(value == red, (green - blue) / spread,
+                      torch.where(value == green, 2 + (blue - red) / spread, 4 + (red - green) / spread))
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    hue = torch.remainder(hue + turns.to(images.dtype)[:, None, None], 1.0) * 6
+    sector = hue.floor()
+    fraction = hue - sector
+    sector = sector.long() % 6
+    low = value * (1 - saturation)
+    falling = value * (1 - saturation * fraction)
+    rising = value * (1 - saturation * (1 - fraction))
+    # (R, G, B) in each of the six sectors of the hue circle
+    table = torch.stack([torch.stack(channels) for channels in (
+        (value, rising, low), (falling, value, low), (low, value, rising),
+        (low, falling, value), (rising, low, value), (value, low, falling))])  # [6, 3, B, H, W]
+    return table.gather(0, sector[None, None].expand(1, 3, *sector.shape)).squeeze(0).transpose(0, 1)
 
 
 def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.4,
@@ -205,7 +213,7 @@ def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: f
         lambda x: x * bright,
         lambda x: torch.lerp(grayscale(x).mean((2, 3), keepdim=True).expand_as(x), x, contr),
         lambda x: torch.lerp(grayscale(x).expand_as(x), x, satur),
-        lambda x: rotate_hue(x, turns),
+        lambda x: shift_hue(x, turns),
     )
     jitter = torch.rand(batch, generator=generator, device=generator.device) < p
     order = torch.rand(batch, len(adjustments), generator=generator, device=generator.device).argsort(1)

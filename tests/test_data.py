@@ -86,3 +86,31 @@ def test_augment_is_seeded_and_in_unit_range(cifar_arrays, cifar_classes):
     again = augment(bank.images[:32], make_generator(3, "cpu"))
     assert torch.equal(first, again)
     assert first.dtype == torch.float32 and 0 <= first.min() and first.max() <= 1
+
+
+def test_hue_shift_is_torchvisions_per_sample():
+    """SimCLR's hue jitter (issue: torchvision's ColorJitter, drawn per sample): the same HSV shift as
+    torchvision's adjust_hue, grey and black pixels and pure primaries included."""
+    import torchvision.transforms.functional as TF
+
+    from sanitize.data import shift_hue
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 9, 7, generator=generator)
+    images[0] = 0.5
+    images[1, :, :2] = 0
+    images[2] = images[2].round()
+    turns = torch.rand(16, generator=generator) - 0.5
+    expected = torch.stack([TF.adjust_hue(image, float(turn)) for image, turn in zip(images, turns)])
+    assert torch.allclose(shift_hue(images, turns), expected, atol=1e-5)
+
+
+def test_brightness_jitter_scales_each_sample_by_its_own_factor():
+    from sanitize.data import color_jitter
+
+    images = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)).mul(0.7).repeat(32, 1, 1, 1)
+    out = color_jitter(images, make_generator(0, "cpu"), brightness=0.4, contrast=0, saturation=0, hue=0, p=1.0)
+    factors = (out / images).flatten(1)  # no pixel reaches 1 here: 0.7 * 1.4 < 1
+    assert torch.allclose(factors, factors[:, :1].expand_as(factors), atol=1e-5)  # one factor per sample
+    assert factors[:, 0].min() >= 0.6 - 1e-6 and factors[:, 0].max() <= 1.4 + 1e-6
+    assert len(factors[:, 0].unique()) == 32

@@ -90,6 +90,36 @@ def test_nt_xent_matches_eq5_and_is_zero_for_aligned_distinct_pairs():
     assert float(dbd.nt_xent(distinct, shuffled, 0.05)) > 1
 
 
+def test_nt_xent_stays_float32_under_bf16_autocast():
+    """Autocast would run the similarity matmul in bf16, rounding similarities near 1 to steps of ~0.004."""
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.randn(64, 32, generator=generator), torch.randn(64, 32, generator=generator)
+    second = first + 0.05 * second  # close pairs: similarities near 1, where bf16 rounds hardest
+    exact = direct_nt_xent(first, second, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = dbd.nt_xent(first, second, 0.1)
+    assert under_autocast.dtype == torch.float32 and float(under_autocast) == pytest.approx(exact, rel=1e-5)
+
+
+def test_sharpen_is_mixmatchs_and_finite_for_a_small_temperature():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 10, generator=generator).softmax(1)
+    powered = probs ** 2
+    assert torch.allclose(dbd.sharpen(probs, 0.5), powered / powered.sum(1, keepdim=True), atol=1e-6)
+    near_uniform = torch.full((3, 10), 0.1) + torch.linspace(0, 1e-3, 10)  # p**50 underflowed to 0 / 0
+    sharp = dbd.sharpen(near_uniform / near_uniform.sum(1, keepdim=True), 0.02)
+    assert torch.isfinite(sharp).all() and torch.allclose(sharp.sum(1), torch.ones(3))
+    assert torch.isfinite(dbd.sharpen(torch.tensor([[1.0, 0.0, 0.0]]), 0.5)).all()  # a zero stays a zero
+
+
+def test_a_head_trained_for_fewer_than_ten_steps_reports_each_step(bank):
+    """The head's loss history is reported in tenths: five steps made empty tenths and NaN in the manifest."""
+    head = torch.nn.Linear(8, bank.num_classes)
+    history = dbd.train_head(head, torch.randn(bank.n, 8), bank.labels, tiny_options(head_steps=5))
+    assert len(history) == 5 and all(math.isfinite(value) for value in history)
+    assert len(dbd.train_head(head, torch.randn(bank.n, 8), bank.labels, tiny_options(head_steps=30))) == 10
+
+
 def test_sce_matches_wang_et_al():
     generator = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(10, 4, generator=generator) * 3, torch.randint(0, 4, (10,), generator=generator)

@@ -138,12 +138,15 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     """Eq. 5 averaged over all 2B anchors: ``first[i]`` and ``second[i]`` [B, D] are a positive pair,
     every other embedding in the batch is a negative.
     """
-    embeddings = F.normalize(torch.cat([first, second]).float(), dim=1)
-    similarity = embeddings @ embeddings.T / temperature
-    similarity.fill_diagonal_(float("-inf"))  # k != i in the denominator
-    count = first.shape[0]
-    partner = torch.arange(2 * count, device=first.device).roll(count)  # i <-> i + B
-    return F.cross_entropy(similarity, partner)
+    # In float32 even under autocast, which would run the matmul in bf16: similarities near 1 would be
+    # rounded to steps of ~0.004, blurring hard negatives against positives (more so as tau shrinks).
+    with torch.autocast(first.device.type, enabled=False):
+        embeddings = F.normalize(torch.cat([first, second]).float(), dim=1)
+        similarity = embeddings @ embeddings.T / temperature
+        similarity.fill_diagonal_(float("-inf"))  # k != i in the denominator
+        count = first.shape[0]
+        partner = torch.arange(2 * count, device=first.device).roll(count)  # i <-> i + B
+        return F.cross_entropy(similarity, partner)
 
 
 class SimCLR(nn.Module):
@@ -250,7 +253,8 @@ def train_head(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, op
         optimizer.step()
         step_loss[step] = loss.detach()
     train.require_finite(step_loss)
-    return rounded(torch.stack([part.mean() for part in step_loss.tensor_split(10)]))
+    # at most ten parts: fewer steps than ten made empty parts, NaN means, and a manifest JSON refuses
+    return rounded(torch.stack([part.mean() for part in step_loss.tensor_split(min(10, opts.head_steps))]))
 
 
 # ------------------------------------------------------------- stage 3: filter
@@ -269,8 +273,9 @@ def sample_losses(model: Classifier, bank: Bank, opts: DbdOptions) -> torch.Tens
 
 # ----------------------------------------------------------- stage 4: MixMatch
 def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    powered = probs ** (1 / temperature)
-    return powered / powered.sum(1, keepdim=True)
+    """MixMatch's p^(1/T) / sum p^(1/T), as a softmax of log p / T: the powers underflowed to 0 / 0
+    for a small T (0.02 and a near-uniform guess over 10 classes)."""
+    return (probs.clamp_min(torch.finfo(probs.dtype).tiny).log() / temperature).softmax(1)
 
 
 @torch.no_grad()
