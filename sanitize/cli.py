@@ -316,6 +316,8 @@ def main(argv=None) -> None:
         _fail(str(error))
     except OnnxCheckError as error:
         _fail(f"{error}; no output was written", EXIT_ONNX_CHECK)
+    except OSError as error:  # the file system refused (disk full, a permission taken away mid-run)
+        _fail(f"file system error: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     finally:

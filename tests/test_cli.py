@@ -97,6 +97,23 @@ def test_errors_print_no_traceback(tmp_path):
     assert stderr.strip().startswith("sanitize: error:") and len(stderr.strip().splitlines()) == 1
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(make_shards, tmp_path):
+    """A file size limit (ulimit -f) stands in for a full disk: the writes fail with EFBIG mid-run."""
+    import resource
+
+    data = make_shards(60)
+
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    done = subprocess.run([sys.executable, "-m", "sanitize", "run", str(data), "--out", str(tmp_path / "o"), *FAST],
+                          capture_output=True, text=True, preexec_fn=limit_files,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().startswith("sanitize: error: file system error: File too large")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [data.name]
+
+
 @pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_killed_run_leaves_nothing_behind(signal_name, code, make_shards, tmp_path):
     import signal

@@ -7,6 +7,9 @@ import io
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -217,6 +220,59 @@ def test_staged_output_accepts_an_existing_empty_directory(tmp_path):
     with staged_output(tmp_path / "out", tmp_path / "input") as staging:
         (staging / "a").write_text("a")
     assert (tmp_path / "out" / "a").exists()
+
+
+def test_files_that_appear_in_out_during_a_run_are_never_deleted(tmp_path):
+    """OUT is checked again at the end: a user's files put there while the run went on (or another run's
+    outputs) stay, and the finished outputs are kept in the staging directory, which the error names."""
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="it changed while the run went on, so the finished outputs were kept in") \
+            as caught:
+        with staged_output(out, tmp_path / "input") as staging:
+            (staging / "result.txt").write_text("done")
+            out.mkdir()
+            (out / "notes.txt").write_text("precious")
+    assert (out / "notes.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert str(staging) in str(caught.value) and (staging / "result.txt").read_text() == "done"
+    with pytest.raises(InputError, match="it changed while the run went on"):  # two runs, one OUT
+        with staged_output(tmp_path / "race", tmp_path / "input") as first:
+            (first / "manifest.json").write_text(json.dumps(RUN_MARKER))
+            with staged_output(tmp_path / "race", tmp_path / "input") as second:
+                (second / "manifest.json").write_text(json.dumps(RUN_MARKER))
+    assert (tmp_path / "race" / "manifest.json").exists() and (first / "manifest.json").exists()
+    shutil.rmtree(out)
+    with staged_output(out, tmp_path / "input", overwrite=True) as staging:  # an earlier run's output, as at
+        (staging / "manifest.json").write_text(json.dumps({**RUN_MARKER, "method": "new"}))  # the start
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps(RUN_MARKER))
+    assert json.loads((out / "manifest.json").read_text())["method"] == "new"
+
+
+def test_what_killed_runs_left_beside_out_is_removed_by_the_next_run(tmp_path):
+    """A SIGKILL leaves a staging directory of whole shards; the next run into the same OUT on this host
+    removes those whose process is gone, and leaves a live run's and another OUT's alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead_pid = writers._HOST, int(dead.stdout)
+    left = [tmp_path / f".out.sanitize-tmp-{host}-{dead_pid}-0a1b2c3d",
+            tmp_path / f".out.sanitize-old-{host}-{dead_pid}-ff"]
+    kept = [tmp_path / f".out.sanitize-tmp-{host}-{os.getpid()}-0a1b2c3d",  # alive: this process
+            tmp_path / f".out.sanitize-tmp-otherhost-{dead_pid}-0a1b2c3d",  # another machine's, maybe alive
+            tmp_path / f".other.sanitize-tmp-{host}-{dead_pid}-0a1b2c3d"]  # another OUT's
+    for directory in left + kept:
+        (directory / "clean").mkdir(parents=True)
+    with staged_output(tmp_path / "out", tmp_path / "input") as staging:
+        (staging / "result.txt").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(k.name for k in kept)])
+
+
+def test_a_mount_point_as_out_is_refused_before_the_run(tmp_path, monkeypatch):
+    """Docker's -v host:/out: the finished outputs replace OUT whole, which a mount point refuses (EBUSY),
+    so the whole run was lost at its end. (os.path.ismount is what finds one; no mount needs root here.)"""
+    (tmp_path / "mnt").mkdir()
+    monkeypatch.setattr(writers.os.path, "ismount", lambda path: Path(path) == tmp_path / "mnt")
+    with pytest.raises(InputError, match="is a mount point, which cannot be replaced"):
+        with staged_output(tmp_path / "mnt", tmp_path / "input"):
+            pass
 
 
 # --- write_outputs -----------------------------------------------------------------------------------------------

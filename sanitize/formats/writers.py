@@ -12,15 +12,18 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from sanitize.formats.images import IMAGE_EXTS
-from sanitize.formats.keys import class_dir_names, dedupe_keys, folder_placement, is_safe_key, readable_name
+from sanitize.formats.keys import (class_dir_names, dedupe_keys, folder_placement, is_safe_key, readable_name,
+                                   safe_component)
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample
 from sanitize.formats.workers import Workers, available_cpus
@@ -73,9 +76,13 @@ def staged_output(out, input_path, *, overwrite: bool = False,
                   replaceable: OutputKind = RUN_OUTPUT) -> Iterator[Path]:
     """Yield a fresh hidden directory beside ``out``; move it into place as ``out`` on success.
 
-    The directory is named ``.<out>.sanitize-tmp-<pid>-<random>``, so what a
-    killed run leaves behind is hidden and never looks like a result. On an
-    exception it is deleted and the exception re-raised. Raises InputError
+    The directory is named ``.<out>.sanitize-tmp-<host>-<pid>-<random>``, so what a
+    killed run leaves behind is hidden and never looks like a result; a later run into
+    the same ``out`` removes such leftovers of this host's runs whose process is gone. On an
+    exception it is deleted and the exception re-raised. ``out`` is checked again when the
+    outputs are done, since files may have appeared there (another run into the same ``out``):
+    if it may no longer be replaced, the finished outputs stay in the staging directory and
+    an InputError names it. Raises InputError
     before anything is written if ``out`` is, is inside, or contains the input
     (``input_path`` None skips that check), exists non-empty without ``overwrite``,
     or cannot be created (a file in the way, no permission): one line naming the path
@@ -90,11 +97,21 @@ def staged_output(out, input_path, *, overwrite: bool = False,
         _refuse_overlap(target, input_path)
     try:
         _refuse_existing(target, overwrite, replaceable)
+        _remove_leftovers(target)
         staging = _make_staging(target)
     except OSError as error:
         raise InputError(f"cannot write the output {target}: {_os_reason(error)}") from None
     try:
         yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        _refuse_existing(target, overwrite, replaceable)
+    except InputError as error:  # the finished outputs are kept: the run may have taken hours
+        raise InputError(f"{error}; it changed while the run went on, so the finished outputs were kept in "
+                         f"{staging}") from None
+    try:
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -121,6 +138,9 @@ def _refuse_existing(target: Path, overwrite: bool, replaceable: OutputKind) -> 
         return
     if not target.is_dir():
         raise InputError(f"output {target} exists and is not a directory")
+    if os.path.ismount(target):  # docker -v host:/out: OUT is replaced whole at the end, which a mount refuses
+        raise InputError(f"output {target} is a mount point, which cannot be replaced by the finished outputs; "
+                         f"choose a directory inside it")
     if not any(target.iterdir()):
         return
     if not overwrite:
@@ -149,9 +169,40 @@ def _not_output_of_kind(directory: Path, kind: OutputKind) -> str | None:
     return f": it also holds {shown}" + (f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else "")
 
 
+def _scratch_name(target: Path, kind: str) -> Path:
+    """A hidden sibling of ``target``: ``.<name>.sanitize-<kind>-<host>-<pid>-<random>`` (see _remove_leftovers)."""
+    return target.parent / f".{target.name}.sanitize-{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# The host in a scratch name: on a shared file system, another machine's live run must not look dead here.
+_HOST = safe_component(socket.gethostname() or "host").replace("-", "_")
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete the scratch directories beside ``target`` that runs on this host left when they were killed
+    (SIGKILL, a power cut): each holds a whole set of shards. One whose process still runs is kept."""
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.sanitize-(?:tmp|old)-{re.escape(_HOST)}-(\d+)-[0-9a-f]+")
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):  # none, or a number no process can have
+        return False
+    return True
+
+
 def _make_staging(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.sanitize-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = _scratch_name(target, "tmp")
     try:
         staging.mkdir()
     except OSError as error:  # the hidden staging name would only puzzle the user: name the directory,
@@ -172,14 +223,16 @@ def _move_into_place(staging: Path, target: Path) -> None:
     if not target.exists():
         staging.rename(target)
         return
-    retired = target.parent / f".{target.name}.sanitize-old-{os.getpid()}-{secrets.token_hex(4)}"
+    retired = _scratch_name(target, "old")
     target.rename(retired)
     try:
         staging.rename(target)
     except OSError:
         retired.rename(target)
         raise
-    shutil.rmtree(retired)
+    # The new outputs are in place: an old file that cannot be deleted (no permission) must not fail the
+    # run; the next run into this OUT removes what is left (see _remove_leftovers).
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def write_outputs(tmp, ingested: Ingested, *, score, suspected, relabel, shard_size: int = 10000,
