@@ -27,10 +27,13 @@ class Bank:
 
     @classmethod
     def from_arrays(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], device="cpu") -> "Bank":
-        """Build a bank from uint8 ``[N, H, W, 3]`` images and int ``[N]`` labels."""
+        """Build a bank from uint8 ``[N, H, W, 3]`` images and int ``[N]`` labels.
+
+        The bank's [N, 3, H, W] images keep the array's pixel order (channels_last strides): no second
+        copy of the data, which at 224 px is gigabytes; on the CPU they share the array's memory."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).contiguous()
+        tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
         mean, std = channel_stats(tensor)
         return cls(tensor, torch.as_tensor(labels, dtype=torch.long, device=device), list(classes), mean, std)
 
@@ -51,10 +54,12 @@ class Bank:
         return self.images.device
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of uint8 ``[N, 3, H, W]`` images in [0, 1] units, chunked to bound memory."""
+def channel_stats(images: torch.Tensor, chunk_values: int = 2**24) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of uint8 ``[N, 3, H, W]`` images in [0, 1] units, in chunks of about
+    ``chunk_values`` pixel values (two float64 copies of one: 256 MB at most, whatever the image size)."""
     total = torch.zeros(3, dtype=torch.float64, device=images.device)
     total_sq = torch.zeros_like(total)
+    chunk = max(1, chunk_values // max(1, math.prod(images.shape[1:])))
     for start in range(0, images.shape[0], chunk):
         part = images[start:start + chunk].double().div_(255)
         total += part.sum(dim=(0, 2, 3))

@@ -206,8 +206,12 @@ def decode_images(datas: list[bytes], workers: Workers, *, image_size=None) -> D
             errors[index] = result
         else:
             images[index] = result
-    if errors:
-        images = images[[index for index in range(len(datas)) if index not in errors]]
+    if errors:  # the readable rows moved up in place: a second array would double the peak memory
+        kept = [index for index in range(len(datas)) if index not in errors]
+        for row, index in enumerate(kept):
+            if row != index:
+                images[row] = images[index]
+        images = images[:len(kept)]
     return Decoded(images, errors, size, rule)
 
 
