@@ -120,6 +120,25 @@ def test_a_head_trained_for_fewer_than_ten_steps_reports_each_step(bank):
     assert len(dbd.train_head(head, torch.randn(bank.n, 8), bank.labels, tiny_options(head_steps=30))) == 10
 
 
+def test_the_self_supervised_seam_calls_the_objective_after_every_step(bank):
+    """MoCo-v2 or BYOL (the paper's App. M) update a momentum encoder after each optimizer step."""
+
+    class Counting(dbd.SimCLR):
+        steps = 0
+
+        def after_step(self, model):
+            Counting.steps += 1
+            assert self.training and model.training
+
+    small = Bank(bank.images[:96], bank.labels[:96], bank.classes, bank.mean, bank.std)
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+    objective = Counting(model.feature_dim, 16, 0.5, 0.2)
+    objective.eval()  # pretrain_backbone puts it in training mode
+    dbd.pretrain_backbone(model, objective, small, tiny_options(ss_epochs=2, batch_size=32))
+    assert Counting.steps == 2 * 3
+
+
 def test_sce_matches_wang_et_al():
     generator = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(10, 4, generator=generator) * 3, torch.randint(0, 4, (10,), generator=generator)

@@ -58,7 +58,10 @@ class DbdOptions:
     # so both stages push about the same number of images through the network per step.
     batch_size: int = 512
     # Stage 1, SimCLR. Batch 512, lr 0.4, weight decay 1e-4 and temperature 0.5 are the
-    # official DBD settings; 512 pairs (1,024 views a step) already fill an H100 at 32 px.
+    # official DBD code's settings (the paper's App. A says weight decay 5e-4 and a cosine
+    # decay); 512 pairs (1,024 views a step) already fill an H100 at 32 px. The schedule is
+    # the engine's: SGD with Nesterov momentum 0.9, a linear warm-up over 15% of the steps,
+    # then a linear decay to zero; the lr is not rescaled when --quick shrinks the batch.
     # The paper trains 100 epochs and says a purified, not a well-trained, extractor is the
     # goal (App. K); 60 fit the time budget. The projection head's width is lost in
     # extraction: 128, as in SimCLR.
@@ -133,6 +136,11 @@ class SelfSupervised(Protocol):
     def loss(self, model: Classifier, views: list[torch.Tensor]) -> torch.Tensor:
         """Scalar loss of ``model.features`` on ``views``."""
 
+    def train(self, mode: bool = True): ...
+
+    def after_step(self, model: Classifier) -> None:
+        """Called after each optimizer step: MoCo's and BYOL's momentum (EMA) encoders update here."""
+
 
 def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
     """Eq. 5 averaged over all 2B anchors: ``first[i]`` and ``second[i]`` [B, D] are a positive pair,
@@ -172,6 +180,9 @@ class SimCLR(nn.Module):
     def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         return [self.view(images, generator), self.view(images, generator)]
 
+    def after_step(self, model: Classifier) -> None:
+        """SimCLR keeps no momentum encoder."""
+
     def loss(self, model: Classifier, views: list[torch.Tensor]) -> torch.Tensor:
         # One forward for both views, so BatchNorm sees the 2B images together.
         projections = self.projector(model.features(train._layout(torch.cat(views))))
@@ -191,6 +202,7 @@ def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, train.warmup_linear(opts.ss_epochs * steps))
     epoch_loss = torch.zeros(opts.ss_epochs, device=bank.device)  # summed on the device: no sync per step
     model.train()
+    objective.train()
     for epoch in range(opts.ss_epochs):
         # drop_last: a short last batch has fewer negatives and a noisier loss.
         for batch in train.batches(train.all_indices(bank), batch_size, generator, drop_last=True):
@@ -200,6 +212,7 @@ def pretrain_backbone(model: Classifier, objective: SelfSupervised, bank: Bank, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            objective.after_step(model)
             schedule.step()
             epoch_loss[epoch] += loss.detach().float()
         train.require_finite(epoch_loss[epoch])
