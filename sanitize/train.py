@@ -148,11 +148,12 @@ def all_indices(bank: Bank) -> torch.Tensor:
 def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, epochs: int = 20, batch_size: int = 512,
                      lr: float = 0.2, weight_decay: float = 5e-4, seed: int = 0, augmentation: str = "crop",
-                     progress: Progress | None = None) -> dict:
+                     logit_shift: torch.Tensor | None = None, progress: Progress | None = None) -> dict:
     """Cross-entropy training on ``indices`` (default: all samples), each batch augmented as ``augmentation``
     (``sanitize.data.AUGMENTATIONS``; "none" for none).
 
-    ``labels`` [N] overrides the bank's given labels (used for relabeled fine-tuning).
+    ``labels`` [N] overrides the bank's given labels (used for relabeled fine-tuning). ``logit_shift``
+    [K], if given, is added to the logits in the loss only (logit adjustment, see ``class_log_prior``).
     Returns ``{"loss": last-epoch mean loss, "steps": n}``.
     """
     indices = all_indices(bank) if indices is None else indices.to(bank.device)
@@ -174,7 +175,8 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
         for batch in batches(indices, batch_size, generator, drop_last, TRAIN_MIN_BATCH):
             inputs = _layout(augment(bank.images[batch], generator, augmentation))
             with autocast(bank.device):
-                loss = F.cross_entropy(model(inputs), labels[batch])
+                logits = model(inputs)
+            loss = F.cross_entropy(shifted(logits, logit_shift), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -186,6 +188,21 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
                 progress(step, total)
         require_finite(loss_sum)
     return {"loss": float(loss_sum / max(1, count)), "steps": step}
+
+
+def class_log_prior(labels: torch.Tensor, num_classes: int, tau: float = 1.0) -> torch.Tensor:
+    """``tau * log(class share)`` float32 [K] of the given ``labels`` (an empty class counts one sample).
+
+    Added to the logits in a training loss (logit adjustment, Menon et al., ICLR 2021), it leaves the
+    model's own logits free of the class prior: a class that fills most of the data is no longer
+    predicted for its size. On balanced data it is the same for every class, and changes nothing."""
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()
+    return tau * (counts / counts.sum()).log()
+
+
+def shifted(logits: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """float32 logits, plus ``shift`` [K] if given."""
+    return logits.float() if shift is None else logits.float() + shift
 
 
 def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -201,8 +218,10 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor, relearn: torch.Tensor,
                     epochs: int = 1, batch_size: int = 512, lr: float = 0.01, unlearn_weight: float = 1.0,
                     unlearn_share: float = 0.125, weight_decay: float = 5e-4, seed: int = 0,
-                    augmentation: str = "crop", progress: Progress | None = None) -> dict:
-    """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``.
+                    augmentation: str = "crop", logit_shift: torch.Tensor | None = None,
+                    progress: Progress | None = None) -> dict:
+    """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``
+    (``logit_shift`` as in ``train_supervised``, in both losses).
 
     The unlearn batch is drawn with replacement at the set's relative size, but at least
     ``unlearn_share`` of ``batch_size``, so a small unlearn set is seen many times per
@@ -225,8 +244,8 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
             forget = unlearn[pick]
             inputs = _layout(augment(bank.images[torch.cat([batch, forget])], generator, augmentation))
             with autocast(bank.device):
-                logits = model(inputs)
-            learn_loss = F.cross_entropy(logits[:len(batch)].float(), bank.labels[batch])
+                logits = shifted(model(inputs), logit_shift)
+            learn_loss = F.cross_entropy(logits[:len(batch)], bank.labels[batch])
             forget_loss = unlearning_loss(logits[len(batch):], bank.labels[forget])
             loss = learn_loss + unlearn_weight * forget_loss
             optimizer.zero_grad(set_to_none=True)

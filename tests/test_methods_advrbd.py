@@ -178,6 +178,47 @@ def test_warm_up_and_enhancement_train_with_their_own_augmentation(poisoned_bank
     assert seen == [("train_supervised", "flip"), ("unlearn_relearn", "crop"), ("unlearn_relearn", "crop")]
 
 
+def test_imbalance_is_judged_without_the_largest_and_the_smallest_class():
+    """A poisoning inflates its target class (and TaCT depletes its source class): a balanced set stays
+    balanced at any rate."""
+    def labels(*sizes):
+        return torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
+
+    assert not advrbd.imbalanced(labels(5000 + 10000, 3900, 3900, 3900, 3900), 5)  # 20% poisons into class 0
+    assert not advrbd.imbalanced(labels(7500, 2500, 5000, 5000, 5000), 5)  # TaCT: all from one source class
+    assert advrbd.imbalanced(labels(800, 480, 172, 37, 8), 5)  # long-tailed
+    assert not advrbd.imbalanced(labels(90, 5, 5, 5), 4)  # one dominant class: warned after the split instead
+    assert not advrbd.imbalanced(labels(50, 50, 50, 0, 0), 5)  # empty classes aside
+    assert advrbd.imbalanced(labels(60, 50, 20, 10), 4)
+    assert not advrbd.imbalanced(labels(60, 50, 10), 3)  # too few classes to tell
+
+
+def test_the_enhancement_adjusts_its_logits_on_imbalanced_data_only(poisoned_bank, monkeypatch):
+    from sanitize import train
+    from sanitize.methods.base import StageClock
+
+    shifts = []
+    real_relearn, real_supervised = train.unlearn_relearn, train.train_supervised
+    monkeypatch.setattr(train, "unlearn_relearn", lambda *a, **k: shifts.append(k["logit_shift"]) or real_relearn(
+        *a, **{**k, "epochs": 1}))
+    monkeypatch.setattr(train, "train_supervised", lambda *a, **k: shifts.append(k.get("logit_shift")) or
+                        real_supervised(*a, **{**k, "epochs": 1}))
+    bank, _ = poisoned_bank  # balanced, 5% poisons: the target class inflated, the rest as they were
+    opts = advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64, enhance_rounds=1).scaled()
+    metrics = {}
+    advrbd.detect(bank, opts, StageClock(bank.device), metrics)
+    assert shifts == [None, None] and metrics["logit_adjust"] == 0
+    keep = torch.cat([(bank.labels == label).nonzero()[:, 0][:max(4, 60 // (label + 1))] for label in range(10)])
+    tail = Bank(bank.images[keep], bank.labels[keep], bank.classes, bank.mean, bank.std)
+    shifts.clear()
+    advrbd.detect(tail, opts, StageClock(bank.device), metrics)
+    assert shifts[0] is None  # the warm-up learns with the prior, as the paper's
+    assert torch.allclose(shifts[1], train.class_log_prior(tail.labels, 10)) and metrics["logit_adjust"] == 1
+    shifts.clear()
+    advrbd.detect(tail, replace(opts, logit_adjust=0.0), StageClock(bank.device), metrics)
+    assert shifts == [None, None]  # a value set is a value kept
+
+
 def test_no_sample_outside_the_pool_is_ever_unlearned_or_rescored(poisoned_bank, monkeypatch):
     from sanitize.methods.base import StageClock
 

@@ -137,3 +137,33 @@ def test_predictor_takes_numpy_images_as_they_are_stored(cifar_arrays):
     predicted = train.predictor(model, torch.device("cpu"))(images[:40])
     expected = train.predict_logits(model, torch.from_numpy(images[:40]).permute(0, 3, 1, 2).contiguous()).argmax(1)
     assert predicted.shape == (40,) and (predicted == expected.numpy()).all()
+
+
+def test_class_log_prior_is_the_log_of_each_class_share():
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2])
+    prior = train.class_log_prior(labels, 4, tau=0.5)
+    shares = torch.tensor([6, 3, 1, 1]) / 11  # an empty class counts one sample: no log 0
+    assert torch.allclose(prior, 0.5 * shares.log())
+    flat = train.class_log_prior(torch.arange(8) % 4, 4)
+    assert torch.allclose(flat, flat[:1].expand(4))  # balanced: one value for every class, no change
+
+
+def test_logit_adjusted_training_predicts_the_dominant_class_less(cifar_arrays, cifar_classes):
+    """Logit adjustment (Menon et al., 2021): trained with the log prior added to its logits, a model's
+    own logits are freer of a class that fills most of the data."""
+    images, labels = cifar_arrays
+    dominant = (labels == 0).nonzero()[0][:200]
+    rest = (labels != 0).nonzero()[0][:120]
+    picked = torch.as_tensor(list(dominant) + list(rest))
+    bank = Bank.from_arrays(images[picked.numpy()], labels[picked.numpy()], cifar_classes)
+    shift = train.class_log_prior(bank.labels, bank.num_classes)
+
+    def share_predicted_dominant(logit_shift):
+        torch.manual_seed(0)
+        model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+        train.train_supervised(model, bank, epochs=6, batch_size=64, lr=0.05, seed=0, logit_shift=logit_shift)
+        held_out = torch.from_numpy(images[(labels != 0).nonzero()[0][200:400]]).permute(0, 3, 1, 2)
+        return float((train.predict_logits(model, held_out).argmax(1) == 0).float().mean())
+
+    adjusted, plain = share_predicted_dominant(shift), share_predicted_dominant(None)
+    assert adjusted < plain - 0.1, (adjusted, plain)

@@ -88,6 +88,8 @@ _COMPARISONS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": ope
 def check_bounds(key: str, value, bounds: tuple[str, ...]) -> None:
     """An InputError unless ``value`` meets every bound (``"> 0"``, ``"<= 1"``, ...) an options class
     declares for ``key`` in its ``BOUNDS``; the message states them."""
+    if value is None:  # decided by the method
+        return
     for bound in bounds:
         comparison, _, limit = bound.partition(" ")
         if not _COMPARISONS[comparison](value, float(limit)):

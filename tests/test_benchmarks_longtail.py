@@ -1,0 +1,34 @@
+"""benchmarks/longtail.py: AdvrBD on a CIFAR subset cut long-tailed."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("longtail", BENCHMARKS / "longtail.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_long_tailed_keeps_the_first_images_of_each_class_down_the_tail():
+    labels = np.repeat(np.arange(4), 100)[np.random.default_rng(0).permutation(400)]
+    samples = [f"s{index}" for index in range(400)]
+    kept = load().long_tailed(samples, labels, 4, head=90, ratio=9)
+    counts = np.bincount(labels[[samples.index(name) for name in kept]], minlength=4)
+    assert counts.tolist() == [90, 43, 21, 10]  # 90 * 9 ** (-c / 3)
+    assert kept == sorted(kept, key=samples.index)  # in input order
+    first_of_class_3 = [name for name in samples if labels[samples.index(name)] == 3][:10]
+    assert set(first_of_class_3) <= set(kept)
+
+
+def test_a_run_reports_recall_fpr_and_the_flagged_share_of_each_class(make_shards, capsys):
+    record = load().main(["--data", str(make_shards(200)), "--ratio", "2", "--head", "30", "--attack", "badnets",
+                          "--rate", "0.1", "--set", "quick=true", "--set", "batch_size=32", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out) == record
+    assert record["poisons"] > 0 and 0 <= record["recall"] <= 100 and 0 <= record["fpr"] <= 100
+    assert sum(int(cell.split("/")[1]) for cell in record["flagged_by_class"].values()) == record["samples"]
