@@ -6,7 +6,7 @@ and FPR of the suspects against the poisoning's truth, and the flagged share of 
 
     PYTHONPATH=. python benchmarks/longtail.py --data .data/train/train-000000.tar.gz \
         --classes .data/train/classes.json --ratio 10 --attack badnets --attack-set kind=checkerboard \
-        --arch small --set quick=true --set seed=1 [--set logit_adjust=0]
+        --arch small --set quick=true --set seed=1 [--set logit_adjust=0]    # ResNet-18 without --arch
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--target", type=int, default=0, help="the attack's target class (0: the largest)")
     parser.add_argument("--rate", type=float, default=0.05)
     parser.add_argument("--attack-set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--arch", default="small")
+    parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="AdvrBD options, as sanitize run --set")
     parser.add_argument("--device", default="auto")

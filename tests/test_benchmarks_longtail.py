@@ -28,7 +28,8 @@ def test_long_tailed_keeps_the_first_images_of_each_class_down_the_tail():
 
 def test_a_run_reports_recall_fpr_and_the_flagged_share_of_each_class(make_shards, capsys):
     record = load().main(["--data", str(make_shards(200)), "--ratio", "2", "--head", "30", "--attack", "badnets",
-                          "--rate", "0.1", "--set", "quick=true", "--set", "batch_size=32", "--device", "cpu"])
+                          "--rate", "0.1", "--arch", "small", "--set", "quick=true", "--set", "batch_size=32",
+                          "--device", "cpu"])
     assert json.loads(capsys.readouterr().out) == record
     assert record["poisons"] > 0 and 0 <= record["recall"] <= 100 and 0 <= record["fpr"] <= 100
     assert sum(int(cell.split("/")[1]) for cell in record["flagged_by_class"].values()) == record["samples"]
