@@ -148,12 +148,11 @@ def all_indices(bank: Bank) -> torch.Tensor:
 def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, epochs: int = 20, batch_size: int = 512,
                      lr: float = 0.2, weight_decay: float = 5e-4, seed: int = 0, augmentation: str = "crop",
-                     logit_shift: torch.Tensor | None = None, progress: Progress | None = None) -> dict:
+                     progress: Progress | None = None) -> dict:
     """Cross-entropy training on ``indices`` (default: all samples), each batch augmented as ``augmentation``
     (``sanitize.data.AUGMENTATIONS``; "none" for none).
 
-    ``labels`` [N] overrides the bank's given labels (used for relabeled fine-tuning). ``logit_shift``
-    [K], if given, is added to the logits in the loss only (logit adjustment, see ``class_log_prior``).
+    ``labels`` [N] overrides the bank's given labels (used for relabeled fine-tuning).
     Returns ``{"loss": last-epoch mean loss, "steps": n}``.
     """
     indices = all_indices(bank) if indices is None else indices.to(bank.device)
@@ -175,8 +174,7 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
         for batch in batches(indices, batch_size, generator, drop_last, TRAIN_MIN_BATCH):
             inputs = _layout(augment(bank.images[batch], generator, augmentation))
             with autocast(bank.device):
-                logits = model(inputs)
-            loss = F.cross_entropy(shifted(logits, logit_shift), labels[batch])
+                loss = F.cross_entropy(model(inputs), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -200,11 +198,6 @@ def class_log_prior(labels: torch.Tensor, num_classes: int, tau: float = 1.0) ->
     return tau * (counts / counts.sum()).log()
 
 
-def shifted(logits: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """float32 logits, plus ``shift`` [K] if given."""
-    return logits.float() if shift is None else logits.float() + shift
-
-
 def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Bounded unlearning: minimise -log(1 - p_y), i.e. drive the given label's probability to 0.
 
@@ -220,8 +213,9 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
                     unlearn_share: float = 0.125, weight_decay: float = 5e-4, seed: int = 0,
                     augmentation: str = "crop", logit_shift: torch.Tensor | None = None,
                     progress: Progress | None = None) -> dict:
-    """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``
-    (``logit_shift`` as in ``train_supervised``, in both losses).
+    """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``.
+    ``logit_shift`` [K], if given, is added to the logits in both losses only (logit adjustment, see
+    ``class_log_prior``).
 
     The unlearn batch is drawn with replacement at the set's relative size, but at least
     ``unlearn_share`` of ``batch_size``, so a small unlearn set is seen many times per
@@ -244,7 +238,8 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
             forget = unlearn[pick]
             inputs = _layout(augment(bank.images[torch.cat([batch, forget])], generator, augmentation))
             with autocast(bank.device):
-                logits = shifted(model(inputs), logit_shift)
+                logits = model(inputs).float()
+            logits = logits if logit_shift is None else logits + logit_shift
             learn_loss = F.cross_entropy(logits[:len(batch)], bank.labels[batch])
             forget_loss = unlearning_loss(logits[len(batch):], bank.labels[forget])
             loss = learn_loss + unlearn_weight * forget_loss

@@ -161,7 +161,9 @@ def test_logit_adjusted_training_predicts_the_dominant_class_less(cifar_arrays, 
     def share_predicted_dominant(logit_shift):
         torch.manual_seed(0)
         model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
-        train.train_supervised(model, bank, epochs=6, batch_size=64, lr=0.05, seed=0, logit_shift=logit_shift)
+        everything = torch.arange(bank.n)  # relearning only: one sample to unlearn, at weight 0
+        train.unlearn_relearn(model, bank, unlearn=everything[:1], relearn=everything, epochs=6, batch_size=64,
+                              lr=0.05, unlearn_weight=0.0, unlearn_share=0.0, seed=0, logit_shift=logit_shift)
         held_out = torch.from_numpy(images[(labels != 0).nonzero()[0][200:400]]).permute(0, 3, 1, 2)
         return float((train.predict_logits(model, held_out).argmax(1) == 0).float().mean())
 
