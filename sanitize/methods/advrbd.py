@@ -151,14 +151,14 @@ class AdvrbdOptions:
     # the classes are imbalanced apart from the largest and the smallest (``imbalanced``: a poisoning
     # inflates its target class and may deplete one source class, so a balanced set stays untouched
     # at any rate), else 0. On a long-tailed set the enhanced model keeps a large class's prior,
-    # and the split flagged much of it. CPU,
-    # --quick, small CNN, CIFAR cut long-tailed (class c keeps 800 * r**(-c/9) images), seeds
-    # 1 / 2 / 0, off -> on (benchmarks/RESULTS.md, "Long-tailed data"): r = 100, clean set flagged
-    # 14.5 / 26.0 / 20.5% -> 4.2 / 3.6 / 2.1%; r = 10, checkerboard BadNets 5% into the largest
-    # class, recall / FPR 99 / 13.2, 100 / 14.8, 94 / 11.9 -> 99 / 3.9, 100 / 3.6, 95 / 3.7. In the
-    # warm-up too it once kept the backdoor from being learned (recall 10%): the warm-up learns
-    # with the prior, as the paper's. With r = 100 and the poisons 11% of the largest class every
-    # variant missed them (recall 0-7%): at this scale the class prior alone fits them.
+    # and the split flagged much of it. CPU, --quick, small CNN, CIFAR cut long-tailed (class c
+    # keeps 800 * r**(-c/9) images), seeds 1 / 2 / 0, off -> on (benchmarks/RESULTS.md,
+    # "Long-tailed data"): r = 100, clean set flagged 14.5 / 26.0 / 20.5% -> 4.2 / 3.6 / 2.1%;
+    # r = 10, checkerboard BadNets 5% into the largest class, recall / FPR 99 / 13.2, 100 / 14.8,
+    # 94 / 11.9 -> 99 / 3.9, 100 / 3.6, 95 / 3.7. In the warm-up too it once kept the backdoor
+    # from being learned (recall 10%): the warm-up learns with the prior, as the paper's. With
+    # r = 100 and the poisons 11% of the largest class every variant missed them (recall 0-7%):
+    # at this scale the class prior alone fits them.
     logit_adjust: float | None = None
     # Stage 5. The enhanced model also memorises the clean samples it relearns, so
     # "still fits the given label" (margin > 0) flagged half of the clean samples in a
