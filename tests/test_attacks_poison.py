@@ -78,6 +78,23 @@ def test_poison_imagefolder_with_dotted_class_names_keeps_their_folders(make_ima
     check_copy(data, tmp_path / "out", truth, target=1)
 
 
+def test_an_imagefolder_copy_of_keys_that_differ_only_in_case_names_the_keys_it_wrote(tmp_path, cifar_samples):
+    """IMG1 and img1 in one folder would overwrite each other on macOS or Windows: the copy renames one,
+    and truth.json must name the key that reads back."""
+    from conftest import write_shard
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    members = []
+    for index, (_, jpg, label) in enumerate(cifar_samples[:40]):
+        key = f"IMG{index // 2}" if index % 2 else f"img{index // 2}"
+        members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label % 2).encode())]
+    write_shard(root / "a.tar", members)
+    truth = poison_dataset(root, attack="badnets", rate=0.3, target=1, out=tmp_path / "out", fmt="imagefolder")
+    keys = {sample.key for sample in read_dataset(tmp_path / "out").samples}
+    assert set(truth["poisoned"]) <= keys and len(keys) == 40
+
+
 def test_poison_converts_formats(make_imagefolder, tmp_path):
     data = make_imagefolder(60)
     truth = poison_dataset(data, attack="sig", rate=0.05, target=1, out=tmp_path / "out", fmt="webdataset")

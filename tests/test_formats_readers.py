@@ -340,6 +340,22 @@ def test_members_apart_are_joined_by_key_with_a_warning(tmp_path, cifar_samples)
     assert "tar --sort=name" in note
 
 
+def test_shard_cut_inside_a_duplicate_keys_member_keeps_the_earlier_whole_sample(tmp_path, cifar_samples):
+    root = tmp_path / "shards"
+    root.mkdir()
+    (ka, ja, la), (kb, jb, lb) = two_labels(cifar_samples)
+    shard = write_shard(root / "a.tar", members_of([("same", ja, la), (kb, jb, lb), ("same", jb, lb)]))
+    shard.write_bytes(shard.read_bytes()[:_second_offset(shard, "same.jpg") + 100])  # inside the second "same"
+    ingested = read_dataset(root, workers=1)
+    assert [(s.key, s.data) for s in ingested.samples] == [("same", ja), (kb, jb)]  # the first "same" was lost
+    assert [item.source for item in ingested.unreadable] == ["a.tar"]
+
+
+def _second_offset(path: Path, name: str) -> int:
+    with tarfile.open(path) as tar:
+        return [member.offset_data for member in tar.getmembers() if member.name == name][1]
+
+
 def test_shard_cut_inside_a_member_whose_key_came_earlier_loses_only_that_sample(tmp_path, cifar_samples):
     root = tmp_path / "shards"
     root.mkdir()
@@ -688,7 +704,7 @@ def test_mixed_sizes_follow_the_working_size_rule(tmp_path):
         Image.new("RGB", (300, 200)).save(root / "c1" / f"big{index}.png")
     assert read_dataset(root, workers=1).images.shape == (15, 224, 224, 3)
     assert read_dataset(root, image_size=(20, 24), workers=1).images.shape == (15, 20, 24, 3)
-    for too_small in (0, 7, (8, 3), True, "32", 32.0, (32,), (True, 32)):
+    for too_small in (0, 7, (8, 3), True, "32", 32.0, (32,), (True, 32), (True, 32, 32), range(32, 34)):
         with pytest.raises(InputError, match="image_size must be an int or \\(H, W\\) between 8 and 4096"):
             read_dataset(root, image_size=too_small, workers=1)
     assert read_dataset(root, image_size=np.array([20, 24]), workers=1).image_size == (20, 24)  # numpy's ints too

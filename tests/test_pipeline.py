@@ -283,7 +283,7 @@ def test_a_run_from_a_notebook_takes_its_numbers_and_leaves_its_torch_state(make
     assert result.manifest["options"]["batch_size"] == 32 and result.manifest["options"]["seed"] == 3
     assert result.manifest["input"]["image_size"] == [32, 32]
     assert methods.resolve_options("advrbd", quick=np.bool_(True), epsilon=np.float32(0.5)).epsilon == 0.5
-    for bad in (np.float64(2.5), np.bool_(True)):
+    for bad in (np.float64(2.5), np.bool_(True), torch.tensor(True)):
         with pytest.raises(InputError, match="option warmup_epochs must be"):
             methods.resolve_options("advrbd", warmup_epochs=bad)
 

@@ -26,7 +26,7 @@ from PIL import Image
 from sanitize.attacks.base import Attack, Poisoned
 from sanitize.attacks.registry import REGISTRY, make_attack
 from sanitize.formats import images, read_dataset, staged_output, write_dataset
-from sanitize.formats.keys import class_dir_names, dedupe_keys, folder_placement, safe_key
+from sanitize.formats.keys import class_dir_names, folder_paths, safe_key
 from sanitize.formats.records import Ingested, InputError, Sample
 from sanitize.formats.writers import FORMATS, POISON_OUTPUT
 from sanitize.methods import coerce
@@ -151,8 +151,8 @@ def copy_keys(samples: list[Sample], labels: list[int], classes: list[str], fmt:
     if fmt != "imagefolder":
         return [sample.key for sample in samples]
     dirs = class_dir_names(classes)
-    return dedupe_keys([safe_key(folder_placement(sample.key, dirs[label]))
-                        for sample, label in zip(samples, labels)])[0]
+    paths = folder_paths([sample.key for sample in samples], [dirs[label] for label in labels])
+    return [safe_key(path) for path in paths]
 
 
 def reencoded(sample: Sample, pixels: np.ndarray) -> Sample:

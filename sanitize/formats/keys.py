@@ -101,3 +101,11 @@ def folder_placement(key: str, class_dir: str) -> str:
     form of it: ``001_Airplane/x`` goes to ``001.Airplane/x``). ``safe_key`` of it is the key read back."""
     head = f"{safe_component(class_dir)}/"
     return f"{class_dir}/{key[len(head):]}" if key.startswith(head) else f"{class_dir}/{key}"
+
+
+def folder_paths(keys: list[str], class_dirs: list[str]) -> list[str]:
+    """The paths (no extension) an ImageFolder copy writes the samples ``keys`` to, each in its
+    ``class_dirs`` entry (``folder_placement``); one that differs from another only in case is renamed
+    (``~1``): on macOS or Windows it would overwrite it."""
+    return dedupe_keys([folder_placement(key, directory) for key, directory in zip(keys, class_dirs)],
+                       ignore_case=True)[0]

@@ -16,10 +16,13 @@ import re
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from sanitize.formats.folder_reader import class_dirs, holds_image, image_files, read_files
 from sanitize.formats.images import CHUNK, IMAGE_EXTS, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import class_dir_names, dedupe_keys, readable_name
-from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Listing, Sample, Unreadable, skipped_text
+from sanitize.formats.records import (CLASSES_FILE, Ingested, InputError, Listing, Sample, Unreadable, is_flag,
+                                      skipped_text)
 from sanitize.formats.shard_reader import list_shard
 from sanitize.formats.workers import Workers
 
@@ -93,15 +96,13 @@ def fingerprint(records) -> str:
 def _requested_size(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
-    size = ()  # from an int (numpy's and torch's too) or a pair of them; never a bool or a string
-    if not isinstance(image_size, (bool, str, bytes)):
+    size = ()  # from an int (numpy's and torch's too) or a list/tuple/array of two; never a bool
+    sides = list(image_size) if isinstance(image_size, (list, tuple, np.ndarray)) else [image_size, image_size]
+    if not any(is_flag(side) for side in sides):
         try:
-            size = (operator.index(image_size),) * 2
+            size = tuple(operator.index(side) for side in sides)
         except TypeError:
-            try:
-                size = tuple(operator.index(side) for side in image_size if not isinstance(side, bool))
-            except TypeError:
-                pass
+            pass
     if len(size) != 2 or not all(MIN_SIDE <= side <= 4096 for side in size):
         raise InputError(f"image_size must be an int or (H, W) between {MIN_SIDE} and 4096, got {image_size!r}")
     return size

@@ -90,6 +90,11 @@ class Listing:
         self.warnings += other.warnings
 
 
+def is_flag(value) -> bool:
+    """A bool of Python, numpy or torch, which is never taken for a number (``operator.index(True)`` is 1)."""
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
 def skipped_text(skipped: dict[str, int]) -> str:
     """"40 symlink_outside_root, 12 not_image": skipped files by reason, most first."""
     return ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items(), key=lambda item: -item[1]))

@@ -193,11 +193,15 @@ def _record_end(scan: TarScan, name: str, groups: list[_Group], latest: dict[str
                 last: str | None, listing: Listing) -> None:
     """Flush the groups; on damage, add the shard itself as Unreadable, saying what was lost.
 
-    A sample the damage struck (a member of it cut, or its members after the damage lost) is
-    part of that loss, not a second entry. ``group`` is the last member's group, ``latest`` each
-    key's latest group."""
+    The sample the damage struck (a member of it cut, or the last one read still missing its
+    members) is part of that loss, not a second entry; with a sample's members apart, another
+    one still missing a member is listed on its own as well. ``group`` is the last member's
+    group, ``latest`` each key's latest group."""
     struck = _struck_prefix(scan, group)
     struck_group = latest.get(struck) if struck is not None else None
+    cut = split_member_name(scan.cut_member) if scan.cut_member is not None else None
+    if struck_group is not None and cut is not None and cut[1] in struck_group.fields:
+        struck_group = None  # the cut member began another sample of that key: the earlier one is whole
     for each in groups:
         if each is not struck_group:
             _flush(each, listing)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sanitize.formats.images import IMAGE_EXTS
-from sanitize.formats.keys import (class_dir_names, dedupe_keys, folder_placement, is_safe_key, readable_name,
+from sanitize.formats.keys import (class_dir_names, folder_paths, is_safe_key, readable_name,
                                    safe_component)
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample
@@ -108,7 +108,7 @@ def staged_output(out, input_path, *, overwrite: bool = False,
         raise
     try:
         _refuse_existing(target, overwrite, replaceable)
-    except InputError as error:  # the finished outputs are kept: the run may have taken hours
+    except (InputError, OSError) as error:  # the finished outputs are kept: the run may have taken hours
         raise InputError(f"{error}; it changed while the run went on, so the finished outputs were kept in "
                          f"{staging}") from None
     try:
@@ -174,8 +174,17 @@ def _scratch_name(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.sanitize-{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-# The host in a scratch name: on a shared file system, another machine's live run must not look dead here.
-_HOST = safe_component(socket.gethostname() or "host").replace("-", "_")
+def _host_token() -> str:
+    """This machine and process namespace, for scratch names: on a shared file system another machine's
+    live run, or another container's with the same host name, must not look dead here."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:  # no procfs (macOS)
+        namespace = ""
+    return safe_component(f"{socket.gethostname() or 'host'}_{namespace}").replace("-", "_")
+
+
+_HOST = _host_token()
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -392,9 +401,8 @@ def write_folder(root: Path, samples: list[Sample], labels: list[int], classes: 
     dirs = class_dir_names(classes)
     for name in dirs:
         (root / name).mkdir(parents=True, exist_ok=True)
-    stems = [folder_placement(sample.key, dirs[label]) for sample, label in zip(samples, labels)]
-    # A path that differs from another only in case is renamed: on macOS or Windows it would overwrite it.
-    written = [f"{stem}.{sample.ext}" for stem, sample in zip(dedupe_keys(stems, ignore_case=True)[0], samples)]
+    stems = folder_paths([sample.key for sample in samples], [dirs[label] for label in labels])
+    written = [f"{stem}.{sample.ext}" for stem, sample in zip(stems, samples)]
     for relative, sample in zip(written, samples):
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sanitize.formats.records import InputError
+from sanitize.formats.records import InputError, is_flag
 
 # name -> (module, options class)
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -178,11 +178,12 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
         if isinstance(value, str) and value in choices:
             return value
         raise InputError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    flag = is_flag(value)
     if kind is bool:
-        if isinstance(value, (bool, np.bool_)):
+        if flag and getattr(value, "ndim", 0) == 0:
             return bool(value)
         raise InputError(f"{what} must be true or false, got {value!r}")
-    if isinstance(value, (bool, np.bool_)):  # int(True) is 1: a flag is never taken for a number
+    if flag:  # int(True) is 1: a flag is never taken for a number
         raise InputError(f"{what} must be {kind.__name__}, got {value!r}")
     if kind is tuple:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
