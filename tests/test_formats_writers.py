@@ -260,9 +260,24 @@ def test_what_killed_runs_left_beside_out_is_removed_by_the_next_run(tmp_path):
             tmp_path / f".other.sanitize-tmp-{host}-{dead_pid}-0a1b2c3d"]  # another OUT's
     for directory in left + kept:
         (directory / "clean").mkdir(parents=True)
-    with staged_output(tmp_path / "out", tmp_path / "input") as staging:
+    (tmp_path / "out").mkdir()  # the output the killed runs were replacing is in place
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(RUN_MARKER))
+    with staged_output(tmp_path / "out", tmp_path / "input", overwrite=True) as staging:
         (staging / "result.txt").write_text("done")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(k.name for k in kept)])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["result.txt"]
+
+
+def test_an_old_output_moved_aside_by_a_killed_run_is_moved_back(tmp_path):
+    """Killed between the two renames of _move_into_place: OUT is gone, the old output waits aside."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".out.sanitize-old-{writers._HOST}-{int(dead.stdout)}-ab"
+    aside.mkdir()
+    (aside / "manifest.json").write_text(json.dumps(RUN_MARKER))
+    with pytest.raises(InputError, match="exists and is not empty"):  # back in place, so no --overwrite no run
+        with staged_output(tmp_path / "out", tmp_path / "input"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_a_mount_point_as_out_is_refused_before_the_run(tmp_path, monkeypatch):

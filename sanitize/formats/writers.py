@@ -96,8 +96,8 @@ def staged_output(out, input_path, *, overwrite: bool = False,
     if input_path is not None:
         _refuse_overlap(target, input_path)
     try:
-        _refuse_existing(target, overwrite, replaceable)
         _remove_leftovers(target)
+        _refuse_existing(target, overwrite, replaceable)
         staging = _make_staging(target)
     except OSError as error:
         raise InputError(f"cannot write the output {target}: {_os_reason(error)}") from None
@@ -189,13 +189,21 @@ _HOST = _host_token()
 
 def _remove_leftovers(target: Path) -> None:
     """Delete the scratch directories beside ``target`` that runs on this host left when they were killed
-    (SIGKILL, a power cut): each holds a whole set of shards. One whose process still runs is kept."""
+    (SIGKILL, a power cut): each holds a whole set of shards. One whose process still runs is kept. A run
+    killed between moving the old ``target`` aside and the new one in left no ``target``: the old one is
+    moved back first, as the only copy there is."""
     if not target.parent.is_dir():
         return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.sanitize-(?:tmp|old)-{re.escape(_HOST)}-(\d+)-[0-9a-f]+")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.sanitize-(tmp|old)-{re.escape(_HOST)}-(\d+)-[0-9a-f]+")
+    dead = {}
     for entry in target.parent.iterdir():
         match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _process_alive(int(match.group(1))):
+        if match and entry.is_dir() and not entry.is_symlink() and not _process_alive(int(match.group(2))):
+            dead[entry] = match.group(1)
+    for entry, kind in dead.items():
+        if kind == "old" and not target.exists():
+            entry.rename(target)
+        else:
             shutil.rmtree(entry, ignore_errors=True)
 
 
