@@ -166,6 +166,27 @@ def test_mixmatch_loss_guesses_distributions_and_is_finite(bank):
     assert torch.isfinite(loss_x) and torch.isfinite(loss_u) and loss_u.requires_grad
 
 
+def test_mixmatch_losses_are_eq7_and_eq8_when_nothing_is_mixed(bank, monkeypatch):
+    """With augmentation off and the MixUp weight 1 (each input is its own mix), L_X is the labeled
+    batch's cross-entropy with its labels and L_U the squared error, averaged over samples and classes,
+    between the unlabeled predictions and their sharpened guess (the mean over the K views)."""
+    from sanitize import data
+
+    monkeypatch.setattr(dbd, "augment", lambda images, generator: data.to_float(images))
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std).eval()  # fixed BN
+    labeled, unlabeled = torch.arange(8), torch.arange(8, 20)
+    loss_x, loss_u = dbd.mixmatch_loss(model, bank, labeled, unlabeled, 1.0, make_generator(0, "cpu"),
+                                       tiny_options(sharpen_temperature=0.5))
+    with torch.no_grad():
+        logits_x = model(data.to_float(bank.images[labeled]))
+        probs_u = model(data.to_float(bank.images[unlabeled])).softmax(1)
+    guess = probs_u ** 2 / (probs_u ** 2).sum(1, keepdim=True)  # T = 0.5; both views are the image itself
+    assert float(loss_x.detach()) == pytest.approx(float(F.cross_entropy(logits_x, bank.labels[labeled])), rel=1e-5)
+    assert float(loss_u.detach()) == pytest.approx(float(((probs_u - guess) ** 2).mean()), rel=1e-4)
+    assert loss_u.requires_grad and loss_x.requires_grad
+
+
 # --------------------------------------------------------------- filtering
 @pytest.mark.parametrize("attack", ["planted_badnets", "blend"])
 def test_sce_filter_keeps_planted_poisons_out_of_the_labeled_half(attack, cifar_arrays, cifar_classes):
