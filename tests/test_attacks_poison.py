@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_shard
 from sanitize.attacks import poison_dataset
 from sanitize.attacks.poison import TRUTH_FILE
 from sanitize.formats import read_dataset
@@ -93,6 +94,23 @@ def test_an_imagefolder_copy_of_keys_that_differ_only_in_case_names_the_keys_it_
     truth = poison_dataset(root, attack="badnets", rate=0.3, target=1, out=tmp_path / "out", fmt="imagefolder")
     keys = {sample.key for sample in read_dataset(tmp_path / "out").samples}
     assert set(truth["poisoned"]) <= keys and len(keys) == 40
+
+
+def test_a_poisoned_copy_keeps_every_samples_other_members(tmp_path, cifar_samples, cifar_classes):
+    data = tmp_path / "data"
+    data.mkdir()
+    members = []
+    for key, jpg, label in cifar_samples[:60]:
+        members += [(f"{key}.cls", str(label).encode()), (f"{key}.jpg", jpg), (f"{key}.txt", f"{key} caption".encode())]
+    write_shard(data / "part-000000.tar", members)
+    (data / "classes.json").write_text(json.dumps({"classes": cifar_classes}))
+    truth = poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "out", seed=0)
+    copy = read_dataset(tmp_path / "out")
+    assert len(copy.samples) == 60 and truth["counts"]["poisoned"] == 6
+    assert all(sample.extras == (("txt", f"{sample.key} caption".encode()),) for sample in copy.samples)
+    truth = poison_dataset(data, attack="badnets", rate=0.1, target=1, out=tmp_path / "tree", seed=0,
+                           fmt="imagefolder")
+    assert "the copy: the other members of 60 sample(s) (txt) are not in the ImageFolder tree" in truth["warnings"][-1]
 
 
 def test_poison_converts_formats(make_imagefolder, tmp_path):

@@ -20,6 +20,7 @@ from conftest import decode_jpegs, write_shard
 from sanitize.formats import InputError, build_manifest, read_dataset, validate_manifest
 from sanitize.formats import images as images_module
 from sanitize.formats import readers as readers_module
+from sanitize.formats import shard_reader
 
 
 def members_of(samples, label_ext="cls"):
@@ -440,6 +441,44 @@ def test_pickled_members_are_never_unpickled(tmp_path, cifar_samples):
     write_shard(root / "a.tar", members)
     ingested = read_dataset(root, workers=1)
     assert len(ingested.samples) == 20 and not marker.exists()
+
+
+def test_a_samples_other_members_are_kept_as_bytes_never_decoded(tmp_path, cifar_samples):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    (key, jpg, label), (plain_key, *_) = cifar_samples[:2]
+    meta = json.dumps({"label": label, "url": "https://example.com/a.jpg"}).encode()
+    extras = {"txt": b"a cat on a mat", "json": meta, "seg.png": b"\x89PNG mask", "pyd": pickle.dumps(Exploit())}
+    members = members_of(cifar_samples[:10])
+    members[2:2] = [(f"{key}.{suffix}", data) for suffix, data in extras.items()]
+    write_shard(root / "a.tar", members)
+    ingested = read_dataset(root, workers=1)
+    assert [s.label for s in ingested.samples] == [label for _, _, label in cifar_samples[:10]]
+    assert not ingested.warnings and not ingested.skipped
+    first, second = ingested.samples[:2]
+    assert first.data == jpg and first.ext == "jpg" and not marker.exists()
+    assert first.extras == tuple(sorted(extras.items())), "the .cls the label came from is not carried"
+    assert second.key == plain_key and second.extras == ()
+
+
+def test_a_member_too_large_to_carry_is_left_out_with_a_warning(tmp_path, cifar_samples, monkeypatch):
+    monkeypatch.setattr(shard_reader, "MAX_MEMBER_BYTES", 8000)  # a CIFAR JPEG is about 1-2 kB
+    root = tmp_path / "shards"
+    root.mkdir()
+    key = cifar_samples[0][0]
+    members = members_of(cifar_samples[:10])
+    members[2:2] = [(f"{key}.npy", bytes(9000)), (f"{key}.txt", b"caption")]
+    write_shard(root / "a.tar", members)
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 10 and ingested.samples[0].extras == (("txt", b"caption"),)
+    assert ingested.warnings == [f"a.tar: 1 member(s) over 0 MiB beside a sample's image and label are left out "
+                                 f"of the outputs (first: '{key}.npy')"]
 
 
 def test_links_and_hidden_members_in_a_shard_are_skipped(tmp_path, cifar_samples):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -350,6 +351,79 @@ def test_shards_written_by_worker_processes_are_the_same_bytes(make_shards, tmp_
                   workers=2)
     assert digests(tmp_path / "inline") == digests(tmp_path / "pool")
     assert len(shard_paths(tmp_path / "pool" / "relabeled")) == 4
+
+
+def shards_with_captions(root: Path, cifar_samples, cifar_classes, n: int = 30) -> dict[str, dict[str, bytes]]:
+    """Shards like img2dataset's: each sample has a caption ``.txt`` and a metadata ``.json`` that also
+    holds the label; some have more. Returns each key's members beside the image and ``.cls``."""
+    root.mkdir()
+    extras = {}
+    members = []
+    for index, (key, jpg, label) in enumerate(cifar_samples[:n]):
+        meta = json.dumps({"label": label, "url": f"https://example.com/{index}.jpg"}).encode()
+        extras[key] = {"txt": f"caption {index}".encode(), "json": meta}
+        if index % 3 == 0:  # more members, and names that would meet ours
+            extras[key] = {"TXT": b"upper", "txt": b"lower", "JSON": meta, "seg.png": b"mask", "_private": b"kept"}
+        members += [(f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())]
+        members += [(f"{key}.{suffix}", data) for suffix, data in extras[key].items()]
+    write_shard(root / "part-000000.tar", members)
+    (root / "classes.json").write_text(json.dumps({"classes": cifar_classes}))
+    return extras
+
+
+def carried(extras: dict[str, bytes]) -> dict[str, bytes]:
+    """The fields the input members ``extras`` become in a written shard."""
+    renamed = {"json": "input.json", "_private": "input._private", "JSON": "input.JSON", "txt": "input.txt"}
+    if "TXT" not in extras:
+        del renamed["txt"]  # sorted, TXT comes first and keeps its name; txt, which webdataset would take for it, not
+    return {renamed.get(suffix, suffix): data for suffix, data in extras.items()}
+
+
+def test_members_beside_the_image_are_carried_into_every_shard_set(tmp_path, cifar_samples, cifar_classes):
+    extras = shards_with_captions(tmp_path / "data", cifar_samples, cifar_classes)
+    ingested = read_dataset(tmp_path / "data", workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel)
+    for name in ("clean", "relabeled"):
+        written = list(webdataset.WebDataset(shard_paths(tmp_path / "out" / name), shardshuffle=False))
+        assert len(written) == (int((~suspected).sum()) if name == "clean" else 30)
+        for sample in written:
+            ours = {"__key__", "__url__", "__local_path__", "jpg", "cls", "json"}
+            expected = {k.lower(): v for k, v in carried(extras[sample["__key__"]]).items()}  # as webdataset reads
+            assert {k: v for k, v in sample.items() if k not in ours} == expected
+            assert json.loads(sample["json"]).keys() >= {"score"}, "the .json is ours; the input's is input.json"
+    # read back, an input.json "label" never overrides the final label, even where a suspect was relabeled
+    relabeled = read_dataset(tmp_path / "out" / "relabeled", workers=1)
+    assert relabeled.labels.tolist() == final(ingested, suspected, relabel) and not relabeled.unreadable
+    assert dict(relabeled.samples[1].extras)["input.json"] == extras[ingested.samples[1].key]["json"]
+
+
+def test_a_dataset_copy_carries_the_members_and_its_labels_win(tmp_path, cifar_samples, cifar_classes):
+    extras = shards_with_captions(tmp_path / "data", cifar_samples, cifar_classes)
+    ingested = read_dataset(tmp_path / "data", workers=1)
+    flipped = [dataclasses.replace(s, label=(s.label + 1) % 10) for s in ingested.samples]  # as a dirty-label attack
+    write_dataset(tmp_path / "copy", flipped, ingested.classes)
+    copy = read_dataset(tmp_path / "copy", workers=1)
+    assert [s.label for s in copy.samples] == [s.label for s in flipped] and not copy.unreadable
+    for sample in copy.samples:
+        assert {k: v for k, v in sample.extras if k != "json"} == carried(extras[sample.key])
+        assert json.loads(dict(sample.extras)["json"]) == {"label": sample.label}
+    # a copy of samples with nothing beside the image and label stays as it was: image and .cls
+    write_dataset(tmp_path / "plain", [dataclasses.replace(s, extras=()) for s in flipped], ingested.classes)
+    with tarfile.open(tmp_path / "plain" / "part-000000.tar") as tar:
+        assert {name.partition(".")[2] for name in tar.getnames()} == {"jpg", "cls"}
+
+
+def test_an_imagefolder_tree_says_which_members_it_cannot_hold(tmp_path, cifar_samples, cifar_classes):
+    shards_with_captions(tmp_path / "data", cifar_samples, cifar_classes)
+    ingested = read_dataset(tmp_path / "data", workers=1)
+    score, suspected, relabel = verdicts(ingested)
+    write_outputs(tmp_path / "out", ingested, score=score, suspected=suspected, relabel=relabel,
+                  relabeled_format="imagefolder")
+    assert ingested.warnings[-1] == ("relabeled/: the other members of 30 sample(s) (JSON, TXT, _private, json, "
+                                     "seg.png and 1 more) are not in the ImageFolder tree, which holds images "
+                                     "only; write shards to keep them")
+    assert not [path for path in (tmp_path / "out" / "relabeled").rglob("*") if path.suffix in (".txt", ".png")]
 
 
 def test_scores_csv_has_one_row_per_readable_sample_in_input_order(make_shards, tmp_path):

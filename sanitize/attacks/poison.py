@@ -28,7 +28,7 @@ from sanitize.attacks.registry import REGISTRY, make_attack
 from sanitize.formats import images, read_dataset, staged_output, write_dataset
 from sanitize.formats.keys import class_dir_names, folder_paths, safe_key
 from sanitize.formats.records import Ingested, InputError, Sample
-from sanitize.formats.writers import FORMATS, POISON_OUTPUT
+from sanitize.formats.writers import FORMATS, POISON_OUTPUT, extras_left_out
 from sanitize.methods import coerce
 
 TRUTH_FILE = "truth.json"
@@ -191,7 +191,8 @@ def build_truth(attacker: Attack, ingested: Ingested, result: Poisoned, samples:
         "renamed": {new.key: old.key for new, old in zip(samples, ingested.samples) if new.key != old.key},
         "unreadable": [item.to_json() for item in ingested.unreadable],
         "warnings": [*result.warnings, *ingested.warnings, *_unreadable_warnings(ingested),
-                     *_skipped_warnings(ingested), *notes],
+                     *_skipped_warnings(ingested),
+                     *(extras_left_out(samples, "the copy") if fmt == "imagefolder" else ()), *notes],
     }
 
 

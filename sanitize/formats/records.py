@@ -15,7 +15,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Sample:
-    """One readable input sample. ``data`` holds the original bytes, never re-encoded."""
+    """One readable input sample. ``data`` holds the original bytes, never re-encoded.
+
+    ``extras``: a WebDataset sample's other members (a caption ``.txt``, metadata ``.json``, a
+    mask ``.seg.png`` ...) as (field, bytes), in field order; the writers carry them into every
+    shard they write, bytes as they are (see ``writers.carried_fields``)."""
 
     key: str
     source: str
@@ -23,6 +27,7 @@ class Sample:
     ext: str  # original image extension without the dot, lower case ("jpg")
     sha256: str
     data: bytes = field(repr=False)
+    extras: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)

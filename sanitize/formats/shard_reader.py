@@ -8,8 +8,10 @@ directory order, so members apart are joined by key all the same, with a warning
 that WebDataset would not read such a shard correctly. The image is the member
 whose field ends in an image extension, the label comes from ``.cls`` (integer
 text) or ``.json`` (``{"label": int}``); a sample whose ``.cls`` and ``.json``
-labels disagree is unreadable. Other members (``.pyd``, ``.pth``, ``.pickle`` ...)
-are never read, let alone unpickled; a group with neither an image nor a label
+labels disagree is unreadable. A sample's other members (a caption ``.txt``,
+metadata, a mask, even ``.pyd`` or ``.pth``) are kept as bytes in ``Sample.extras``, to
+be carried into the outputs, and never decoded, let alone unpickled; one over the
+member cap is left out with a warning. A group with neither an image nor a label
 member (``readme.txt``) is not a sample and is counted as skipped. Shards are only
 ever opened as local files.
 
@@ -56,7 +58,8 @@ def field_of(suffix: str) -> str:
 
 
 def _wanted(name: str) -> bool:
-    return field_of(name) in IMAGE_EXTS or field_of(name) in LABEL_FIELDS
+    """Every member that can belong to a sample: the image, the label and the members carried with them."""
+    return split_member_name(name) is not None
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Group:
     shard: str
     prefix: str
     fields: dict[str, Member] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)  # suffixes of members too large to carry
 
     def source(self, member: Member | None = None) -> str:
         member = member or next(iter(self.fields.values()))
@@ -92,7 +96,11 @@ class _Group:
             label = parse_label(self.fields)
         except BadSample as error:
             return Unreadable(key, self.source(image), str(error), sha256)
-        return Sample(key, self.source(image), label, field_of(suffix), sha256, image.data)
+        used = {suffix, *_label_suffix(self.fields)}
+        others = sorted((each, member) for each, member in self.fields.items() if each not in used)
+        self.left_out = [each for each, member in others if member.data is None]
+        extras = tuple((each, member.data) for each, member in others if member.data is not None)
+        return Sample(key, self.source(image), label, field_of(suffix), sha256, image.data, extras)
 
 
 def _pick(fields: dict[str, Member], names, what: str) -> tuple[str, Member]:
@@ -120,6 +128,14 @@ def parse_label(fields: dict[str, Member]) -> int:
     if any(field_of(suffix) == "json" for suffix in fields):
         return _json_label(_pick(fields, ("json",), "label")[1].data)
     raise BadSample(f"no label: neither .cls nor .json (fields: {', '.join(fields)})")
+
+
+def _label_suffix(fields: dict[str, Member]) -> tuple[str, ...]:
+    """The ``.cls`` member the label was read from, if any: its value is the sample's label, so it is not
+    carried (a ``.json`` is, for the metadata it may hold)."""
+    if any(field_of(suffix) == "cls" for suffix in fields):
+        return (_pick(fields, ("cls",), "label")[0],)
+    return ()
 
 
 def _agreeing(label: int, fields: dict[str, Member]) -> int:
@@ -173,6 +189,11 @@ def list_shard(path: Path, name: str) -> Listing:
         group = joined
         group.fields[suffix] = member
     _record_end(scan, name, groups, latest, group, last, listing)
+    too_large = [f"{each.prefix}.{suffix}" for each in groups for suffix in each.left_out]
+    if too_large:
+        listing.warnings.append(
+            f"{name}: {len(too_large)} member(s) over {MAX_MEMBER_BYTES // 2**20} MiB beside a sample's image "
+            f"and label are left out of the outputs (first: {readable_name(too_large[0])!r})")
     if scattered:
         listing.warnings.append(
             f"{name}: the members of {len(set(scattered))} sample(s) are not next to each other (first: key "

@@ -25,6 +25,7 @@ from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import (class_dir_names, folder_paths, is_safe_key, readable_name,
                                    safe_component)
 from sanitize.formats.readers import expand_braces
+from sanitize.formats.shard_reader import LABEL_FIELDS, field_of
 from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample
 from sanitize.formats.workers import Workers, available_cpus
 
@@ -319,12 +320,51 @@ def check_verdicts(ingested: Ingested, score, suspected, relabel) -> tuple[np.nd
 
 def _clean_fields(sample: Sample, score: float) -> dict:
     meta = {"key": sample.key, "source": sample.source, "label": sample.label, "score": score}
-    return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(sample.label), "json": _json(meta)}
+    return carried_fields(sample, _cls(sample.label), meta)
 
 
 def _relabeled_fields(sample: Sample, score: float, suspected: bool, relabel: int, final: int) -> dict:
     meta = {"original_label": sample.label, "relabel": relabel, "suspected": suspected, "score": score}
-    return {"__key__": sample.key, sample.ext: sample.data, "cls": _cls(final), "json": _json(meta)}
+    return carried_fields(sample, _cls(final), meta)
+
+
+def carried_fields(sample: Sample, cls: bytes, meta: dict | None) -> dict:
+    """One sample of a written shard: the image, ``.cls``, ``.json`` (``meta``) and the members carried
+    with it from the input (``sample.extras``), each with its bytes as they were.
+
+    ``meta`` None (a dataset copy) writes no ``.json`` unless a carried member ends in ``.cls`` or
+    ``.json``; then it is ``{"label": ...}``. So wherever such a member is carried, the shard has
+    exact ``cls`` and ``json`` fields, and reading it back never takes that member for the label (an
+    exact field wins): a poisoned copy's label is not contradicted by the ``"label"`` of the input's
+    metadata. A carried field that would take one of ours (the input's own ``.json``, also in another
+    case), or that webdataset would not write (a leading ``_``), becomes ``input.<field>``: the input's
+    metadata ``.json`` is ``input.json``. A field is made safe as a member name like a key
+    (``keys.safe_component``).
+    """
+    if meta is None and any(field_of(suffix) in LABEL_FIELDS for suffix, _ in sample.extras):
+        meta = {"label": int(cls)}
+    fields = {"__key__": sample.key, sample.ext: sample.data, "cls": cls}
+    if meta is not None:
+        fields["json"] = _json(meta)
+    taken = {name.casefold() for name in fields}  # webdataset's reader lowercases fields: JSON is json
+    for suffix, data in sample.extras:
+        name = safe_component(suffix, keep_dots=True)
+        while name.casefold() in taken or name.startswith("_"):
+            name = f"input.{name}"
+        taken.add(name.casefold())
+        fields[name] = data
+    return fields
+
+
+def extras_left_out(samples: list[Sample], where: str) -> list[str]:
+    """A warning when an ImageFolder tree (``where``) cannot hold the members that came with the samples:
+    a file beside an image would be read as a sample of its own, or be skipped."""
+    carrying = [sample for sample in samples if sample.extras]
+    if not carrying:
+        return []
+    fields = sorted({suffix for sample in carrying for suffix, _ in sample.extras})
+    return [f"{where}: the other members of {len(carrying)} sample(s) ({_listed(fields)}) are not in the "
+            f"ImageFolder tree, which holds images only; write shards to keep them"]
 
 
 def _cls(label: int) -> bytes:
@@ -428,7 +468,8 @@ def write_relabeled_folder(root: Path, samples: list[Sample], labels: list[int],
     tools check them against the manifest's sha256): the warning says how to load them.
     """
     write_folder(root, samples, labels, classes)
-    return _empty_class_warnings(labels, classes) + _skipped_by_torchvision_warnings(samples)
+    return (_empty_class_warnings(labels, classes) + _skipped_by_torchvision_warnings(samples)
+            + extras_left_out(samples, "relabeled/"))
 
 
 def _empty_class_warnings(labels: list[int], classes: list[str]) -> list[str]:
@@ -476,9 +517,10 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
                   shard_size: int = 10000, overwrite: bool = False, workers: int | None = None) -> Path:
     """Write a copy of ``samples`` (bytes as they are, ``sample.label`` as label) to ``out``, atomically.
 
-    ``fmt="webdataset"``: shards ``part-%06d.tar`` (``<key>.<ext>``, ``<key>.cls``)
-    plus classes.json. ``fmt="imagefolder"``: ``<out>/<class>/<key>.<ext>`` (see
-    ``write_folder``) plus classes.json. Reading ``out`` back with ``read_dataset`` gives the
+    ``fmt="webdataset"``: shards ``part-%06d.tar`` (``<key>.<ext>``, ``<key>.cls`` and the members
+    carried with the sample, see ``carried_fields``) plus classes.json. ``fmt="imagefolder"``:
+    ``<out>/<class>/<key>.<ext>`` (see ``write_folder``; ``extras_left_out`` says what a tree cannot
+    hold) plus classes.json. Reading ``out`` back with ``read_dataset`` gives the
     same class names, labels and bytes, and the same keys when ``fmt`` is the format the samples
     were read from (an ImageFolder key starts with its class directory, so
     shards written as a folder gain one). ``overwrite`` replaces only an earlier
@@ -495,7 +537,7 @@ def write_dataset(out, samples: list[Sample], classes: list[str], *, fmt: str = 
         if fmt == "imagefolder":
             write_folder(staging, samples, [sample.label for sample in samples], classes)
         else:
-            fields = ({"__key__": s.key, s.ext: s.data, "cls": _cls(s.label)} for s in samples)
+            fields = (carried_fields(s, _cls(s.label), None) for s in samples)
             write_shards(staging, "part", fields, shard_size, workers)
         _write_classes(staging, classes)  # a tree's folders may carry index prefixes: the names come back
     return Path(out)
