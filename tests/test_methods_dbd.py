@@ -187,6 +187,55 @@ def test_mixmatch_losses_are_eq7_and_eq8_when_nothing_is_mixed(bank, monkeypatch
     assert loss_u.requires_grad and loss_x.requires_grad
 
 
+def test_mixmatch_mixes_every_input_with_a_shuffled_partner_inputs_and_targets_alike(bank, monkeypatch):
+    """MixUp (MixMatch Eqs. 8-11): x' = l x + (1 - l) x_partner and p' likewise, with one permutation of the
+    labeled inputs and both views of the unlabeled ones together; L_X on the labeled part, L_U on the rest."""
+    from sanitize import data
+
+    monkeypatch.setattr(dbd, "augment", lambda images, generator: data.to_float(images))
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std).eval()
+    labeled, unlabeled, mix = torch.arange(8), torch.arange(8, 20), 0.7
+    opts = tiny_options(sharpen_temperature=0.5, unlabeled_views=2)
+    loss_x, loss_u = dbd.mixmatch_loss(model, bank, labeled, unlabeled, mix, make_generator(0, "cpu"), opts)
+    with torch.no_grad():
+        x_u = data.to_float(bank.images[unlabeled])
+        probs_u = model(x_u).softmax(1)
+        guess = probs_u ** 2 / (probs_u ** 2).sum(1, keepdim=True)
+        inputs = torch.cat([data.to_float(bank.images[labeled]), x_u, x_u])
+        targets = torch.cat([F.one_hot(bank.labels[labeled], bank.num_classes).float(), guess, guess])
+        partner = torch.randperm(len(inputs), generator=make_generator(0, "cpu"))
+        assert not torch.equal(partner, torch.arange(len(inputs)))
+        logits = model(mix * inputs + (1 - mix) * inputs[partner])
+        mixed_targets = mix * targets + (1 - mix) * targets[partner]
+    expected_x = -(mixed_targets[:8] * F.log_softmax(logits[:8], 1)).sum(1).mean()
+    expected_u = ((logits[8:].softmax(1) - mixed_targets[8:]) ** 2).mean()
+    assert float(loss_x.detach()) == pytest.approx(float(expected_x), rel=1e-4)
+    assert float(loss_u.detach()) == pytest.approx(float(expected_u), rel=1e-4)
+    unmixed = dbd.mixmatch_loss(model, bank, labeled, unlabeled, 1.0, make_generator(0, "cpu"), opts)[0]
+    assert abs(float(unmixed.detach()) - float(loss_x.detach())) > 1e-3, "the weight must matter"
+
+
+def test_mixmatch_weights_are_drawn_from_beta_and_favour_the_input_itself(bank, monkeypatch):
+    """lambda ~ Beta(alpha, alpha), then lambda' = max(lambda, 1 - lambda) (MixMatch Eq. 9), a new draw per step."""
+    drawn = []
+    real = dbd.mixmatch_loss
+
+    def recording(model, bank, labeled, unlabeled, mix, generator, opts):
+        drawn.append(mix)
+        return real(model, bank, labeled, unlabeled, mix, generator, opts)
+
+    monkeypatch.setattr(dbd, "mixmatch_loss", recording)
+    small = Bank(bank.images[:128], bank.labels[:128], bank.classes, bank.mean, bank.std)
+    torch.manual_seed(0)
+    model = build_model("small", small.num_classes, small.image_size, small.mean, small.std)
+    opts = tiny_options(batch_size=16, mixmatch_epochs=3, mixup_alpha=0.75)
+    dbd.mixmatch_finetune(model, small, torch.rand(small.n), opts)
+    assert len(drawn) == 3 * (64 // 8) and min(drawn) >= 0.5 and len(set(drawn)) == len(drawn)
+    rng = np.random.default_rng(opts.seed + 2)
+    assert drawn == [max(value, 1 - value) for value in rng.beta(0.75, 0.75, len(drawn)).tolist()]
+
+
 # --------------------------------------------------------------- filtering
 @pytest.mark.parametrize("attack", ["planted_badnets", "blend"])
 def test_sce_filter_keeps_planted_poisons_out_of_the_labeled_half(attack, cifar_arrays, cifar_classes):
