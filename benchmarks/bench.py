@@ -46,14 +46,18 @@ def parse_args():
     parser.add_argument("--methods", default="none,advrbd")
     parser.add_argument("--rates", default="0.05")
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--epochs", type=int, default=20, help="no-defense training epochs")
+    parser.add_argument("--epochs", type=int, help="no-defense training epochs (default 20; 2 with --quick)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="method option (a JSON value, else a string), e.g. --set split_margin=0.6")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sanitize-bench"))
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("results.json"))
     parser.add_argument("--commit", default="unknown")
-    parser.add_argument("--quick", action="store_true", help="--quick runs (smoke test of the script)")
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="--quick runs: a smoke test of the script, or a CPU benchmark with --arch small")
+    args = parser.parse_args()
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else 20
+    return args
 
 
 def main():
@@ -74,7 +78,7 @@ def main():
                 continue
             for method in args.methods.split(","):
                 cell = {"dataset": "cifar10", "attack": attack_name, "rate": rate if attack_name != "none" else 0.0,
-                        "method": method, "commit": args.commit, "options_id": options_id(method, options)}
+                        "method": method, "commit": args.commit, "options_id": options_id(method, options, args.epochs)}
                 if any(all(r.get(k) == v for k, v in cell.items()) for r in records):
                     print("skip (done)", cell, flush=True)
                     continue
@@ -86,15 +90,22 @@ def main():
                     traceback.print_exc()
                     continue
                 overrides = {} if method == "none" else {k: v for k, v in options.items() if k not in ("arch", "quick")}
-                records.append({**cell, **record, **({"set": overrides} if overrides else {})})
+                setting = {"arch": args.arch, **({"quick": True} if args.quick and method != "none" else {}),
+                           **({"epochs": args.epochs} if method == "none" else {})}
+                records.append({**cell, **record, **setting, **({"set": overrides} if overrides else {})})
                 args.results.write_text(json.dumps(records, indent=1))
                 print(json.dumps(records[-1]), flush=True)
     if failed:
         raise SystemExit(f"{failed} cell(s) or attack(s) failed; see the tracebacks above")
 
 
-def options_id(method: str, options: dict) -> str:
-    chosen = {} if method == "none" else options
+def options_id(method: str, options: dict, epochs: int = 20) -> str:
+    """What tells two runs of one cell apart: the method's options, or the no-defense model's arch and epochs
+    (the ResNet-18 for 20 epochs keeps the id it had before those were told apart)."""
+    chosen = options
+    if method == "none":
+        chosen = {} if (options.get("arch"), epochs) == ("resnet18", 20) else {"arch": options.get("arch"),
+                                                                               "epochs": epochs}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -155,7 +166,7 @@ def train_without_defense(args, path: Path, device: torch.device):
     bank = Bank.from_arrays(ingested.images, ingested.labels, ingested.classes, device)
     torch.manual_seed(0)
     model = train.prepare(build_model(args.arch, bank.num_classes, bank.image_size, bank.mean, bank.std), device)
-    train.train_supervised(model, bank, epochs=2 if args.quick else args.epochs, batch_size=512, lr=0.2)
+    train.train_supervised(model, bank, epochs=args.epochs, batch_size=512, lr=0.2)
     return model
 
 

@@ -102,9 +102,17 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
         assert 0 <= record["acc"] <= 100 and 0 <= record["asr"] <= 100 and record["device"] == "cpu"
     assert all(0 <= advrbd[k] <= 100 for k in ("recall", "fpr", "auroc"))
     assert advrbd["options"]["batch_size"] == 64 and advrbd["set"] == {"batch_size": 64}
+    assert (none["arch"], none["epochs"], advrbd["arch"], advrbd["quick"]) == ("small", 2, "small", True)
     assert "suspect_target" in advrbd
     assert set(advrbd["diagnostics"]["split_at"]) == {str(m) for m in bench.SPLIT_MARGINS}
     assert set(advrbd["timings_s"]) >= {"ingest", "warmup", "enhance", "write", "export", "total"}
     assert "stage 2/9: warmup" in capsys.readouterr().err  # stage lines in the log as the run goes
     bench.main()  # resumed: both cells are done
     assert capsys.readouterr().out.count("skip (done)") == 2 and len(json.loads(results.read_text())) == 2
+
+
+def test_no_defense_runs_of_another_model_or_length_are_other_cells():
+    before = bench.hashlib.sha256(b"{}").hexdigest()[:10]  # the id every no-defense run had
+    assert bench.options_id("none", {"arch": "resnet18", "quick": False}) == before
+    ids = {bench.options_id("none", {"arch": arch}, epochs) for arch in ("resnet18", "small") for epochs in (8, 20)}
+    assert len(ids) == 4

@@ -121,13 +121,33 @@ def test_published_figures_are_written_without_results_and_beside_ours_with_them
         return markdown.read_text().split(report.BEGIN)[1].split(report.END)[0]
 
     text = generated()
-    assert "No runs recorded yet." in text and "| AdvrBD | 85.72 / 0.00 |" in text
+    assert "No GPU runs recorded yet." in text and "| AdvrBD | 85.72 / 0.00 |" in text
     assert "Ours beside the papers" not in text
     results.write_text(json.dumps([BASELINE, record(asr=3.0)]))
     text = generated()
     assert "### Ours beside the papers (CIFAR-10)" in text
     assert "| badnets | 5% | none | 89.3 | 100.0 | AdvrBD II |  | 5% | 1 | 92.00 | 95.20 |" in text
     assert "| badnets | 5% | advrbd | 89.0 | 3.0 | AdvrBD II |  | 5% | 1 | 85.72 | 0.00 |" in text
+
+
+def test_cpu_runs_have_their_own_table_baseline_and_no_time_target(tmp_path, monkeypatch):
+    cpu = {"device": "cpu", "arch": "small", "peak_mem_gb": None}
+    records = [BASELINE, record(),
+               record(method="none", acc=70.0, asr=100.0, recall=None, fpr=None, epochs=8, **cpu),
+               record(acc=66.0, asr=2.0, recall=90.5, fpr=13.0, seconds=711.0, quick=True, **cpu)]
+    assert report.find_baseline(records[3], records) is records[2] and report.find_baseline(records[1], records) is BASELINE
+    assert report.missed_targets(records[3], records[2]) == ["ASR 2.0 > 1", "ACC 4.0 pts below no defense (> 2)",
+                                                             "recall 90.5 < 98", "FPR 13.0 > 5"]
+    results, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    results.write_text(json.dumps(records))
+    markdown.write_text(f"# Results\n{report.BEGIN}\n{report.END}\n")
+    monkeypatch.setattr("sys.argv", ["report.py", "--results", str(results), "--markdown", str(markdown),
+                                     "--plot", str(tmp_path / "p.svg"), "--papers", str(tmp_path / "none.json")])
+    report.main()
+    gpu, cpu_part = markdown.read_text().split("### On a CPU (`small`)")
+    assert "| cpu |" not in gpu and gpu.count("| H100 |") == 2 and "711" not in (tmp_path / "p.svg").read_text()
+    assert "| badnets | 5% | none 8 epochs | 70.0 | 100.0 |" in cpu_part
+    assert "| badnets | 5% | advrbd --quick | 66.0 | 2.0 | 90.5 | 13.0 |" in cpu_part and "711 s" not in cpu_part
 
 
 # The CIFAR-10 rows of the papers' "Average" lines: (ACC, ASR) per defense, in the tables' column order.
