@@ -120,8 +120,11 @@ def test_a_killed_run_leaves_nothing_behind(signal_name, code, make_shards, tmp_
     import time
 
     data = make_shards(200)
+    # A suite started in the background (nohup, CI runners) inherits SIGINT ignored, and so would the
+    # run, where Python then installs no KeyboardInterrupt: give it the default a terminal gives.
     process = subprocess.Popen([sys.executable, "-m", "sanitize", "run", str(data), "--out", str(tmp_path / "o"),
-                                *FAST], stderr=subprocess.PIPE, text=True)
+                                *FAST], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60  # wait for the staging folder: the run has started writing
     while not list(tmp_path.glob(".o.sanitize-tmp-*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
