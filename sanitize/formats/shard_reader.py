@@ -93,10 +93,10 @@ class _Group:
             return Unreadable(key, self.source(), str(error))
         sha256 = hashlib.sha256(image.data).hexdigest()
         try:
-            label = parse_label(self.fields)
+            label, label_suffix = parse_label(self.fields)
         except BadSample as error:
             return Unreadable(key, self.source(image), str(error), sha256)
-        used = {suffix, *_label_suffix(self.fields)}
+        used = {suffix, label_suffix}
         others = sorted((each, member) for each, member in self.fields.items() if each not in used)
         self.left_out = [each for each, member in others if member.data is None]
         extras = tuple((each, member.data) for each, member in others if member.data is not None)
@@ -118,24 +118,19 @@ def _pick(fields: dict[str, Member], names, what: str) -> tuple[str, Member]:
     return suffix, member
 
 
-def parse_label(fields: dict[str, Member]) -> int:
-    """The integer label from ``.cls``, else from ``.json``'s ``"label"``; both must agree. Raises BadSample."""
+def parse_label(fields: dict[str, Member]) -> tuple[int, str | None]:
+    """The integer label from ``.cls``, else from ``.json``'s ``"label"``; both must agree. Raises BadSample.
+
+    Also returns the suffix of the ``.cls`` it was read from (None for a ``.json``): that member's value is
+    the label, so it is not carried; a ``.json`` is, for the metadata it may hold."""
     if any(field_of(suffix) == "cls" for suffix in fields):
-        text = _pick(fields, ("cls",), "label")[1].data
-        if len(text) > MAX_LABEL_BYTES or not _INTEGER.fullmatch(text):
-            raise BadSample(f"label is not an integer: {text[:40]!r}")
-        return _agreeing(int(text), fields)
+        suffix, member = _pick(fields, ("cls",), "label")
+        if len(member.data) > MAX_LABEL_BYTES or not _INTEGER.fullmatch(member.data):
+            raise BadSample(f"label is not an integer: {member.data[:40]!r}")
+        return _agreeing(int(member.data), fields), suffix
     if any(field_of(suffix) == "json" for suffix in fields):
-        return _json_label(_pick(fields, ("json",), "label")[1].data)
+        return _json_label(_pick(fields, ("json",), "label")[1].data), None
     raise BadSample(f"no label: neither .cls nor .json (fields: {', '.join(fields)})")
-
-
-def _label_suffix(fields: dict[str, Member]) -> tuple[str, ...]:
-    """The ``.cls`` member the label was read from, if any: its value is the sample's label, so it is not
-    carried (a ``.json`` is, for the metadata it may hold)."""
-    if any(field_of(suffix) == "cls" for suffix in fields):
-        return (_pick(fields, ("cls",), "label")[0],)
-    return ()
 
 
 def _agreeing(label: int, fields: dict[str, Member]) -> int:
