@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -24,6 +25,17 @@ def test_long_tailed_keeps_the_first_images_of_each_class_down_the_tail():
     assert kept == sorted(kept, key=samples.index)  # in input order
     first_of_class_3 = [name for name in samples if labels[samples.index(name)] == 3][:10]
     assert set(first_of_class_3) <= set(kept)
+
+
+def test_a_dominated_set_gives_the_head_class_its_share_and_the_others_equal_parts():
+    labels = np.repeat(np.arange(4), 100)[np.random.default_rng(1).permutation(400)]
+    samples = [f"s{index}" for index in range(400)]
+    kept = load().dominated(samples, labels, 4, head=60, share=0.6, head_class=2)
+    counts = np.bincount(labels[[samples.index(name) for name in kept]], minlength=4)
+    assert counts.tolist() == [13, 13, 60, 13]  # 60 * 0.4 / 0.6 = 40 shared by three, rounded
+    assert kept == sorted(kept, key=samples.index)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        load().dominated(samples, labels, 4, head=60, share=1.0)
 
 
 def test_a_run_reports_recall_fpr_and_the_flagged_share_of_each_class(make_shards, capsys):
