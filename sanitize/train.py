@@ -191,9 +191,10 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
 def class_log_prior(labels: torch.Tensor, num_classes: int, tau: float = 1.0) -> torch.Tensor:
     """``tau * log(class share)`` float32 [K] of the given ``labels`` (an empty class counts one sample).
 
-    Added to the logits in a training loss (logit adjustment, Menon et al., ICLR 2021), it leaves the
-    model's own logits free of the class prior: a class that fills most of the data is no longer
-    predicted for its size. On balanced data it is the same for every class, and changes nothing."""
+    Taken from a trained model's logits (post-hoc logit adjustment, Menon et al., ICLR 2021), it
+    removes the class prior the model learned from the data: a class that fills most of the data is
+    no longer predicted for its size. On balanced data it is the same for every class, and changes
+    nothing."""
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()
     return tau * (counts / counts.sum()).log()
 
@@ -211,11 +212,8 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor, relearn: torch.Tensor,
                     epochs: int = 1, batch_size: int = 512, lr: float = 0.01, unlearn_weight: float = 1.0,
                     unlearn_share: float = 0.125, weight_decay: float = 5e-4, seed: int = 0,
-                    augmentation: str = "crop", logit_shift: torch.Tensor | None = None,
-                    progress: Progress | None = None) -> dict:
+                    augmentation: str = "crop", progress: Progress | None = None) -> dict:
     """One pass over ``relearn`` (descent) with each step also unlearning a batch of ``unlearn``.
-    ``logit_shift`` [K], if given, is added to the logits in both losses only (logit adjustment, see
-    ``class_log_prior``).
 
     The unlearn batch is drawn with replacement at the set's relative size, but at least
     ``unlearn_share`` of ``batch_size``, so a small unlearn set is seen many times per
@@ -239,7 +237,6 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
             inputs = _layout(augment(bank.images[torch.cat([batch, forget])], generator, augmentation))
             with autocast(bank.device):
                 logits = model(inputs).float()
-            logits = logits if logit_shift is None else logits + logit_shift
             learn_loss = F.cross_entropy(logits[:len(batch)], bank.labels[batch])
             forget_loss = unlearning_loss(logits[len(batch):], bank.labels[forget])
             loss = learn_loss + unlearn_weight * forget_loss

@@ -184,39 +184,69 @@ def test_imbalance_is_judged_without_the_largest_and_the_smallest_class():
     def labels(*sizes):
         return torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
 
-    assert not advrbd.imbalanced(labels(5000 + 10000, 3900, 3900, 3900, 3900), 5)  # 20% poisons into class 0
+    assert not advrbd.imbalanced(labels(4000 + 5000, 4000, 4000, 4000, 4000), 5)  # 20% poisons into class 0
+    assert not advrbd.imbalanced(labels(3750 + 6250, 3750, 3750, 3750, 3750), 5)  # 25%
+    assert not advrbd.imbalanced(labels(45 + 10, 45, 0), 3)  # a balanced pair, 10% poisons into one
     assert not advrbd.imbalanced(labels(7500, 2500, 5000, 5000, 5000), 5)  # TaCT: all from one source class
     assert advrbd.imbalanced(labels(800, 480, 172, 37, 8), 5)  # long-tailed
-    assert not advrbd.imbalanced(labels(90, 5, 5, 5), 4)  # one dominant class: warned after the split instead
     assert not advrbd.imbalanced(labels(50, 50, 50, 0, 0), 5)  # empty classes aside
     assert advrbd.imbalanced(labels(60, 50, 20, 10), 4)
     assert not advrbd.imbalanced(labels(60, 50, 10), 3)  # too few classes to tell
 
 
-def test_the_enhancement_adjusts_its_logits_on_imbalanced_data_only(poisoned_bank, monkeypatch):
+def test_a_class_that_dominates_beyond_what_a_poisoning_adds_makes_the_set_imbalanced():
+    """A largest class more than 30% of the data above the next: no backdoor poisons that much."""
+    def labels(*sizes):
+        return torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
+
+    assert advrbd.imbalanced(labels(90, 5, 5, 5), 4)  # a "normal" class beside rare ones
+    assert advrbd.imbalanced(labels(80, 20), 2)
+    assert advrbd.imbalanced(labels(2000, *[333] * 9), 10)  # 40% of the data beside nine equal classes
+    assert not advrbd.imbalanced(labels(60, 40), 2)
+    assert not advrbd.imbalanced(labels(100), 1)
+
+
+def test_the_detection_adjusts_its_margins_on_imbalanced_data_only(poisoned_bank, monkeypatch):
     from sanitize import train
     from sanitize.methods.base import StageClock
 
     shifts = []
-    real_relearn, real_supervised = train.unlearn_relearn, train.train_supervised
-    monkeypatch.setattr(train, "unlearn_relearn", lambda *a, **k: shifts.append(k["logit_shift"]) or real_relearn(
-        *a, **{**k, "epochs": 1}))
-    monkeypatch.setattr(train, "train_supervised", lambda *a, **k: shifts.append(k.get("logit_shift")) or
-                        real_supervised(*a, **{**k, "epochs": 1}))
+    real_margin, real_relearn = advrbd.given_label_margin, train.unlearn_relearn
+    monkeypatch.setattr(advrbd, "given_label_margin", lambda model, bank, shift=None: shifts.append(shift) or
+                        real_margin(model, bank, shift))
+    monkeypatch.setattr(train, "unlearn_relearn", lambda *a, **k: real_relearn(*a, **{**k, "epochs": 1}))
     bank, _ = poisoned_bank  # balanced, 5% poisons: the target class inflated, the rest as they were
-    opts = advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64, enhance_rounds=1).scaled()
+    opts = advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64, enhance_rounds=1, warmup_epochs=1).scaled()
     metrics = {}
     advrbd.detect(bank, opts, StageClock(bank.device), metrics)
-    assert shifts == [None, None] and metrics["logit_adjust"] == 0
+    assert shifts == [None] and metrics["logit_adjust"] == 0
     keep = torch.cat([(bank.labels == label).nonzero()[:, 0][:max(4, 60 // (label + 1))] for label in range(10)])
     tail = Bank(bank.images[keep], bank.labels[keep], bank.classes, bank.mean, bank.std)
     shifts.clear()
-    advrbd.detect(tail, opts, StageClock(bank.device), metrics)
-    assert shifts[0] is None  # the warm-up learns with the prior, as the paper's
-    assert torch.allclose(shifts[1], train.class_log_prior(tail.labels, 10)) and metrics["logit_adjust"] == 1
+    found = advrbd.detect(tail, opts, StageClock(bank.device), metrics)
+    assert len(shifts) == 1 and torch.allclose(shifts[0], train.class_log_prior(tail.labels, 10))
+    assert metrics["logit_adjust"] == 1 and found.suspected.tolist() == (found.score > opts.split_margin).tolist()
     shifts.clear()
     advrbd.detect(tail, replace(opts, logit_adjust=0.0), StageClock(bank.device), metrics)
-    assert shifts == [None, None]  # a value set is a value kept
+    assert shifts == [None]  # a value set is a value kept
+    shifts.clear()
+    advrbd.detect(tail, replace(opts, enhance_rounds=0), StageClock(bank.device), metrics)
+    assert len(shifts) == 1 and shifts[0] is not None  # no round ran: the warm-up model's margins, adjusted too
+
+
+def test_the_margin_less_the_class_log_prior_leaves_a_model_that_only_predicts_the_prior_undecided():
+    shares = torch.tensor([0.6, 0.2, 0.2])
+
+    class Prior(torch.nn.Module):  # logits that carry the class prior and nothing else
+        def forward(self, images):
+            return shares.log().expand(len(images), 3)
+
+    labels = torch.tensor([0] * 6 + [1] * 2 + [2] * 2)
+    bank = Bank(torch.zeros(10, 3, 8, 8, dtype=torch.uint8), labels, ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3)
+    plain = advrbd.given_label_margin(Prior(), bank)
+    assert torch.allclose(plain[:6], torch.tensor(0.4)) and torch.allclose(plain[6:], torch.tensor(-0.4))
+    shift = torch.tensor([0.6, 0.2, 0.2]).log()
+    assert torch.allclose(advrbd.given_label_margin(Prior(), bank, shift), torch.zeros(10), atol=1e-6)
 
 
 def test_no_sample_outside_the_pool_is_ever_unlearned_or_rescored(poisoned_bank, monkeypatch):
