@@ -500,7 +500,9 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
 # flagging most of it means its split failed, and the user must hear it: on a clean set where one
 # class holds 90% of 400 images, the small CNN's split flagged 304 of that class's 360 samples and
 # the clean model relabeled them to other classes (the warm-up fits a dominant class with a high
-# margin, and the enhancement does not undo it).
+# margin, and the enhancement does not undo it). logit_adjust, which now applies to such a set,
+# cuts this to 0.5-4.4% at 5,000 images but not at 400 (--quick, seed 0: 231 of 360 flagged
+# without it, 198 with it; four images of each other class are too few to learn them).
 MOST_SUSPECTED = 0.5
 
 
