@@ -336,7 +336,7 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
     everything = train.all_indices(bank)
     step = partition_size(opts, bank.n)
     tau = adjust_tau(opts, bank)
-    shift = logit_shift(opts, bank)
+    shift = logit_shift(bank, tau)
     with clock("score"):
         warmup_kl = robustness_kl(model, bank, everything, opts, opts.seed, clock.advance)
         margin = given_label_margin(model, bank, shift) if opts.unlearn_fitted_only or observe is not None else None
@@ -431,10 +431,9 @@ def adjust_tau(opts: AdvrbdOptions, bank: Bank) -> float:
     return 1.0 if imbalanced(bank.labels, bank.num_classes) else 0.0
 
 
-def logit_shift(opts: AdvrbdOptions, bank: Bank) -> torch.Tensor | None:
-    """What the detection takes from a model's logits before its margins (``logit_adjust``): the
-    class log-prior times tau, or None when tau is 0."""
-    tau = adjust_tau(opts, bank)
+def logit_shift(bank: Bank, tau: float) -> torch.Tensor | None:
+    """What the detection takes from a model's logits before its margins (``logit_adjust`` as
+    ``adjust_tau`` decides it): the class log-prior times tau, or None when tau is 0."""
     return train.class_log_prior(bank.labels, bank.num_classes, tau) if tau else None
 
 
@@ -444,7 +443,7 @@ def detect(bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, ob
         model = warm_up(bank, opts, clock.advance)
     unlearn_round, warmup_kl, score = enhance_backdoor(model, bank, opts, clock, metrics, observe)
     with clock("split"):
-        score = given_label_margin(model, bank, logit_shift(opts, bank)) if score is None else score
+        score = given_label_margin(model, bank, logit_shift(bank, adjust_tau(opts, bank))) if score is None else score
     return Detection(score, score > opts.split_margin, warmup_kl, unlearn_round)
 
 
