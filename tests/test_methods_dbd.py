@@ -156,6 +156,19 @@ def test_split_keeps_the_lowest_loss_share_labeled():
     assert sorted(labeled.tolist()) == [1, 3, 5] and sorted(unlabeled.tolist()) == [0, 2, 4]
 
 
+def test_classes_left_out_of_the_labeled_set_are_named():
+    classes = ["airplane", "automobile", "bird", "cat"]
+    labels = torch.tensor([0] * 6 + [1] * 2 + [2] * 2)  # no cat at all: nothing to warn of
+    suspected = torch.tensor([False] * 5 + [True] + [True, True] + [False, True])
+    warning, = dbd.unlabeled_classes_warning(labels, suspected, classes)
+    assert warning.startswith("no sample of 1 class(es) is in the labeled set ('automobile')")
+    assert dbd.unlabeled_classes_warning(labels, torch.zeros(10, dtype=torch.bool), classes) == []
+    many = [f"c{index}" for index in range(13)]
+    wide = torch.arange(13)
+    warning, = dbd.unlabeled_classes_warning(wide, wide > 0, many)
+    assert "12 class(es)" in warning and warning.count("'c") == 10 and "and 2 more" in warning
+
+
 def test_mixmatch_loss_guesses_distributions_and_is_finite(bank):
     torch.manual_seed(0)
     model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)

@@ -403,7 +403,26 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
     return MethodResult(score=final["loss"].double().cpu().numpy(), suspected=suspected.cpu().numpy(),
                         relabel=relabel.cpu().numpy().astype(np.int64), model=model,
                         timings_s=clock.timings_s, metrics=metrics,
+                        warnings=unlabeled_classes_warning(bank.labels, suspected, bank.classes),
                         details={"head_loss": first_loss.cpu().numpy(), "head_labeled": head_labeled.cpu().numpy()})
+
+
+# The filter ranks all samples at once, so where one class holds most of the data the labeled
+# share can come from it alone: 5,000 CIFAR images, airplane 60% (small CNN, --quick), every image
+# of the nine other classes was suspected (benchmarks/RESULTS.md, "DBD where one class dominates").
+# MixMatch then learns those classes from unlabeled consistency only, and the user must hear it.
+def unlabeled_classes_warning(labels: torch.Tensor, suspected: torch.Tensor, classes: list[str]) -> list[str]:
+    """A warning naming the classes with samples of which none is in the final labeled set, or none."""
+    present = torch.bincount(labels, minlength=len(classes)) > 0
+    labeled = torch.bincount(labels[~suspected], minlength=len(classes)) > 0
+    missing = [classes[index] for index in (present & ~labeled).nonzero()[:, 0].tolist()]
+    if not missing:
+        return []
+    shown = ", ".join(repr(name) for name in missing[:10])
+    shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return [f"no sample of {len(missing)} class(es) is in the labeled set ({shown}): all of them are suspected, "
+            f"and the clean model and relabels learned them from unlabeled data only; a class that dominates "
+            f"the data can crowd the others out of the labeled half (try --method advrbd)"]
 
 
 def rounded(values: torch.Tensor) -> list[float]:
