@@ -37,6 +37,11 @@ def result(poisoned_bank):
     return advrbd.run(bank, advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64).scaled())
 
 
+def sized(*sizes):
+    """Labels: ``sizes[c]`` samples of class c."""
+    return torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
+
+
 def auroc(score, positive):
     order = np.argsort(score)
     ranks = np.empty(len(score))
@@ -181,29 +186,23 @@ def test_warm_up_and_enhancement_train_with_their_own_augmentation(poisoned_bank
 def test_imbalance_is_judged_without_the_largest_and_the_smallest_class():
     """A poisoning inflates its target class (and TaCT depletes its source class): a balanced set stays
     balanced at any rate."""
-    def labels(*sizes):
-        return torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
-
-    assert not advrbd.imbalanced(labels(4000 + 5000, 4000, 4000, 4000, 4000), 5)  # 20% poisons into class 0
-    assert not advrbd.imbalanced(labels(3750 + 6250, 3750, 3750, 3750, 3750), 5)  # 25%
-    assert not advrbd.imbalanced(labels(45 + 10, 45, 0), 3)  # a balanced pair, 10% poisons into one
-    assert not advrbd.imbalanced(labels(7500, 2500, 5000, 5000, 5000), 5)  # TaCT: all from one source class
-    assert advrbd.imbalanced(labels(800, 480, 172, 37, 8), 5)  # long-tailed
-    assert not advrbd.imbalanced(labels(50, 50, 50, 0, 0), 5)  # empty classes aside
-    assert advrbd.imbalanced(labels(60, 50, 20, 10), 4)
-    assert not advrbd.imbalanced(labels(60, 50, 10), 3)  # too few classes to tell
+    assert not advrbd.imbalanced(sized(4000 + 5000, 4000, 4000, 4000, 4000), 5)  # 20% poisons into class 0
+    assert not advrbd.imbalanced(sized(3750 + 6250, 3750, 3750, 3750, 3750), 5)  # 25%
+    assert not advrbd.imbalanced(sized(45 + 10, 45, 0), 3)  # a balanced pair, 10% poisons into one
+    assert not advrbd.imbalanced(sized(7500, 2500, 5000, 5000, 5000), 5)  # TaCT: all from one source class
+    assert advrbd.imbalanced(sized(800, 480, 172, 37, 8), 5)  # long-tailed
+    assert not advrbd.imbalanced(sized(50, 50, 50, 0, 0), 5)  # empty classes aside
+    assert advrbd.imbalanced(sized(60, 50, 20, 10), 4)
+    assert not advrbd.imbalanced(sized(60, 50, 10), 3)  # too few classes to tell
 
 
 def test_a_class_that_dominates_beyond_what_a_poisoning_adds_makes_the_set_imbalanced():
     """A largest class more than 30% of the data above the next: no backdoor poisons that much."""
-    def labels(*sizes):
-        return torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
-
-    assert advrbd.imbalanced(labels(90, 5, 5, 5), 4)  # a "normal" class beside rare ones
-    assert advrbd.imbalanced(labels(80, 20), 2)
-    assert advrbd.imbalanced(labels(2000, *[333] * 9), 10)  # 40% of the data beside nine equal classes
-    assert not advrbd.imbalanced(labels(60, 40), 2)
-    assert not advrbd.imbalanced(labels(100), 1)
+    assert advrbd.imbalanced(sized(90, 5, 5, 5), 4)  # a "normal" class beside rare ones
+    assert advrbd.imbalanced(sized(80, 20), 2)
+    assert advrbd.imbalanced(sized(2000, *[333] * 9), 10)  # 40% of the data beside nine equal classes
+    assert not advrbd.imbalanced(sized(60, 40), 2)
+    assert not advrbd.imbalanced(sized(100), 1)
 
 
 def test_the_detection_adjusts_its_margins_on_imbalanced_data_only(poisoned_bank, monkeypatch):
