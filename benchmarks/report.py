@@ -95,7 +95,9 @@ def label(record: dict) -> str:
         if options.get("enhance_augment", options["detect_augment"]) != options["detect_augment"]:
             shown["enhance_augment"] = options["enhance_augment"]
     quick = " --quick" if record.get("quick") else ""
-    epochs = f" {record['epochs']} epochs" if record.get("epochs") and record["method"] == "none" else ""
+    standard = (record.get("arch", "resnet18"), record.get("epochs")) == ("resnet18", 20)  # the GPU rows' model
+    shown_epochs = record.get("epochs") and record["method"] == "none" and not standard
+    epochs = f" {record['epochs']} epochs" if shown_epochs else ""
     return (record["method"] + quick + epochs
             + "".join(f" {key}={_bare(value)}" for key, value in sorted(shown.items())))
 

@@ -214,6 +214,10 @@ def test_runs_made_with_overrides_are_labelled_with_them():
     text = report.table([BASELINE, record(options={"detect_augment": "flip", "enhance_augment": "crop"}),
                          record(options={"detect_augment": "crop", "enhance_augment": "crop"})])
     assert "| advrbd detect_augment=flip enhance_augment=crop |" in text and "| advrbd detect_augment=crop |" in text
+    # The GPU rows' no-defense model (ResNet-18, 20 epochs) is the same whether its record names the epochs or not.
+    text = report.table([BASELINE, record(method="none", attack="sig", epochs=20, arch="resnet18"),
+                         record(method="none", attack="wanet", epochs=8, arch="resnet18")])
+    assert "| sig | 5% | none |" in text and "| wanet | 5% | none 8 epochs |" in text
 
 
 def test_diagnostics_table_shows_only_runs_that_recorded_stage_figures():
