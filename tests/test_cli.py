@@ -171,7 +171,8 @@ def test_options_lists_every_option_with_defaults_that_resolve_back():
     code, stdout, _ = sanitize_cli("options", "advrbd", "--json")
     rows = {row["name"]: row for row in json.loads(stdout)}
     assert code == 0 and rows["detect_augment"] == {"name": "detect_augment", "type": "crop|flip|none", "range": "",
-                                                    "default": "crop", "quick": "none"}
+                                                    "default": "flip", "quick": "none"}
+    assert (rows["enhance_augment"]["default"], rows["enhance_augment"]["quick"]) == ("crop", "none")
     assert rows["partition_rate"]["range"] == "> 0 and < 1"
     assert rows["batch_size"]["type"] == "int" and rows["batch_size"]["quick"] < rows["batch_size"]["default"]
     for method in ("advrbd", "dbd"):

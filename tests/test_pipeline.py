@@ -372,7 +372,11 @@ def test_binomial_tail_matches_the_sum_of_the_pmf():
 
 
 def test_detection_augmentation_follows_quick_unless_set(tmp_path):
-    assert methods.resolve_options("advrbd").detect_augment == "crop"
+    # Full scale: a flip-only warm-up (a corner trigger stays whole) and the crop in the enhancement.
+    full = methods.resolve_options("advrbd")
+    assert (full.detect_augment, full.enhance_augment) == ("flip", "crop")
+    assert methods.resolve_options("advrbd", enhance_augment="flip").enhance_augment == "flip"
+    assert methods.resolve_options("advrbd", detect_augment="crop").enhance_augment == "crop"
     assert methods.resolve_options("advrbd", quick=True).detect_augment == "none"
     assert methods.resolve_options("advrbd", quick=True, detect_augment="flip").detect_augment == "flip"
     config = tmp_path / "options.toml"

@@ -66,16 +66,20 @@ class AdvrbdOptions:
     # crop 0.2 / 4.6, flip 79.2 / 6.7, none 93.4 / 16.6; Blend crop 69.0 / 11.1, flip 97.8 /
     # 17.3, none 86.4 / 15.6; clean set flagged: crop 5.1, flip 10.1, none 13.8. The flip
     # keeps the trigger whole and memorises less than none, but flags twice as many clean
-    # samples as the crop; the H100 decides (benchmarks/gpu_session.sh). Until then the
-    # default stays with the crop, measured there.
+    # samples as the crop. So the default at full scale is the flip here and the crop in the
+    # enhancement (``enhance_augment``), which the GPU chose (ResNet-18, full CIFAR-10;
+    # benchmarks/RESULTS.md): white BadNets recall / ASR / FPR 63.6 / 92.7 / 1.3 with the
+    # crop (H100) -> 90.6 / 1.5 / 0.7 (H200); Blend 99.2 / 0.7 / 14.7 -> 99.8 / 0.3 / 12.0,
+    # at 2.9 points more of accuracy lost (87.9 -> 85.0); clean set 1.7 -> 2.7% flagged.
     # At --quick scale (a small CNN, a few hundred steps) no augmentation is best (2,000
     # CIFAR images, checkerboard BadNets: warm-up KL AUROC 0.50, recall 0% with the crop;
     # 0.98 / 100% / FPR 8% without). The clean model (stages 6-7) always uses the crop.
     detect_augment: Literal["crop", "flip", "none"] | None = None
-    # The enhancement's own augmentation (stage 4); None: as ``detect_augment``. The flip in
-    # the warm-up with the crop in the enhancement took the best of both on the small CNN
-    # (same 10,000 images and settings; recall / FPR): BadNets 81.8 / 6.8, Blend 84.0 / 13.1,
-    # clean set 5.4% flagged. The candidate for the default, measured next on the H100.
+    # The enhancement's own augmentation (stage 4); None: the crop where ``detect_augment`` is
+    # the method's default flip (full scale), else as ``detect_augment``. The flip in the
+    # warm-up with the crop in the enhancement took the best of both on the small CNN (same
+    # 10,000 images and settings; recall / FPR): BadNets 81.8 / 6.8, Blend 84.0 / 13.1, clean
+    # set 5.4% flagged; on the GPU, the figures above.
     enhance_augment: Literal["crop", "flip", "none"] | None = None
     # Stage 2. The paper's eps and radius were lost. 8/255 is the usual CIFAR L-inf
     # budget; the mask is a square of half the image side at a random place, so on
@@ -193,7 +197,9 @@ class AdvrbdOptions:
             raise InputError(f"option unlearn_pool ({self.unlearn_pool}) must exceed partition_rate "
                              f"({self.partition_rate}), or be 1: the partition alone would fill the pool")
         if self.detect_augment is None:
-            return replace(self, detect_augment="none" if self.quick else "crop").resolved()
+            if self.quick:
+                return replace(self, detect_augment="none").resolved()
+            return replace(self, detect_augment="flip", enhance_augment=self.enhance_augment or "crop").resolved()
         if self.enhance_augment is None:
             return replace(self, enhance_augment=self.detect_augment)
         return self
