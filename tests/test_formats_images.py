@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sanitize.formats.images import (DEFAULT_SIDE, IMAGE_ERRORS, MAX_PIXELS, _each, decode, decode_images, probe,
-                                     wide_to_uint8, working_size)
+from sanitize.formats.images import (DEFAULT_SIDE, IMAGE_ERRORS, MAX_PIXELS, _each, _each_packed, decode,
+                                     decode_images, probe, wide_to_uint8, working_size)
 from sanitize.formats.workers import Workers
 
 
@@ -214,6 +214,17 @@ def test_decode_images_keeps_order_and_reports_failures():
     assert decoded.images.shape == (4, 32, 32, 3)
     assert np.array_equal(decoded.images[1], gradient(32, 32) // 2)
     assert decoded.images[2].shape == (32, 32, 3)  # the 40x60 one, resized to the common size
+
+
+def test_a_chunk_of_same_size_images_travels_stacked_and_any_other_as_it_is():
+    small = [encode(Image.fromarray(gradient(32, 32) // (i + 1)), "PNG") for i in range(3)]
+    packed = _each_packed(probe, small)
+    assert isinstance(packed, np.ndarray) and packed.shape == (3, 32, 32, 3)
+    assert all(np.array_equal(row, one) for row, one in zip(packed, _each(probe, small)))
+    large = encode(Image.fromarray(gradient(100, 80)), "PNG")  # probed as its size, not decoded
+    for mixed in ([*small, b"junk"], [*small, large], [*small, encode(Image.fromarray(gradient(40, 60)), "PNG")]):
+        assert isinstance(_each_packed(probe, mixed), list) and len(_each_packed(probe, mixed)) == 4
+    assert _each_packed(probe, []) == []
 
 
 @pytest.mark.filterwarnings("error")  # Pillow's warnings (corrupt EXIF in some of these) must not leak out

@@ -162,13 +162,24 @@ def _each(function, datas: list[bytes]) -> list:
     return results
 
 
+def _each_packed(function, datas: list[bytes]) -> list | np.ndarray:
+    """``_each``, with a chunk of same-shape arrays stacked into one: the parent unpickles one array, not
+    256 (on a 2-core machine 0.17 s of the parent's serial time per 50,000 CIFAR images, against 0.003)."""
+    results = _each(function, datas)
+    first = results[0] if results else None
+    if isinstance(first, np.ndarray) and all(isinstance(r, np.ndarray) and r.shape == first.shape for r in results):
+        return np.stack(results)
+    return results
+
+
 def map_chunks(function, datas: list[bytes], workers: Workers) -> Iterator:
-    """Yield ``_each(function)`` results in input order: inline for small inputs, else chunked over the pool."""
+    """Yield ``_each(function)`` results in input order: inline for small inputs, else chunked over the pool
+    (a stacked chunk yields views of its rows)."""
     if len(datas) < POOL_MIN_SAMPLES:
         yield from _each(function, datas)
         return
     chunks = [datas[start:start + CHUNK] for start in range(0, len(datas), CHUNK)]
-    for part in workers.map(partial(_each, function), chunks):
+    for part in workers.map(partial(_each_packed, function), chunks):
         yield from part
 
 
