@@ -100,6 +100,8 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     assert (none["method"], advrbd["method"]) == ("none", "advrbd") and none["attack"] == "badnets"
     for record in (none, advrbd):
         assert 0 <= record["acc"] <= 100 and 0 <= record["asr"] <= 100 and record["device"] == "cpu"
+        by_class = record["acc_by_class"]  # the 100 test images: every class is there
+        assert len(by_class) == 10 and all(0 <= acc <= 100 for acc in by_class)
     assert all(0 <= advrbd[k] <= 100 for k in ("recall", "fpr", "auroc"))
     assert advrbd["options"]["batch_size"] == 64 and advrbd["set"] == {"batch_size": 64}
     assert (none["arch"], none["epochs"], advrbd["arch"], advrbd["quick"]) == ("small", 2, "small", True)
