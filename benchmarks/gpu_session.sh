@@ -15,7 +15,8 @@
 # idle for 30 s goes back: send the second call at once. Each step has its own time limit, so a
 # slow step costs only itself. Everything lands in $OUT: results.json (bench.py records: merge
 # them here with `python3 benchmarks/report.py --add <folder>/results.json`), a .log per step,
-# and the .json / .jsonl each step names.
+# the .json / .jsonl each step names, and a .csv.gz of each defended cell's per-sample scores
+# (bench.py --keep-scores: split rules can then be studied here). At most 8 files come back.
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
 PART=${1:?a part, 1 to 6}
@@ -23,7 +24,7 @@ COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl 2> /dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 BENCH="python3 benchmarks/bench.py --data .data/train --test .data/test/test-000000.tar.gz --work /tmp/bench
-    --commit $COMMIT --results $OUT/results.json"
+    --commit $COMMIT --results $OUT/results.json --keep-scores $OUT"
 
 if [ "$PART" = 1 ] || [ "$PART" = 3 ]; then
     # 1. DBD at full scale, never run to the end: BadNets (part 3: ATTACK=wanet, blend, sig, none, one

@@ -1,4 +1,6 @@
 """benchmarks/bench.py: the detection figures and stage diagnostics it records."""
+import csv
+import gzip
 import importlib.util
 import json
 from pathlib import Path
@@ -93,7 +95,7 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     results = tmp_path / "results.json"
     argv = ["bench.py", "--data", str(data), "--test", str(test), "--results", str(results), "--work",
             str(tmp_path / "work"), "--attacks", "badnets", "--methods", "none,advrbd", "--arch", "small",
-            "--quick", "--set", "batch_size=64"]
+            "--quick", "--set", "batch_size=64", "--keep-scores", str(tmp_path / "scores")]
     monkeypatch.setattr("sys.argv", argv)
     bench.main()
     none, advrbd = json.loads(results.read_text())
@@ -109,6 +111,15 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     assert set(advrbd["diagnostics"]["split_at"]) == {str(m) for m in bench.SPLIT_MARGINS}
     assert set(advrbd["timings_s"]) >= {"ingest", "warmup", "enhance", "write", "export", "total"}
     assert "stage 2/9: warmup" in capsys.readouterr().err  # stage lines in the log as the run goes
+    # the defended cell's per-sample figures, to study split rules offline (no-defense cells have none)
+    [kept] = (tmp_path / "scores").iterdir()
+    with gzip.open(kept, "rt") as file:
+        rows = list(csv.DictReader(file))
+    truth = json.loads(next((tmp_path / "work" / "data").glob("badnets-*/truth.json")).read_text())
+    assert len(rows) == 200 and sum(int(row["poisoned"]) for row in rows) == len(truth["poisoned"]) > 0
+    assert {"warmup_kl", "unlearn_round", "finetune_kept"} <= set(rows[0])
+    found = [int(row["suspected"]) for row in rows if row["poisoned"] == "1"]
+    assert round(100 * sum(found) / len(found), 2) == advrbd["recall"]  # the same run as the record
     bench.main()  # resumed: both cells are done
     assert capsys.readouterr().out.count("skip (done)") == 2 and len(json.loads(results.read_text())) == 2
 
