@@ -246,7 +246,8 @@ def _report(result, as_json: bool, show: int = 5) -> None:
     if result.suspect_target:
         target = result.suspect_target
         click.echo(f"  suspects point to class {target['class']!r}: {target['share']:.0%} of suspects carry it, "
-                   f"{target['lift']:.1f}x its share of the data")
+                   f"{target['lift']:.1f}x its share of the data; the clean model gives "
+                   f"{target['relabeled_away']:.0%} of those another label")
     click.echo("  suspected per class: " + per_class_line(result.per_class))
     classes = result.manifest["input"]["classes"]
     for suspect in result.manifest["suspects"][:show]:

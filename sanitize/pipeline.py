@@ -161,14 +161,18 @@ TARGET_P = 1e-3
 
 
 def suspect_target(manifest: dict) -> dict | None:
-    """The class the suspects point to, {"class", "label", "share", "lift", "p_value"}, or None if none stands out.
+    """The class the suspects point to, {"class", "label", "share", "lift", "p_value", "relabeled_away"}, or None
+    if none stands out.
 
     ``share``: the fraction of suspects that carry the label; ``lift``: that fraction
     over the label's fraction of all readable samples. A class stands out when its lift
     passes TARGET_LIFT and so many suspects would carry it by chance with probability
     ``p_value`` < TARGET_P divided by the number of classes (the most common label is
     picked from all of them): ten suspects, four of one class in ten, are a lift of 4
-    and a p-value of 0.013, which chance explains.
+    and a p-value of 0.013, which chance explains. ``relabeled_away``: the share of the
+    suspects carrying that label that the clean model gives another one. A dirty-label
+    backdoor's poisons are images of other classes, so most of them are relabeled away;
+    hard clean samples of the class (and clean-label poisons) mostly keep their label.
     """
     suspects = manifest["suspects"]
     if not suspects:
@@ -184,8 +188,9 @@ def suspect_target(manifest: dict) -> dict | None:
     p_value = binomial_tail(count, len(suspects), expected)
     if lift <= TARGET_LIFT or p_value >= TARGET_P / len(classes):
         return None
+    away = sum(s["relabel"] != label for s in suspects if s["label"] == label) / count
     return {"class": classes[label], "label": label, "share": round(share, 4), "lift": round(lift, 2),
-            "p_value": float(f"{p_value:.3g}")}
+            "p_value": float(f"{p_value:.3g}"), "relabeled_away": round(away, 4)}
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:

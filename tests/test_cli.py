@@ -276,6 +276,22 @@ def test_the_summary_prints_the_warnings_a_few_at_a_time(capsys):
         ["warning: 3 more in manifest.json (input/warnings)"]
 
 
+def test_the_summary_names_the_class_the_suspects_point_to_and_how_many_are_relabeled(capsys):
+    from types import SimpleNamespace
+
+    from sanitize.cli import _report
+
+    target = {"class": "frog", "label": 1, "share": 0.686, "lift": 6.86, "p_value": 0.0, "relabeled_away": 0.04}
+    result = SimpleNamespace(method="advrbd", counts={"total": 10, "clean": 9, "suspected": 1, "unreadable": 0},
+                             suspect_target=target, per_class={"frog": {"total": 10, "suspected": 1}},
+                             manifest={"input": {"classes": ["cat", "frog"], "warnings": []}, "suspects": [],
+                                       "unreadable": []}, timings_s={}, out="o", outputs={}, warnings=[],
+                             input_warnings=[])
+    _report(result, as_json=False)
+    assert ("  suspects point to class 'frog': 69% of suspects carry it, 6.9x its share of the data; the clean "
+            "model gives 4% of those another label\n") in capsys.readouterr().out
+
+
 def test_the_summary_counts_the_skipped_files_by_reason(make_imagefolder, tmp_path, capsys):
     root = make_imagefolder(60)
     for index in range(3):

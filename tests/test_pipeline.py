@@ -340,12 +340,14 @@ def test_config_file_sits_between_defaults_and_flags(tmp_path):
         methods.resolve_options("advrbd", config)
 
 
-def _manifest(totals: dict[str, int], suspect_labels: list[int]) -> dict:
+def _manifest(totals: dict[str, int], suspect_labels: list[int], relabels: list[int] | None = None) -> dict:
     classes = list(totals)
     per_class = {name: {"total": total, "suspected": suspect_labels.count(i)} for i, (name, total) in
                  enumerate(totals.items())}
+    relabels = suspect_labels if relabels is None else relabels
     return {"input": {"classes": classes}, "per_class": per_class,
-            "suspects": [{"key": f"k{i}", "label": label} for i, label in enumerate(suspect_labels)]}
+            "suspects": [{"key": f"k{i}", "label": label, "relabel": relabel}
+                         for i, (label, relabel) in enumerate(zip(suspect_labels, relabels))]}
 
 
 def test_suspects_point_to_a_class_only_when_it_is_over_represented():
@@ -353,8 +355,12 @@ def test_suspects_point_to_a_class_only_when_it_is_over_represented():
     # 30 of 40 suspects are cats, who are a quarter of the data: 3x their share.
     target = pipeline.suspect_target(_manifest(totals, [0] * 30 + [1] * 5 + [2] * 5))
     assert {k: v for k, v in target.items() if k != "p_value"} == \
-        {"class": "cat", "label": 0, "share": 0.75, "lift": 3.0}
+        {"class": "cat", "label": 0, "share": 0.75, "lift": 3.0, "relabeled_away": 0.0}
     assert 0 < target["p_value"] < 1e-9
+    # how many of the cats the clean model calls something else: 24 of 30 here (the dogs' relabels do not count)
+    labels = [0] * 30 + [1] * 5 + [2] * 5
+    relabels = [3] * 20 + [1] * 4 + [0] * 6 + [0] * 5 + [2] * 5
+    assert pipeline.suspect_target(_manifest(totals, labels, relabels))["relabeled_away"] == 0.8
     # Half of all samples flagged, every cat among them: 2x, as a method flagging half the data always allows.
     assert pipeline.suspect_target(_manifest(totals, [0] * 100 + [1] * 50 + [2] * 50)) is None
     assert pipeline.suspect_target(_manifest(totals, [])) is None
