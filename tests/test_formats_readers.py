@@ -535,6 +535,8 @@ def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, c
     (root / "notes").mkdir()
     (root / "notes" / "log.txt").write_text("no images here")
     (root / "stray.JPG").write_bytes(cifar_samples[1][1])
+    (root / ".DS_Store").write_bytes(b"\0")  # hidden: neither a sample nor counted
+    (root / ".part-000009.tar").write_bytes(b"")  # a hidden shard name is not a shard
     ingested = read_dataset(root, workers=1)
     assert ingested.format == "webdataset" and len(ingested.samples) == 40
     # nothing beside the shards goes uncounted; an image there is worth a warning

@@ -123,27 +123,31 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
         if not is_shard_name(location.name):
             raise InputError(f"{path}: neither a directory nor a .tar/.tar.gz/.tgz shard")
         return _list_shards(path, [location], location.parent, classes_file, pool)
-    shards = sorted(entry for entry in location.iterdir()
-                    if is_shard_name(entry.name) and not entry.name.startswith(".") and entry.is_file())
+    # One listing of the folder, hidden entries left out, for the shards and both checks beside them
+    # (DirEntry caches the file type, so a folder of many shards is not stat-ed three times over).
+    with os.scandir(location) as scan:
+        entries = [entry for entry in scan if not entry.name.startswith(".")]
+    shards = sorted(Path(entry.path) for entry in entries if is_shard_name(entry.name) and entry.is_file())
     if shards:
-        _refuse_mixed(location, shards)
+        _refuse_mixed(location, shards, entries)
         fmt, classes, listing = _list_shards(path, shards, location, classes_file, pool)
-        _count_beside_shards(location, listing)
+        _count_beside_shards(location, listing, entries)
         return fmt, classes, listing
     return _list_folder(location, classes_file, pool)
 
 
-def _count_beside_shards(root: Path, listing: Listing) -> None:
-    """Files beside the shards are not samples, but every input is accounted for: count them as skipped,
-    and warn about images there (a WebDataset sample lives inside a shard; one beside it is easily missed)."""
+def _count_beside_shards(root: Path, listing: Listing, entries: list[os.DirEntry]) -> None:
+    """Files beside the shards (``entries``: the folder's visible entries) are not samples, but every input is
+    accounted for: count them as skipped, and warn about images there (a WebDataset sample lives inside a
+    shard; one beside it is easily missed)."""
     images = 0
-    for entry in root.iterdir():
+    for entry in entries:
         # The shards are the visible files with a shard name (``_list``): tested as such, not looked up
         # in the list of shards, which would cost shards x entries comparisons in a folder of many.
         is_shard = is_shard_name(entry.name) and entry.is_file()
-        if entry.name.startswith(".") or entry.name == CLASSES_FILE or is_shard or entry.is_dir():
+        if entry.name == CLASSES_FILE or is_shard or entry.is_dir():
             continue
-        is_image = entry.suffix.lower().lstrip(".") in IMAGE_EXTS
+        is_image = os.path.splitext(entry.name)[1].lower().lstrip(".") in IMAGE_EXTS
         images += is_image
         listing.skip("image_beside_shards" if is_image else "not_a_shard")
     if images:
@@ -151,12 +155,13 @@ def _count_beside_shards(root: Path, listing: Listing) -> None:
                                 f"read: only samples inside the shards are")
 
 
-def _refuse_mixed(root: Path, shards: list[Path]) -> None:
-    """Shards beside class directories of images: reading either kind would silently drop the other.
+def _refuse_mixed(root: Path, shards: list[Path], entries: list[os.DirEntry]) -> None:
+    """Shards beside class directories of images (``entries``: the folder's visible entries): reading either
+    kind would silently drop the other.
 
     Other directories (no image under them), classes.json, READMEs and hidden entries are harmless."""
-    folders = sorted(entry.name for entry in root.iterdir() if not entry.name.startswith(".")
-                     and entry.is_dir() and not entry.is_symlink() and holds_image(entry))
+    folders = sorted(entry.name for entry in entries
+                     if entry.is_dir() and not entry.is_symlink() and holds_image(Path(entry.path)))
     if folders:
         raise InputError(
             f"{root} holds both {len(shards)} shard(s) (first: {readable_name(shards[0].name)}) and {len(folders)} "
