@@ -527,7 +527,7 @@ def test_class_folders_beside_a_shard_are_refused_not_dropped(make_imagefolder, 
     assert len(read_dataset(root / "stray.tar", workers=1).samples) == 20
 
 
-def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, cifar_samples):
+def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, cifar_samples, tmp_path):
     root = make_shards(40, 20)
     (root / "README.md").write_text("about these shards")
     (root / ".cache").mkdir()
@@ -537,6 +537,12 @@ def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, c
     (root / "stray.JPG").write_bytes(cifar_samples[1][1])
     (root / ".DS_Store").write_bytes(b"\0")  # hidden: neither a sample nor counted
     (root / ".part-000009.tar").write_bytes(b"")  # a hidden shard name is not a shard
+    # a folder whose only "images" are links out of the input or to nothing is no class folder: an
+    # ImageFolder reader would find no image in it either
+    (root / "links").mkdir()
+    (root / "links" / "out.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    (tmp_path / "elsewhere.jpg").write_bytes(cifar_samples[2][1])
+    (root / "links" / "gone.jpg").symlink_to(root / "missing.jpg")
     ingested = read_dataset(root, workers=1)
     assert ingested.format == "webdataset" and len(ingested.samples) == 40
     # nothing beside the shards goes uncounted; an image there is worth a warning

@@ -59,19 +59,24 @@ def image_files(root: Path, class_dir: Path, listing: Listing) -> list[Path]:
 
     for directory, subdirs, files in os.walk(class_dir, onerror=unlistable):
         _prune(directory, subdirs, listing)
-        found[directory] = [name for name in files if _is_image_name(name, listing)
-                            and _stays_inside(os.path.join(directory, name), real_root, listing)]
+        found[directory] = [name for name in files if _is_listed(directory, name, real_root, listing)]
     return [Path(directory, name) for directory in sorted(found) for name in sorted(found[directory])]
 
 
-def holds_image(directory: Path) -> bool:
-    """Whether ``image_files`` would find an image under ``directory``; stops at the first one."""
+def holds_image(root: Path, class_dir: Path) -> bool:
+    """Whether ``image_files(root, class_dir)`` would find an image; stops at the first one."""
     listing = Listing()  # what it would skip is not counted: the caller only asks
-    for parent, subdirs, files in os.walk(directory):
-        _prune(parent, subdirs, listing)
-        if any(_is_image_name(name, listing) for name in files):
+    real_root = os.path.realpath(root)
+    for directory, subdirs, files in os.walk(class_dir):
+        _prune(directory, subdirs, listing)
+        if any(_is_listed(directory, name, real_root, listing) for name in files):
             return True
     return False
+
+
+def _is_listed(directory: str, name: str, real_root: str, listing: Listing) -> bool:
+    """An image file name that is no link out of the root (nor a dangling one); what is not, is counted."""
+    return _is_image_name(name, listing) and _stays_inside(os.path.join(directory, name), real_root, listing)
 
 
 def _prune(directory: str, subdirs: list[str], listing: Listing) -> None:

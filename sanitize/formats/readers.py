@@ -161,7 +161,7 @@ def _refuse_mixed(root: Path, shards: list[Path], entries: list[os.DirEntry]) ->
 
     Other directories (no image under them), classes.json, READMEs and hidden entries are harmless."""
     folders = sorted(entry.name for entry in entries
-                     if entry.is_dir() and not entry.is_symlink() and holds_image(Path(entry.path)))
+                     if entry.is_dir() and not entry.is_symlink() and holds_image(root, Path(entry.path)))
     if folders:
         raise InputError(
             f"{root} holds both {len(shards)} shard(s) (first: {readable_name(shards[0].name)}) and {len(folders)} "
