@@ -227,6 +227,59 @@ def test_a_chunk_of_same_size_images_travels_stacked_and_any_other_as_it_is():
     assert _each_packed(probe, []) == []
 
 
+def _mixed_sizes(count: int, first: tuple[int, int], most: tuple[int, int], every: int = 3) -> list[bytes]:
+    """PNGs: the first 40 of size ``first``, then ``most`` but every ``every``-th of ``first``, a few broken."""
+    datas = []
+    for index in range(count):
+        if index % 97 == 50:
+            datas.append(b"junk")
+            continue
+        height, width = first if index < 40 or index % every == 0 else most
+        datas.append(encode(Image.fromarray(gradient(height, width) // (1 + index % 5)), "PNG"))
+    return datas
+
+
+@pytest.mark.parametrize("first, most", [((24, 32), (24, 32)), ((24, 32), (20, 20)), ((6, 6), (6, 6))])
+def test_pooled_decoding_equals_inline_whatever_size_the_first_chunk_guesses(first, most, monkeypatch):
+    """The probe copies stacked chunks at the first chunk's size as they arrive; where most images have
+    another size (or the common size is scaled up), those rows are decoded again at the working size."""
+    import sanitize.formats.images as images_module
+
+    datas = _mixed_sizes(300, first, most)
+    with Workers(1) as workers:
+        inline = decode_images(datas, workers)
+    monkeypatch.setattr(images_module, "POOL_MIN_SAMPLES", 10)
+    monkeypatch.setattr(images_module, "CHUNK", 16)
+    with Workers(2) as workers:
+        pooled = decode_images(datas, workers)
+    assert pooled.image_size == inline.image_size and pooled.size_rule == inline.size_rule
+    assert pooled.errors == inline.errors and len(pooled.errors) == 3
+    assert np.array_equal(pooled.images, inline.images) and len(pooled.images) == 297
+    if first != most:
+        assert inline.image_size == most  # the first chunk's guess was wrong
+    assert decode_images(datas, Workers(1), image_size=12).images.shape == (297, 12, 12, 3)
+
+
+def test_the_probe_does_not_hold_a_second_copy_of_the_images(monkeypatch):
+    import tracemalloc
+
+    import sanitize.formats.images as images_module
+
+    datas = [encode(Image.fromarray(gradient(32, 32) // (1 + i % 7)), "PNG") for i in range(3000)]
+    monkeypatch.setattr(images_module, "POOL_MIN_SAMPLES", 10)
+    monkeypatch.setattr(images_module, "CHUNK", 64)
+    with Workers(2) as workers:
+        decode_images(datas[:100], workers)  # the pool started outside the measurement
+        tracemalloc.start()
+        try:
+            decoded = decode_images(datas, workers)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert decoded.images.shape == (3000, 32, 32, 3)
+    assert peak < 1.4 * decoded.images.nbytes  # holding every probed image too was 2x
+
+
 @pytest.mark.filterwarnings("error")  # Pillow's warnings (corrupt EXIF in some of these) must not leak out
 @pytest.mark.parametrize("fmt, params", [("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("GIF", {}), ("BMP", {}),
                                          ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"}), ("PPM", {})])

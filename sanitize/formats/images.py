@@ -173,14 +173,20 @@ def _each_packed(function, datas: list[bytes]) -> list | np.ndarray:
 
 
 def map_chunks(function, datas: list[bytes], workers: Workers) -> Iterator:
-    """Yield ``_each(function)`` results in input order: inline for small inputs, else chunked over the pool
-    (a stacked chunk yields views of its rows)."""
+    """Yield ``_each(function)`` results in input order (see ``map_parts``; a stacked part yields views of its
+    rows)."""
+    for part in map_parts(function, datas, workers):
+        yield from part
+
+
+def map_parts(function, datas: list[bytes], workers: Workers) -> Iterator[list | np.ndarray]:
+    """``_each(function)`` over ``datas`` in input order, a part at a time: inline for small inputs (one
+    list), else chunked over the pool (each chunk a list, or one stacked array, see ``_each_packed``)."""
     if len(datas) < POOL_MIN_SAMPLES:
-        yield from _each(function, datas)
+        yield _each(function, datas)
         return
     chunks = [datas[start:start + CHUNK] for start in range(0, len(datas), CHUNK)]
-    for part in workers.map(partial(_each_packed, function), chunks):
-        yield from part
+    yield from workers.map(partial(_each_packed, function), chunks)
 
 
 @dataclass
@@ -200,18 +206,11 @@ def decode_images(datas: list[bytes], workers: Workers, *, image_size=None) -> D
     Without ``image_size`` a first pass measures every image and already keeps
     the small ones decoded, so a CIFAR-like set is decoded once.
     """
-    probed = [] if image_size is not None else list(map_chunks(probe, datas, workers))
-    errors = {index: result for index, result in enumerate(probed) if isinstance(result, str)}
-    size, rule = working_size([_size_of(result) for result in probed if not isinstance(result, str)], image_size)
-    images = np.empty((len(datas), *size, 3), dtype=np.uint8)
-    todo = []
-    for index in range(len(datas)):
-        result = probed[index] if probed else None
-        if isinstance(result, np.ndarray) and result.shape[:2] == size:
-            images[index] = result
-        elif index not in errors:
-            todo.append(index)
-    del probed
+    if image_size is not None:
+        size, rule = working_size([], image_size)
+        images, errors, todo = np.empty((len(datas), *size, 3), dtype=np.uint8), {}, list(range(len(datas)))
+    else:
+        images, size, rule, errors, todo = _probe_all(datas, workers)
     for index, result in zip(todo, map_chunks(partial(decode, size=size), [datas[i] for i in todo], workers)):
         if isinstance(result, str):
             errors[index] = result
@@ -224,6 +223,50 @@ def decode_images(datas: list[bytes], workers: Workers, *, image_size=None) -> D
                 images[row] = images[index]
         images = images[:len(kept)]
     return Decoded(images, errors, size, rule)
+
+
+def _probe_all(datas: list[bytes], workers: Workers):
+    """The first pass: (images, size, rule, errors, todo), ``images`` holding every image the probe decoded
+    at the working size, ``todo`` the indices still to decode at it.
+
+    A stacked part is copied into ``images`` as it arrives, at the size of the first stacked part (the
+    guess), and not kept: holding every probed image until the working size is known doubled the peak
+    memory of a small-image set. Where the working size turns out another (rare: most images of another
+    size than the first chunk's, or one scaled up), those rows are decoded again from their bytes.
+    """
+    images, guess, copied, kept, sizes, errors = None, None, [], [], [], {}
+    start = 0
+    for part in map_parts(probe, datas, workers):
+        if isinstance(part, np.ndarray):
+            sizes += [part.shape[1:3]] * len(part)
+            if guess is None:
+                guess = part.shape[1:3]
+                images = np.empty((len(datas), *guess, 3), dtype=np.uint8)
+            if part.shape[1:3] == guess:
+                images[start:start + len(part)] = part
+                copied.append(range(start, start + len(part)))
+            else:
+                kept.append((start, part))
+        else:
+            for index, result in enumerate(part, start):
+                if isinstance(result, str):
+                    errors[index] = result
+                else:
+                    sizes.append(_size_of(result))
+            kept.append((start, part))
+        start += len(part)
+    size, rule = working_size(sizes)
+    todo = []
+    if size != guess:
+        images = np.empty((len(datas), *size, 3), dtype=np.uint8)
+        todo = [index for indices in copied for index in indices]
+    for start, part in kept:
+        for index, result in enumerate(part, start):
+            if isinstance(result, np.ndarray) and result.shape[:2] == size:
+                images[index] = result
+            elif index not in errors:
+                todo.append(index)
+    return images, size, rule, errors, sorted(todo)
 
 
 def _size_of(result) -> tuple[int, int]:
