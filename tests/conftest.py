@@ -1,16 +1,31 @@
 """Shared fixtures: real samples cut from ../shared/data/cifar10, laid out as the tests need."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 CIFAR = Path(os.environ.get("SANITIZE_CIFAR", REPO.parent / "shared" / "data" / "cifar10"))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package; some import ``bench``)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def _read_cifar(n: int, shard: str) -> list[tuple[str, bytes, int]]:

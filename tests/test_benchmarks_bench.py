@@ -1,17 +1,15 @@
 """benchmarks/bench.py: the detection figures and stage diagnostics it records."""
 import csv
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "benchmarks" / "bench.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from conftest import load_benchmark
+
+bench = load_benchmark("bench")
 
 # Ten samples of classes 0, 1, 2, 0, 1, ..., the last two poisoned: the score ranks one poison on top and
 # one in the middle.

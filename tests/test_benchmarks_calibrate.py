@@ -1,27 +1,12 @@
 """benchmarks/calibrate_advrbd.py: the per-round figures of AdvrBD's detection stages."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from conftest import load_benchmark
 
 from sanitize import methods
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-
-
-def load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))  # calibrate imports bench
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture
@@ -34,7 +19,7 @@ def checkerboard(cifar_arrays, cifar_classes):
 
 
 def test_detection_only_reports_every_round_and_consistent_counts(checkerboard):
-    calibrate = load("calibrate_advrbd")
+    calibrate = load_benchmark("calibrate_advrbd")
     bank, poisoned = checkerboard
     options = methods.resolve_options("advrbd", arch="small", quick=True, enhance_rounds=2, batch_size=64)
     found = calibrate.calibrate(bank, options, poisoned.poisoned, detect_only=True)
@@ -55,7 +40,7 @@ def test_detection_only_reports_every_round_and_consistent_counts(checkerboard):
 
 
 def test_warmup_only_reports_the_fitted_shares_and_the_crop_hides_a_corner_trigger(checkerboard):
-    calibrate = load("calibrate_advrbd")
+    calibrate = load_benchmark("calibrate_advrbd")
     bank, poisoned = checkerboard
     found = {}
     for augmentation in ("none", "crop"):
@@ -71,7 +56,7 @@ def test_warmup_only_reports_the_fitted_shares_and_the_crop_hides_a_corner_trigg
 
 
 def test_the_clean_set_gives_flagged_shares_and_no_poison_figures(cifar_arrays, cifar_classes):
-    calibrate = load("calibrate_advrbd")
+    calibrate = load_benchmark("calibrate_advrbd")
     bank = Bank.from_arrays(*cifar_arrays, cifar_classes)
     none = np.zeros(bank.n, bool)
     options = methods.resolve_options("advrbd", arch="small", quick=True, enhance_rounds=1, batch_size=64)
@@ -83,7 +68,7 @@ def test_the_clean_set_gives_flagged_shares_and_no_poison_figures(cifar_arrays, 
 
 
 def test_score_steps_compares_each_partition_with_the_default_and_a_reseeded_one(checkerboard):
-    calibrate = load("calibrate_advrbd")
+    calibrate = load_benchmark("calibrate_advrbd")
     bank, poisoned = checkerboard
     options = methods.resolve_options("advrbd", arch="small", quick=True, batch_size=64, pgd_steps=3)
     found = calibrate.score_steps(bank, options, poisoned.poisoned, "2,1")
@@ -96,5 +81,5 @@ def test_score_steps_compares_each_partition_with_the_default_and_a_reseeded_one
 
 
 def test_overlap_counts_shared_samples():
-    calibrate = load("calibrate_advrbd")
+    calibrate = load_benchmark("calibrate_advrbd")
     assert calibrate._overlap(np.array([1, 2, 3, 4]), np.array([3, 4, 5, 6])) == 0.5

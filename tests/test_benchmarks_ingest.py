@@ -1,18 +1,9 @@
 """benchmarks/bench_ingest.py: throughput per worker count, and where each run's time went."""
-import importlib.util
 import json
-from pathlib import Path
+
+from conftest import load_benchmark
 
 from sanitize.formats import readers
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_ingest", BENCHMARKS / "bench_ingest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_each_run_reports_its_phases_and_leaves_the_reader_as_it_was(make_shards, monkeypatch, capsys):
@@ -20,7 +11,7 @@ def test_each_run_reports_its_phases_and_leaves_the_reader_as_it_was(make_shards
     originals = (readers._list, readers.decode_images)
     monkeypatch.setattr("sys.argv", ["bench_ingest.py", "--data", str(root), "--shards", "part-{000000..000002}.tar",
                                      "--workers", "1,2", "--repeat", "2"])
-    load().main()
+    load_benchmark("bench_ingest").main()
     report = json.loads(capsys.readouterr().out)
     assert [run["workers"] for run in report["runs"]] == [1, 2]
     for run in report["runs"]:

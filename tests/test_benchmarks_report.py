@@ -1,13 +1,11 @@
 """benchmarks/report.py: the target checks and the markdown it writes."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("report", Path(__file__).parents[1] / "benchmarks" / "report.py")
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+from conftest import BENCHMARKS, load_benchmark
+
+report = load_benchmark("report")
 
 
 def record(method="advrbd", attack="badnets", acc=89.0, asr=0.5, recall=99.0, fpr=1.0, seconds=80.0, **extra):
@@ -62,7 +60,7 @@ def test_markdown_tables_replace_only_the_marked_section(tmp_path, monkeypatch):
     assert (tmp_path / "p.svg").read_text().count("<circle") == 2 + len(report.COLOURS)
 
 
-PAPERS = Path(__file__).parents[1] / "benchmarks" / "papers.json"
+PAPERS = BENCHMARKS / "papers.json"
 PAPER_DEFENSES = {"none": "No Defense", "advrbd": "AdvrBD", "dbd": "DBD (ours)"}
 
 
