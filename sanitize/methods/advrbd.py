@@ -86,7 +86,7 @@ class AdvrbdOptions:
     # average it misses a small corner trigger and the trigger keeps its hold.
     epsilon: float = 8 / 255
     # 3 steps pick 91-97% of the partition 5 steps pick (another seed: 29-54%), in 2/3 of the
-    # time, on the small CNN (benchmarks/RESULTS.md, "Fewer PGD steps"); 5 until the H100 agrees.
+    # time, on the small CNN (benchmarks/RESULTS.md, "Fewer PGD steps"); 5 until a GPU agrees.
     pgd_steps: int = 5
     mask_fraction: float = 0.5
     # The KL averaged over this many random masks (each with its own PGD). One mask, as in Eq. 3;
@@ -119,8 +119,8 @@ class AdvrbdOptions:
     # not learned yet looks clean to the KL (the model's own, true-class prediction is what
     # is perturbed) and may be picked; unlearning it pushes it away from the target and
     # weakens the very backdoor the enhancement should strengthen. Hypothesis for the
-    # white-square BadNets miss on the H100 (recall 63.6%), off until measured there
-    # (benchmarks/gpu_session.sh, step 4). CPU, --quick, small CNN, 2,000 demo images,
+    # white-square BadNets miss on the H100 (recall 63.6%; the flip-only warm-up fixed that
+    # miss instead), never measured on a GPU. CPU, --quick, small CNN, 2,000 demo images,
     # detection stages only (recall / FPR, off -> on): checkerboard BadNets 5% 100/9.9 ->
     # 100/0.4, 10% 100/5.0 -> 100/0.5, clean set -/4.2 -> -/1.6, SIG 65/5.7 -> 0/0.8 (its
     # poisons carry their true label, so they are fitted and get picked), Blend and white
@@ -128,7 +128,8 @@ class AdvrbdOptions:
     # (warm-up 5, PGD 3, 4 rounds, batch 256, no augmentation; calibrate_advrbd.py
     # --detect-only): white BadNets 93.4/16.6 -> 77.6/0.5 (poisons in the unlearn set 7 ->
     # 29: the filter did not keep poisons out, it let fitted ones in), Blend 86.4/15.6 ->
-    # 86.8/8.6. So far it trades recall for a much lower FPR.
+    # 86.8/8.6. So far it trades recall for a much lower FPR. WaNet (small CNN, 10,000 images,
+    # hybrid): recall 0.4 -> 0.0; it does not keep that backdoor either (RESULTS.md, "WaNet").
     unlearn_fitted_only: bool = False
     # Never unlearn a sample the enhanced model would flag (margin > split_margin): the unlearn set
     # is meant to be surely clean. Hypothesis for the seed-to-seed swings on the CPU (small CNN,
