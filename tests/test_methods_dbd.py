@@ -156,6 +156,32 @@ def test_split_keeps_the_lowest_loss_share_labeled():
     assert sorted(labeled.tolist()) == [1, 3, 5] and sorted(unlabeled.tolist()) == [0, 2, 4]
 
 
+def test_split_by_class_keeps_each_class_its_count_of_lowest_loss_samples():
+    loss = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    # globally the three lowest are 1, 5, 3: class 2 would get none
+    labeled, unlabeled = dbd.split_by_class(loss, labels, torch.tensor([1, 1, 1]))
+    assert sorted(labeled.tolist()) == [1, 5, 7] and sorted(unlabeled.tolist()) == [0, 2, 3, 4, 6]
+    labeled, _ = dbd.split_by_class(loss, labels, torch.tensor([3, 0, 2]))
+    assert sorted(labeled.tolist()) == [0, 1, 2, 6, 7]
+
+
+@pytest.mark.parametrize("by_class", [True, False])
+def test_mixmatch_refiltering_keeps_the_heads_class_counts_unless_told_not_to(bank, by_class):
+    small = Bank(bank.images[:128], bank.labels[:128], bank.classes, bank.mean, bank.std)
+    torch.manual_seed(0)
+    model = build_model("small", small.num_classes, small.image_size, small.mean, small.std)
+    # the head's loss favours classes 0-4: they fill the labeled half
+    first = torch.rand(small.n) + (small.labels >= 5).float()
+    head_labeled, _ = dbd.split_by_loss(first, 0.5)
+    opts = tiny_options(batch_size=16, mixmatch_epochs=2, refilter_by_class=by_class)
+    final = dbd.mixmatch_finetune(model, small, first, opts)
+    counts = torch.bincount(small.labels[final["labeled"]], minlength=10)
+    assert int(counts.sum()) == len(head_labeled)
+    expected = torch.bincount(small.labels[head_labeled], minlength=10)
+    assert torch.equal(counts, expected) == by_class  # globally, the trained model's losses reorder them
+
+
 def test_classes_left_out_of_the_labeled_set_are_named():
     classes = ["airplane", "automobile", "bird", "cat"]
     labels = torch.tensor([0] * 6 + [1] * 2 + [2] * 2)  # no cat at all: nothing to warn of
@@ -288,13 +314,24 @@ def test_run_returns_the_method_contract(bank):
     assert result.suspected.dtype == bool and result.suspected.shape == (n,)
     assert result.relabel.dtype == np.int64 and result.relabel.shape == (n,)
     assert result.suspected.sum() == n - round(0.5 * n)
-    # suspected = the half with the highest final score
-    assert result.score[result.suspected].min() >= result.score[~result.suspected].max()
+    # suspected = within each class, the samples with the highest final score (refilter_by_class)
+    labels = bank.labels.numpy()
+    for label in np.unique(labels):
+        mine = labels == label
+        if result.suspected[mine].all() or not result.suspected[mine].any():
+            continue
+        assert result.score[mine & result.suspected].min() >= result.score[mine & ~result.suspected].max()
     assert isinstance(result.model, Classifier) and not result.model.training
     assert set(result.timings_s) == {"simclr", "head", "mixmatch"}
     assert len(result.metrics["labeled_changed"]) == 2  # re-filtered after every MixMatch epoch
     json.dumps(result.metrics)
     assert result.details["head_labeled"].sum() == round(0.5 * n)
+
+
+def test_the_papers_global_refiltering_suspects_the_half_with_the_highest_score(bank):
+    result = dbd.run(bank, tiny_options(refilter_by_class=False))
+    assert result.suspected.sum() == bank.n - round(0.5 * bank.n)
+    assert result.score[result.suspected].min() >= result.score[~result.suspected].max()
 
 
 def test_run_is_deterministic_for_a_seed(bank):
