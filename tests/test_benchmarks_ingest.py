@@ -17,6 +17,7 @@ def test_each_run_reports_its_phases_and_leaves_the_reader_as_it_was(make_shards
     for run in report["runs"]:
         assert run["samples"] == 60 and run["samples_per_s"] > 0
         assert set(run["phases_s"]) == {"list", "decode"}
-        assert sum(run["phases_s"].values()) <= run["seconds"] and run["parent_cpu_s"] > 0
+        # each figure is rounded to the millisecond: two phases and the total, off by 1.5 ms at most
+        assert sum(run["phases_s"].values()) <= run["seconds"] + 0.0015 and run["parent_cpu_s"] > 0
     assert report["runs"][1]["pool_start_s"] > 0 and report["runs"][0]["pool_start_s"] < 0.01  # 1 worker: inline
     assert (readers._list, readers.decode_images) == originals
