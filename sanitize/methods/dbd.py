@@ -95,9 +95,10 @@ class DbdOptions:
     # globally, a class the model is weak on loses labeled samples, gets weaker and loses more: on
     # 10,000 CIFAR images (small CNN, WaNet 5%; benchmarks/RESULTS.md, "DBD on a CPU subset") bird,
     # cat and deer went from 331 / 247 / 397 labeled after the head to 73 / 8 / 3, and the clean
-    # model got 6.7 / 0.7 / 0.1% of their test images right (ACC 52.8 against 70.4 undefended). The
-    # head's filter, on frozen self-supervised features, is the one that separates the poisons; the
-    # re-filtering only chooses within each class which samples stay labeled.
+    # model got 6.7 / 0.7 / 0.1% of their test images right (ACC 52.8 against 70.4 undefended). By
+    # class: 29.6 / 26.9 / 29.0%, ACC 59.6, ASR 10.7 -> 5.1, recall 90.0 -> 97.6 (same SimCLR and
+    # head). The head's filter, on frozen self-supervised features, is the one that separates the
+    # poisons; the re-filtering only chooses within each class which samples stay labeled.
     refilter_by_class: bool = True
     mixmatch_epochs: int = 40
     mixmatch_lr: float = 0.1
