@@ -30,9 +30,9 @@ def test_a_dominated_set_gives_the_head_class_its_share_and_the_others_equal_par
 
 
 def test_a_run_reports_recall_fpr_and_the_flagged_share_of_each_class(make_shards, capsys):
-    record = load_benchmark("longtail").main(["--data", str(make_shards(200)), "--ratio", "2", "--head", "30", "--attack", "badnets",
-                          "--rate", "0.1", "--arch", "small", "--set", "quick=true", "--set", "batch_size=32",
-                          "--device", "cpu"])
+    record = load_benchmark("longtail").main([
+        "--data", str(make_shards(200)), "--ratio", "2", "--head", "30", "--attack", "badnets", "--rate", "0.1",
+        "--arch", "small", "--set", "quick=true", "--set", "batch_size=32", "--device", "cpu"])
     assert json.loads(capsys.readouterr().out) == record
     assert record["poisons"] > 0 and 0 <= record["recall"] <= 100 and 0 <= record["fpr"] <= 100
     assert sum(int(cell.split("/")[1]) for cell in record["flagged_by_class"].values()) == record["samples"]
