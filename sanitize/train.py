@@ -148,11 +148,14 @@ def all_indices(bank: Bank) -> torch.Tensor:
 def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, epochs: int = 20, batch_size: int = 512,
                      lr: float = 0.2, weight_decay: float = 5e-4, seed: int = 0, augmentation: str = "crop",
-                     progress: Progress | None = None) -> dict:
+                     logit_shift: torch.Tensor | None = None, progress: Progress | None = None) -> dict:
     """Cross-entropy training on ``indices`` (default: all samples), each batch augmented as ``augmentation``
     (``sanitize.data.AUGMENTATIONS``; "none" for none).
 
     ``labels`` [N] overrides the bank's given labels (used for relabeled fine-tuning).
+    ``logit_shift`` [K], if given, is added to the logits in the loss only (logit-adjusted loss, Menon et
+    al. 2021): with ``prior_shift(trained_on, meant_for)`` the model learns the class prior of the labels
+    it is meant for, not of the ones it sees.
     Returns ``{"loss": last-epoch mean loss, "steps": n}``.
     """
     indices = all_indices(bank) if indices is None else indices.to(bank.device)
@@ -174,7 +177,10 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
         for batch in batches(indices, batch_size, generator, drop_last, TRAIN_MIN_BATCH):
             inputs = _layout(augment(bank.images[batch], generator, augmentation))
             with autocast(bank.device):
-                loss = F.cross_entropy(model(inputs), labels[batch])
+                logits = model(inputs)
+                if logit_shift is not None:
+                    logits = logits.float() + logit_shift
+                loss = F.cross_entropy(logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -197,6 +203,13 @@ def class_log_prior(labels: torch.Tensor, num_classes: int, tau: float = 1.0) ->
     nothing."""
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()
     return tau * (counts / counts.sum()).log()
+
+
+def prior_shift(trained_on: torch.Tensor, meant_for: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``log(class share in trained_on) - log(class share in meant_for)`` float32 [K], both label vectors:
+    the ``logit_shift`` that trains a model on ``trained_on`` for the class prior of ``meant_for``.
+    Zero where the shares agree (an empty class counts one sample)."""
+    return class_log_prior(trained_on, num_classes) - class_log_prior(meant_for, num_classes)
 
 
 def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

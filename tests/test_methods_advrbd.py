@@ -285,3 +285,32 @@ def test_an_exhausted_pool_ends_the_growth_not_the_run(poisoned_bank):
     assert metrics["enhance_rounds"] == 4
     assert int((found.unlearn_round >= 0).sum()) == round(0.1 * bank.n)
     assert int(found.unlearn_round.max()) == 1
+
+
+@pytest.mark.parametrize("rebalance", [False, True])
+def test_fine_tuning_is_trained_for_the_prior_of_the_relabeled_set(poisoned_bank, monkeypatch, rebalance):
+    """The clean-label rule thins out a class whose suspects keep their label (here: every other sample of
+    class 1 flagged); with finetune_rebalance the fine-tuning's loss is adjusted from the kept samples'
+    class prior to the relabeled set's, which raises that class."""
+    from sanitize import train
+
+    bank, _ = poisoned_bank
+    ones = (bank.labels == 1).nonzero().squeeze(1)
+    flagged = torch.zeros(bank.n, dtype=torch.bool)
+    flagged[ones[::2]] = True
+    monkeypatch.setattr(advrbd, "detect", lambda *a, **k: advrbd.Detection(
+        flagged.float(), flagged, torch.zeros(bank.n), torch.full((bank.n,), -1, dtype=torch.int16)))
+    shifts = []
+    real = train.train_supervised
+    monkeypatch.setattr(train, "train_supervised", lambda *a, **k: shifts.append(k.get("logit_shift")) or real(*a, **k))
+    found = advrbd.run(bank, advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64,
+                                                  finetune_rebalance=rebalance).scaled())
+    assert shifts[0] is None  # the clean model trains for the data as it is
+    if not rebalance:
+        assert shifts[1] is None and "finetune_prior_shift" not in found.metrics
+        return
+    kept, label = torch.from_numpy(found.details["finetune_kept"]), torch.from_numpy(found.details["finetune_label"])
+    expected = train.prior_shift(label[kept], label, bank.num_classes)
+    assert torch.equal(shifts[1], expected)
+    assert found.metrics["finetune_prior_shift"] == [round(float(value), 4) for value in expected]
+    assert int((~kept).sum()) > 0 and int(expected.argmin()) == 1  # the thinned class is the one raised

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -164,3 +165,36 @@ def test_taking_the_class_log_prior_from_the_logits_predicts_the_dominant_class_
     plain = float((logits.argmax(1) == 0).float().mean())
     adjusted = float(((logits - train.class_log_prior(bank.labels, bank.num_classes)).argmax(1) == 0).float().mean())
     assert adjusted < plain - 0.1, (adjusted, plain)
+
+
+def test_prior_shift_is_the_log_ratio_of_the_class_shares():
+    trained_on, meant_for = sized_labels(2, 6, 2), sized_labels(5, 5, 0)
+    shift = train.prior_shift(trained_on, meant_for, 3)
+    expected = torch.tensor([2 / 10, 6 / 10, 2 / 10]).log() - torch.tensor([5 / 11, 5 / 11, 1 / 11]).log()
+    assert torch.allclose(shift, expected)
+    assert torch.allclose(train.prior_shift(meant_for, meant_for, 3), torch.zeros(3))
+
+
+def sized_labels(*sizes):
+    return torch.cat([torch.full((size,), index) for index, size in enumerate(sizes)])
+
+
+def test_a_logit_shift_trains_a_rare_class_for_the_prior_it_is_meant_for(cifar_arrays, cifar_classes):
+    """Class 0 is rare in the training set (8 images beside 60 of each of two others); trained for a balanced
+    prior (logit-adjusted loss), the model calls held-out class-0 images class 0 far more often."""
+    images, labels = cifar_arrays
+    rows = np.concatenate([np.flatnonzero(labels == 0)[:8], np.flatnonzero(labels == 1)[:60],
+                           np.flatnonzero(labels == 2)[:60]])
+    bank = Bank.from_arrays(images[rows], labels[rows], cifar_classes)
+    held_out = torch.from_numpy(images[np.flatnonzero(labels == 0)[8:]]).permute(0, 3, 1, 2)
+
+    def share_called_zero(shift):
+        torch.manual_seed(0)
+        model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+        train.train_supervised(model, bank, epochs=6, batch_size=32, lr=0.05, seed=0, logit_shift=shift)
+        return float((train.predict_logits(model, held_out).argmax(1) == 0).float().mean())
+
+    shift = train.prior_shift(bank.labels, sized_labels(60, 60, 60), bank.num_classes)
+    assert shift[0] - shift[1] < -1 and torch.isclose(shift[1], shift[2])  # only differences matter
+    plain, shifted = share_called_zero(None), share_called_zero(shift)
+    assert shifted > plain + 0.15, (plain, shifted)
