@@ -38,10 +38,12 @@ def test_bf16_channels_last_training_learns(cuda_bank):
     assert after > before + 20  # fits its own training images
 
 
-@pytest.mark.parametrize("method", ["advrbd", "dbd"])
-def test_run_on_cuda_writes_the_contract_and_a_matching_onnx_model(method, make_shards, tmp_path):
+@pytest.mark.parametrize("method, layout", [("advrbd", "shards"), ("dbd", "shards"), ("advrbd", "folder")])
+def test_run_on_cuda_writes_the_contract_and_a_matching_onnx_model(method, layout, make_shards, make_imagefolder,
+                                                                   tmp_path):
     # The ONNX check (float32 onnxruntime against the bf16-trained torch model) runs inside sanitize.run.
-    result = sanitize.run(make_shards(200), method=method, out=tmp_path / "out", **FAST)
+    data = make_shards(200) if layout == "shards" else make_imagefolder(200)
+    result = sanitize.run(data, method=method, out=tmp_path / "out", **FAST)
     manifest = read_manifest(tmp_path / "out")
     assert manifest["environment"]["device"].startswith("cuda")
     counts = result.counts
