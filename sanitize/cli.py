@@ -165,11 +165,12 @@ def options(method, as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     width = max(len(row["name"]) for row in rows)
-    click.echo(f"{'option':<{width}}  {'type':<16}  {'default':<12}  {'range':<14}  under --quick")
+    kinds = max(16, *(len(row["type"]) for row in rows))
+    click.echo(f"{'option':<{width}}  {'type':<{kinds}}  {'default':<12}  {'range':<14}  under --quick")
     for row in rows:
         quick = "" if row["quick"] == row["default"] else _value(row["quick"])
-        click.echo(f"{row['name']:<{width}}  {row['type']:<16}  {_value(row['default']):<12}  {row['range']:<14}  "
-                   f"{quick}".rstrip())
+        click.echo(f"{row['name']:<{width}}  {row['type']:<{kinds}}  {_value(row['default']):<12}  "
+                   f"{row['range']:<14}  {quick}".rstrip())
 
 
 def _value(value) -> str:

@@ -16,6 +16,7 @@ import math
 import numbers
 import operator
 import tomllib
+import types
 import typing
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def _read_config(path: Path, name: str) -> dict:
 
 def _value_type(hint) -> type:
     """``bool | None`` -> bool (None means "decided by the method"), ``Literal[...] | None`` -> the
-    Literal; a plain type stays."""
+    Literal; a plain type, or a Literal without None, stays (its arguments are its choices, not types)."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
     kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
     return kinds[0] if kinds else hint
 
