@@ -314,3 +314,22 @@ def test_fine_tuning_is_trained_for_the_prior_of_the_relabeled_set(poisoned_bank
     assert torch.equal(shifts[1], expected)
     assert found.metrics["finetune_prior_shift"] == [round(float(value), 4) for value in expected]
     assert int((~kept).sum()) > 0 and int(expected.argmin()) == 1  # the thinned class is the one raised
+
+
+def test_suspects_are_relabeled_for_the_prior_asked_for():
+    """Two classes; the clean model trained on 90 / 10 (the split flagged most of class 1). A suspect it finds
+    slightly more like class 0 goes to class 1 once the data's prior (90 / 170) counts."""
+    labels = torch.tensor([0] * 90 + [1] * 10 + [1] * 160)
+    suspected = torch.tensor([False] * 100 + [True] * 160)
+    bank = Bank.from_arrays(np.zeros((260, 8, 8, 3), np.uint8), labels.numpy(), ["a", "b"])
+    # The clean model's logits: its training prior, plus evidence slightly for class 0 on the first 40
+    # suspects and clearly for class 1 on the other 120.
+    evidence = torch.zeros(260, 2)
+    evidence[100:140, 0] = 0.5
+    evidence[140:, 1] = 4.0
+    logits = evidence + torch.tensor([0.9, 0.1]).log()
+    for prior, moved in (("model", 0), ("data", 40)):
+        relabel = advrbd.suspect_relabels(logits, bank, suspected, prior)
+        assert torch.equal(relabel[:100], labels[:100])  # the others keep their given label
+        assert int((relabel[100:140] == 1).sum()) == moved, prior
+        assert bool((relabel[140:] == 1).all()), prior
