@@ -496,41 +496,64 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
     opts = options.resolved()  # as given: scaling for --quick is the caller's (methods.resolve_options)
     clock = StageClock(bank.device, progress)
     metrics: dict = {}
-    everything = train.all_indices(bank)
     found = detect(bank, opts, clock, metrics)
     suspected = found.suspected
+    clean_model = train_clean(bank, opts, suspected, clock)
+    relearned = relearn(clean_model, bank, opts, suspected, clock)
+    metrics.update(suspected=int(suspected.sum()), unlearn_set=int((found.unlearn_round >= 0).sum()),
+                   **relearned.metrics)
+    return MethodResult(score=found.score.double().cpu().numpy(), suspected=suspected.cpu().numpy(),
+                        relabel=relearned.relabel.cpu().numpy().astype(np.int64), model=clean_model,
+                        timings_s=clock.timings_s, metrics=metrics,
+                        warnings=verdict_warnings(bank.labels, suspected, bank.classes),
+                        details={"warmup_kl": found.warmup_kl.cpu().numpy(),
+                                 "unlearn": (found.unlearn_round >= 0).cpu().numpy(),
+                                 "unlearn_round": found.unlearn_round.cpu().numpy(),
+                                 "finetune_kept": relearned.kept.cpu().numpy(),
+                                 "finetune_label": relearned.finetune_label.cpu().numpy()})
 
+
+def train_clean(bank: Bank, opts: AdvrbdOptions, suspected: torch.Tensor, clock: StageClock):
+    """Stage 6: a fresh model trained on the samples not ``suspected``."""
     clean_model = fresh_model(opts, bank, seed_offset=1)
     with clock("clean_train"):
-        train.train_supervised(clean_model, bank, indices=everything[~suspected], epochs=opts.clean_epochs,
-                               batch_size=opts.batch_size, lr=opts.lr, weight_decay=opts.weight_decay,
-                               seed=opts.seed + 1, progress=clock.advance)
+        train.train_supervised(clean_model, bank, indices=train.all_indices(bank)[~suspected],
+                               epochs=opts.clean_epochs, batch_size=opts.batch_size, lr=opts.lr,
+                               weight_decay=opts.weight_decay, seed=opts.seed + 1, progress=clock.advance)
+    return clean_model
+
+
+@dataclass
+class Relearned:
+    """Stage 7. relabel: the fine-tuned model's label for every sample [N]; finetune_label: the labels
+    fine-tuning used (suspects relabeled by the clean model) [N]; kept: the samples it used [N]."""
+
+    relabel: torch.Tensor
+    finetune_label: torch.Tensor
+    kept: torch.Tensor
+    metrics: dict
+
+
+def relearn(clean_model, bank: Bank, opts: AdvrbdOptions, suspected: torch.Tensor, clock: StageClock) -> Relearned:
+    """Stage 7: relabel the suspects with ``clean_model`` and fine-tune it (in place, then in eval mode) on
+    the clean samples and the relabeled suspects the clean-label rule keeps."""
     with clock("relearn"):
-        relabel = suspect_relabels(train.predict_logits(clean_model, bank.images), bank, suspected,
-                                   opts.relabel_prior)
-        finetune_label = relabel
-        keep = keep_for_finetune(suspected, relabel, bank.labels)
-        shift = train.prior_shift(relabel[keep], relabel, bank.num_classes) if opts.finetune_rebalance else None
-        train.train_supervised(clean_model, bank, indices=everything[keep], labels=relabel,
+        finetune_label = suspect_relabels(train.predict_logits(clean_model, bank.images), bank, suspected,
+                                          opts.relabel_prior)
+        keep = keep_for_finetune(suspected, finetune_label, bank.labels)
+        shift = (train.prior_shift(finetune_label[keep], finetune_label, bank.num_classes)
+                 if opts.finetune_rebalance else None)
+        train.train_supervised(clean_model, bank, indices=train.all_indices(bank)[keep], labels=finetune_label,
                                epochs=opts.finetune_epochs, batch_size=opts.batch_size, lr=opts.finetune_lr,
                                weight_decay=opts.weight_decay, seed=opts.seed + 2, logit_shift=shift,
                                progress=clock.advance)
         # The label every sample gets comes from the fine-tuned clean model.
         relabel = train.predict_logits(clean_model, bank.images).argmax(1)
     clean_model.eval()
-    metrics.update(suspected=int(suspected.sum()), finetune_excluded=int((~keep).sum()),
-                   unlearn_set=int((found.unlearn_round >= 0).sum()))
+    metrics = {"finetune_excluded": int((~keep).sum())}
     if shift is not None:
         metrics["finetune_prior_shift"] = [round(float(value), 4) for value in shift]
-    return MethodResult(score=found.score.double().cpu().numpy(), suspected=suspected.cpu().numpy(),
-                        relabel=relabel.cpu().numpy().astype(np.int64), model=clean_model,
-                        timings_s=clock.timings_s, metrics=metrics,
-                        warnings=verdict_warnings(bank.labels, suspected, bank.classes),
-                        details={"warmup_kl": found.warmup_kl.cpu().numpy(),
-                                 "unlearn": (found.unlearn_round >= 0).cpu().numpy(),
-                                 "unlearn_round": found.unlearn_round.cpu().numpy(),
-                                 "finetune_kept": keep.cpu().numpy(),
-                                 "finetune_label": finetune_label.cpu().numpy()})
+    return Relearned(relabel, finetune_label, keep, metrics)
 
 
 # A backdoor poisons a few percent of a dataset. AdvrBD flags no fixed share (unlike DBD), so
