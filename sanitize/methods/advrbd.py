@@ -485,9 +485,8 @@ def keep_for_finetune(suspected: torch.Tensor, relabel: torch.Tensor, given: tor
 def suspect_relabels(logits: torch.Tensor, bank: Bank, suspected: torch.Tensor, prior: str) -> torch.Tensor:
     """Labels [N]: each suspect's by the clean model (``logits`` [N, K]) for the class prior ``prior``
     (``AdvrbdOptions.relabel_prior``), every other sample's given label."""
-    if prior == "data" and suspected.any():
-        trained = train.class_log_prior(bank.labels[~suspected], bank.num_classes)
-        logits = logits - trained + train.class_log_prior(bank.labels, bank.num_classes)
+    if prior == "data" and suspected.any():  # from the clean model's training prior to the data's
+        logits = logits - train.prior_shift(bank.labels[~suspected], bank.labels, bank.num_classes)
     return torch.where(suspected, logits.argmax(1), bank.labels)
 
 
