@@ -70,14 +70,15 @@ def main(argv=None) -> list[dict]:
     test = read_dataset(args.test)
     options = {**methods.parse_assignments(args.sets), "arch": args.arch, "quick": args.quick}
     base = methods.resolve_options("advrbd", **options)
-    clean_model = advrbd.train_clean(bank, base, torch.as_tensor(suspected, device=device), StageClock(device))
+    flagged = torch.as_tensor(suspected, device=device)
+    clean_model = advrbd.train_clean(bank, base, flagged, StageClock(device))
     target_clean = suspected & ~poisoned & (bank.labels.cpu().numpy() == truth["target"])
     records = []
     for variant in variants:
         start = time.perf_counter()
         model = copy.deepcopy(clean_model)
         opts = methods.resolve_options("advrbd", **options, **variant)
-        relearned = advrbd.relearn(model, bank, opts, torch.as_tensor(suspected, device=device), StageClock(device))
+        relearned = advrbd.relearn(model, bank, opts, flagged, StageClock(device))
         kept, labels = relearned.kept.cpu().numpy(), relearned.finetune_label.cpu().numpy()
         final = relearned.relabel.cpu().numpy()
         records.append({
