@@ -166,6 +166,28 @@ def test_split_by_class_keeps_each_class_its_count_of_lowest_loss_samples():
     assert sorted(labeled.tolist()) == [0, 1, 2, 6, 7]
 
 
+def test_class_quota_is_the_ratio_of_each_class_capped_at_the_median_class():
+    # class 0 inflated (a dirty-label target), class 3 tiny, class 4 absent; sizes 1, 8, 10, 12, 30: median 10
+    labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 8 + [3] * 1 + [5] * 12)
+    assert dbd.class_quota(labels, 6, 0.5).tolist() == [5, 5, 4, 1, 0, 5]
+    assert dbd.class_quota(labels, 6, 0.2).tolist() == [2, 2, 2, 1, 0, 2]
+
+
+def test_the_head_filter_labels_each_class_its_quota_or_the_lowest_loss_share_of_all():
+    labels = torch.tensor([0] * 6 + [1] * 4 + [2] * 4)
+    # the head finds class 2 hard: ranked globally it would get no labeled sample
+    loss = torch.cat([torch.linspace(0, 0.5, 6), torch.linspace(0.1, 0.4, 4), torch.linspace(2, 3, 4)])
+    by_class = dbd.DbdOptions(filter_ratio=0.5)
+    labeled, unlabeled = dbd.head_filter(loss, labels, 3, by_class)
+    assert torch.bincount(labels[labeled], minlength=3).tolist() == [2, 2, 2]  # class 0 capped at the median, 4
+    assert sorted(labeled.tolist()) == [0, 1, 6, 7, 10, 11] and len(labeled) + len(unlabeled) == 14
+    labeled, _ = dbd.head_filter(loss, labels, 3, replace(by_class, filter_by_class=False))
+    assert torch.bincount(labels[labeled], minlength=3).tolist() == [4, 3, 0]
+    # one sample a class: every class's quota is 1 and nothing would be left for MixMatch to guess
+    labeled, unlabeled = dbd.head_filter(torch.tensor([0.3, 0.1, 0.2]), torch.tensor([0, 1, 2]), 3, by_class)
+    assert len(labeled) == 2 and unlabeled.tolist() == [0]
+
+
 @pytest.mark.parametrize("by_class", [True, False])
 def test_mixmatch_refiltering_keeps_the_heads_class_counts_unless_told_not_to(bank, by_class):
     small = Bank(bank.images[:128], bank.labels[:128], bank.classes, bank.mean, bank.std)
@@ -174,7 +196,7 @@ def test_mixmatch_refiltering_keeps_the_heads_class_counts_unless_told_not_to(ba
     # the head's loss favours classes 0-4: they fill the labeled half
     first = torch.rand(small.n) + (small.labels >= 5).float()
     head_labeled, _ = dbd.split_by_loss(first, 0.5)
-    opts = tiny_options(batch_size=16, mixmatch_epochs=2, refilter_by_class=by_class)
+    opts = tiny_options(batch_size=16, mixmatch_epochs=2, refilter_by_class=by_class, filter_by_class=False)
     final = dbd.mixmatch_finetune(model, small, first, opts)
     counts = torch.bincount(small.labels[final["labeled"]], minlength=10)
     assert int(counts.sum()) == len(head_labeled)
@@ -268,7 +290,7 @@ def test_mixmatch_weights_are_drawn_from_beta_and_favour_the_input_itself(bank, 
     small = Bank(bank.images[:128], bank.labels[:128], bank.classes, bank.mean, bank.std)
     torch.manual_seed(0)
     model = build_model("small", small.num_classes, small.image_size, small.mean, small.std)
-    opts = tiny_options(batch_size=16, mixmatch_epochs=3, mixup_alpha=0.75)
+    opts = tiny_options(batch_size=16, mixmatch_epochs=3, mixup_alpha=0.75, filter_by_class=False)  # 64 labeled
     dbd.mixmatch_finetune(model, small, torch.rand(small.n), opts)
     assert len(drawn) == 3 * (64 // 8) and min(drawn) >= 0.5 and len(set(drawn)) == len(drawn)
     rng = np.random.default_rng(opts.seed + 2)
@@ -277,7 +299,7 @@ def test_mixmatch_weights_are_drawn_from_beta_and_favour_the_input_itself(bank, 
 
 # --------------------------------------------------------------- filtering
 @pytest.mark.parametrize("attack", ["planted_badnets", "blend"])
-def test_sce_filter_keeps_planted_poisons_out_of_the_labeled_half(attack, cifar_arrays, cifar_classes):
+def test_sce_filter_keeps_planted_poisons_out_of_the_labeled_set(attack, cifar_arrays, cifar_classes):
     """Blend is here for a failure users of other DBD implementations reported (Blend survived with
     ASR 100% after stage 2 trained on the whole poisoned set): stage 2 must leave the backbone as
     SimCLR made it, and the poisons must stay out of the labeled half. (At this scale a plain-CE
@@ -300,10 +322,11 @@ def test_sce_filter_keeps_planted_poisons_out_of_the_labeled_half(attack, cifar_
     assert all(torch.equal(value, model.backbone.state_dict()[name]) for name, value in backbone.items())
     with torch.no_grad():
         loss = dbd.sce_loss(model.head(features), bank.labels, opts.sce_alpha, opts.sce_beta)
-    labeled, _ = dbd.split_by_loss(loss, opts.filter_ratio)
-    planted_in_labeled = int(poisoned[labeled.numpy()].sum())
-    # Chance would put half of them there.
-    assert planted_in_labeled <= 5, (planted_in_labeled, int(poisoned.sum()))
+    for by_class in (True, False):
+        labeled, _ = dbd.head_filter(loss, bank.labels, bank.num_classes, replace(opts, filter_by_class=by_class))
+        planted_in_labeled = int(poisoned[labeled.numpy()].sum())
+        # Chance would put half of them there.
+        assert planted_in_labeled <= 5, (by_class, planted_in_labeled, int(poisoned.sum()))
 
 
 # --------------------------------------------------------------------- run
@@ -313,7 +336,9 @@ def test_run_returns_the_method_contract(bank):
     assert result.score.dtype == np.float64 and result.score.shape == (n,)
     assert result.suspected.dtype == bool and result.suspected.shape == (n,)
     assert result.relabel.dtype == np.int64 and result.relabel.shape == (n,)
-    assert result.suspected.sum() == n - round(0.5 * n)
+    quota = dbd.class_quota(bank.labels, bank.num_classes, 0.5)
+    assert result.suspected.sum() == n - quota.sum() and quota.sum() < round(0.5 * n)  # the 600 are not balanced
+    assert np.bincount(bank.labels.numpy()[~result.suspected], minlength=10).tolist() == quota.tolist()
     # suspected = within each class, the samples with the highest final score (refilter_by_class)
     labels = bank.labels.numpy()
     for label in np.unique(labels):
@@ -325,11 +350,11 @@ def test_run_returns_the_method_contract(bank):
     assert set(result.timings_s) == {"simclr", "head", "mixmatch"}
     assert len(result.metrics["labeled_changed"]) == 2  # re-filtered after every MixMatch epoch
     json.dumps(result.metrics)
-    assert result.details["head_labeled"].sum() == round(0.5 * n)
+    assert result.details["head_labeled"].sum() == quota.sum()
 
 
-def test_the_papers_global_refiltering_suspects_the_half_with_the_highest_score(bank):
-    result = dbd.run(bank, tiny_options(refilter_by_class=False))
+def test_the_papers_global_filters_suspect_the_half_with_the_highest_score(bank):
+    result = dbd.run(bank, tiny_options(refilter_by_class=False, filter_by_class=False))
     assert result.suspected.sum() == bank.n - round(0.5 * bank.n)
     assert result.score[result.suspected].min() >= result.score[~result.suspected].max()
 

@@ -9,8 +9,8 @@ which keep the features of their source class, stand out by their loss:
 
 1. simclr    self-supervised backbone on the unlabeled images (two views each)
 2. head      backbone frozen; a linear head fitted with symmetric cross-entropy (SCE)
-3. filter    the ``filter_ratio`` samples with the lowest SCE loss are labeled, the
-             rest unlabeled (their given label is dropped)
+3. filter    the ``filter_ratio`` samples with the lowest SCE loss are labeled (of each
+             class, ``filter_by_class``), the rest unlabeled (their given label is dropped)
 4. mixmatch  the whole model fine-tuned with MixMatch, re-filtering after every epoch
              (within each class, keeping the head filter's count of labeled samples per class)
 
@@ -90,6 +90,19 @@ class DbdOptions:
     # whole stage as in the official code) are the paper's. Optimiser: the engine's
     # SGD one-cycle instead of Adam 0.002 at batch 64, to take few, large steps.
     filter_ratio: float = 0.5
+    # The head's filter takes, of each class, filter_ratio x min(its size, the median class size) of its
+    # lowest-loss samples; False: the paper's filter_ratio of all samples at once. Ranked globally, the
+    # classes a linear head on self-supervised features finds hard are left with few labeled samples,
+    # and MixMatch learns them badly: full CIFAR-10, ResNet-18, BadNets 5% (H100, benchmarks/RESULTS.md,
+    # "DBD at full scale"), cat / bird had 972 / 1,196 labeled against 3,669 automobiles, and the clean
+    # model got 25.6 / 40.8% of their test images right (97.1% of the automobiles; ACC 72.1 against
+    # 88.8 undefended). Capping at the median class size keeps a class the poisons inflated (the target
+    # of a dirty-label attack) from getting more labeled samples than the others; within a class, the
+    # poisons rank as they would globally, so a class with no poisons only gains clean labeled samples.
+    # Measured on 10,000 images (small CNN, CPU, one backbone and head, benchmarks/calibrate_dbd.py):
+    # ACC 59.4 -> 59.5, ASR 6.5 -> 5.9, cat / bird / deer 29.2 / 30.9 / 32.6 -> 51.8 / 46.9 / 38.5%,
+    # poisons in the head's labeled set 31 -> 19 of 500. ResNet-18 at full scale: gpu_session.sh 7.
+    filter_by_class: bool = True
     # MixMatch's per-epoch re-filtering (App. B.3) keeps, of each class, as many labeled samples as
     # the head's filter gave it, the lowest-loss ones; False: the paper's global re-filtering. Ranked
     # globally, a class the model is weak on loses labeled samples, gets weaker and loses more: on
@@ -302,6 +315,25 @@ def split_by_class(loss: torch.Tensor, labels: torch.Tensor, quota: torch.Tensor
     return order[labeled], order[~labeled]
 
 
+def class_quota(labels: torch.Tensor, num_classes: int, ratio: float) -> torch.Tensor:
+    """Labeled samples per class [num_classes] for ``filter_by_class``: ``ratio`` x min(class size,
+    median size of the classes present), at least one for each class present."""
+    sizes = torch.bincount(labels, minlength=num_classes)
+    median = sizes[sizes > 0].median()
+    quota = (ratio * torch.minimum(sizes, median).double()).round().long()
+    return torch.where(sizes > 0, quota.clamp_min(1), 0)
+
+
+def head_filter(loss: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                opts: DbdOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 3: (labeled, unlabeled) index tensors from the head's SCE ``loss`` [N]."""
+    if opts.filter_by_class:
+        quota = class_quota(labels, num_classes, opts.filter_ratio)
+        if int(quota.sum()) < len(loss):  # MixMatch needs an unlabeled sample (every class of size 1)
+            return split_by_class(loss, labels, quota)
+    return split_by_loss(loss, opts.filter_ratio)
+
+
 def sample_losses(model: Classifier, bank: Bank, opts: DbdOptions) -> torch.Tensor:
     """SCE loss of every sample's given label under ``model``, float32 [N], no augmentation."""
     logits = train.predict_logits(model, bank.images, 1024)
@@ -351,12 +383,12 @@ def mixmatch_loss(model: Classifier, bank: Bank, labeled: torch.Tensor, unlabele
 
 def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: DbdOptions,
                       progress: train.Progress | None = None) -> dict:
-    """Eq. 3: the whole model, the labeled set (lowest ``loss`` [N]) with its labels, the rest without,
+    """Eq. 3: the whole model, the labeled set (``head_filter`` of ``loss`` [N]) with its labels, the rest without,
     re-filtered after every epoch by the SCE loss under the current model.
 
     Returns {"loss": final SCE loss [N], "labeled": final labeled indices, "history": [epochs, 3]}.
     """
-    labeled, unlabeled = split_by_loss(loss, opts.filter_ratio)
+    labeled, unlabeled = head_filter(loss, bank.labels, bank.num_classes, opts)
     quota = torch.bincount(bank.labels[labeled], minlength=bank.num_classes) if opts.refilter_by_class else None
     generator = make_generator(opts.seed + 2, bank.device)
     # MixUp weights come from the host: torch cannot draw Beta variates from a seeded generator,
@@ -395,15 +427,10 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
 
 
 # ------------------------------------------------------------------------- run
-def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
-    """DBD over the whole bank. See the module docstring for the stages."""
-    opts = options  # as given: scaling for --quick is the caller's (methods.resolve_options)
-    clock = StageClock(bank.device, progress)
-    torch.manual_seed(opts.seed)
-    model = train.prepare(build_model(opts.arch, bank.num_classes, bank.image_size, bank.mean, bank.std),
-                          bank.device)
+def decouple(model: Classifier, bank: Bank, opts: DbdOptions, clock: StageClock) -> tuple[list, list, torch.Tensor]:
+    """Stages 1-2 on ``model``: the self-supervised backbone, then the SCE head on its frozen features.
+    Returns (SimCLR loss per epoch, head loss per tenth of its steps, the head's SCE loss per sample [N])."""
     objective = SimCLR(model.feature_dim, opts.projection_dim, opts.temperature, opts.crop_scale).to(bank.device)
-
     with clock("simclr"):
         ss_loss = pretrain_backbone(model, objective, bank, opts, clock.advance)
     with clock("head"):
@@ -411,6 +438,17 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
         head_loss = train_head(model.head, features, bank.labels, opts)
         with torch.no_grad():
             first_loss = sce_loss(model.head(features), bank.labels, opts.sce_alpha, opts.sce_beta)
+    return ss_loss, head_loss, first_loss
+
+
+def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
+    """DBD over the whole bank. See the module docstring for the stages."""
+    opts = options  # as given: scaling for --quick is the caller's (methods.resolve_options)
+    clock = StageClock(bank.device, progress)
+    torch.manual_seed(opts.seed)
+    model = train.prepare(build_model(opts.arch, bank.num_classes, bank.image_size, bank.mean, bank.std),
+                          bank.device)
+    ss_loss, head_loss, first_loss = decouple(model, bank, opts, clock)
     with clock("mixmatch"):
         final = mixmatch_finetune(model, bank, first_loss, opts, clock.advance)
         relabel = train.predict_logits(model, bank.images).argmax(1)
@@ -419,7 +457,7 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
     suspected = torch.ones(bank.n, dtype=torch.bool, device=bank.device)
     suspected[final["labeled"]] = False
     head_labeled = torch.zeros_like(suspected)
-    head_labeled[split_by_loss(first_loss, opts.filter_ratio)[0]] = True
+    head_labeled[head_filter(first_loss, bank.labels, bank.num_classes, opts)[0]] = True
     history = final["history"].cpu()
     metrics = {"simclr_loss": ss_loss, "head_loss": head_loss,
                "mixmatch_loss_x": rounded(history[:, 0]), "mixmatch_loss_u": rounded(history[:, 1]),
@@ -433,10 +471,11 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
                         details={"head_loss": first_loss.cpu().numpy(), "head_labeled": head_labeled.cpu().numpy()})
 
 
-# The filter ranks all samples at once, so where one class holds most of the data the labeled
-# share can come from it alone: 5,000 CIFAR images, airplane 60% (small CNN, --quick), every image
-# of the nine other classes was suspected (benchmarks/RESULTS.md, "DBD where one class dominates").
-# MixMatch then learns those classes from unlabeled consistency only, and the user must hear it.
+# The paper's filter (filter_by_class=False) ranks all samples at once, so where one class holds most
+# of the data the labeled share can come from it alone: 5,000 CIFAR images, airplane 60% (small CNN,
+# --quick), every image of the nine other classes was suspected (benchmarks/RESULTS.md, "DBD where
+# one class dominates"). MixMatch then learns those classes from unlabeled consistency only, and the
+# user must hear it. The filter by class gives every class present at least one labeled sample.
 def unlabeled_classes_warning(labels: torch.Tensor, suspected: torch.Tensor, classes: list[str]) -> list[str]:
     """A warning naming the classes with samples of which none is in the final labeled set, or none."""
     present = torch.bincount(labels, minlength=len(classes)) > 0
