@@ -83,9 +83,9 @@ def main(argv=None) -> list[dict]:
     stages_1_2 = {name: round(seconds, 1) for name, seconds in clock.timings_s.items()}
     records = []
     for variant in variants:
-        record = {"attack": args.attack, "samples": bank.n, "changes": {**common, **variant}, "stages_1_2_s": stages_1_2,
-                  **finetune(copy.deepcopy(model), bank, replace(options, **variant), head_loss, positive, test,
-                             attacks)}
+        figures = finetune(copy.deepcopy(model), bank, replace(options, **variant), head_loss, positive, test, attacks)
+        record = {"attack": args.attack, "samples": bank.n, "changes": {**common, **variant},
+                  "stages_1_2_s": stages_1_2, **figures}
         print(json.dumps(record), flush=True)
         records.append(record)
     return records
