@@ -202,7 +202,8 @@ def evaluate(model, test, attacks: list, device: torch.device) -> dict:
     """ACC on the clean test set; ASR = share of triggered test samples not of the target class predicted
     as the target (the largest over ``attacks``, [(attack, target)]; each is in ``asr_each``)."""
     predict = train.predictor(model, device)
-    right = predict(test.images) == test.labels
+    predicted = predict(test.images)
+    right = predicted == test.labels
     # by class too: where a defense flags much of one class (Blend's target on the H200), its accuracy is
     # what the clean model loses
     figures = {"acc": round(float(right.mean() * 100), 2), "asr": None,
@@ -212,6 +213,10 @@ def evaluate(model, test, attacks: list, device: torch.device) -> dict:
              for attack, target in attacks]
     if rates:
         figures["asr"] = max(rates)
+        # the ASR's floor: the untriggered test images of other classes the model calls the target anyway
+        # (DBD's 72%-accurate model on the H100 called 2.9% of the clean training images airplane, its ASR)
+        figures["clean_to_target"] = max(round(float((predicted[test.labels != target] == target).mean() * 100), 2)
+                                         for _, target in attacks)
     if len(rates) > 1:
         figures["asr_each"] = rates
     return figures

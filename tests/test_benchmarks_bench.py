@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import load_benchmark
 
@@ -77,6 +78,26 @@ def test_a_failing_cell_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert capsys.readouterr().err.count("FAILED") == 2
 
 
+class FirstPixelModel(torch.nn.Module):
+    """Predicts class (the first pixel's red value) mod 3."""
+
+    def forward(self, inputs):
+        return torch.nn.functional.one_hot((inputs[:, 0, 0, 0] * 255).round().long() % 3, 3).float()
+
+
+def test_evaluate_gives_the_asr_beside_the_clean_images_called_the_target_anyway():
+    labels = np.array([0, 1, 2, 1, 2, 0])
+    images = np.zeros((6, 4, 4, 3), np.uint8)
+    images[:, 0, 0, 0] = [0, 1, 0, 0, 2, 0]  # what the model predicts
+    test = SimpleNamespace(images=images, labels=labels, classes=["a", "b", "c"])
+    attack = SimpleNamespace(success_rate=lambda predict, images, labels, target, seed: 40.0)
+    figures = bench.evaluate(FirstPixelModel(), test, [(attack, 0)], torch.device("cpu"))
+    assert figures["acc"] == 66.67 and figures["acc_by_class"] == [100.0, 50.0, 50.0]
+    # of the four images of classes 1 and 2, two are called 0 without any trigger
+    assert figures["asr"] == 40.0 and figures["clean_to_target"] == 50.0
+    assert "clean_to_target" not in bench.evaluate(FirstPixelModel(), test, [], torch.device("cpu"))
+
+
 def test_auroc_counts_pairs_and_ties_half():
     positive = np.array([True, True, False, False, False])
     assert bench.auroc(np.array([0.9, 0.8, 0.1, 0.2, 0.3]), positive) == 1.0
@@ -100,6 +121,7 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     assert (none["method"], advrbd["method"]) == ("none", "advrbd") and none["attack"] == "badnets"
     for record in (none, advrbd):
         assert 0 <= record["acc"] <= 100 and 0 <= record["asr"] <= 100 and record["device"] == "cpu"
+        assert 0 <= record["clean_to_target"] <= 100
         by_class = record["acc_by_class"]  # the 100 test images: every class is there
         assert len(by_class) == 10 and all(0 <= acc <= 100 for acc in by_class)
     assert all(0 <= advrbd[k] <= 100 for k in ("recall", "fpr", "auroc"))
