@@ -167,10 +167,13 @@ def test_split_by_class_keeps_each_class_its_count_of_lowest_loss_samples():
 
 
 def test_class_quota_is_the_ratio_of_each_class_capped_at_the_median_class():
-    # class 0 inflated (a dirty-label target), class 3 tiny, class 4 absent; sizes 1, 8, 10, 12, 30: median 10
-    labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 8 + [3] * 1 + [5] * 12)
+    # class 0 inflated (a dirty-label target), class 3 tiny, class 4 absent; sizes 1, 8, 10, 12, 28: median 10
+    labels = torch.tensor([0] * 28 + [1] * 10 + [2] * 8 + [3] * 1 + [5] * 12)
     assert dbd.class_quota(labels, 6, 0.5).tolist() == [5, 5, 4, 1, 0, 5]
     assert dbd.class_quota(labels, 6, 0.2).tolist() == [2, 2, 2, 1, 0, 2]
+    # a class 30% of the data above the next is the data's own, not a backdoor's: it keeps its share
+    dominant = torch.tensor([0] * 100 + [1] * 10 + [2] * 10 + [3] * 10 + [4] * 6)
+    assert dbd.class_quota(dominant, 5, 0.5).tolist() == [50, 5, 5, 5, 3]
 
 
 def test_the_head_filter_labels_each_class_its_quota_or_the_lowest_loss_share_of_all():

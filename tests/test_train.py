@@ -149,6 +149,17 @@ def test_class_log_prior_is_the_log_of_each_class_share():
     assert torch.allclose(flat, flat[:1].expand(4))  # balanced: one value for every class, no change
 
 
+def test_a_dominant_class_exceeds_the_next_by_more_than_a_poisoning_adds():
+    def sized(*sizes):
+        return torch.cat([torch.full((size,), label) for label, size in enumerate(sizes)])
+
+    assert train.dominant_class(sized(5, 90, 5), 3) == 1
+    assert train.dominant_class(sized(2000, *[333] * 9), 10) == 0  # 40% beside nine equal classes
+    assert train.dominant_class(sized(5000 + 2500, *[5000 - 278] * 9), 10) is None  # 5% poisons into class 0
+    assert train.dominant_class(sized(60, 40), 2) is None
+    assert train.dominant_class(sized(0, 100, 0), 3) is None  # one class: nothing to dominate
+
+
 def test_taking_the_class_log_prior_from_the_logits_predicts_the_dominant_class_less(cifar_arrays, cifar_classes):
     """Post-hoc logit adjustment (Menon et al., 2021): a model trained where one class fills most of the
     data predicts that class for its size; its logits less the log prior do so far less."""

@@ -425,25 +425,22 @@ def warm_up(bank: Bank, opts: AdvrbdOptions, progress: train.Progress | None = N
 # Class sizes further apart than this, the largest and the smallest class left out, make a set
 # imbalanced (logit_adjust).
 IMBALANCED = 2.0
-# So does a largest class that exceeds the next one by more than this share of the data. A
-# poisoning adds at most its own poisons to a class, and no backdoor poisons 30% of a dataset
-# (the benchmark's highest rate is 20%); a "normal" class beside rare ones (defect or medical
-# data) does. Unadjusted, the enhanced model keeps that class's prior and the split flags much of
-# it. CPU, --quick, small CNN, 5,000 CIFAR images, the largest class holding 90 / 40% and the
-# others equal, seeds 1 / 2, logit_adjust off -> on (benchmarks/RESULTS.md, "A dominant class"):
-# clean, 22.8 / 38.8% flagged -> 0.5 / 4.4%; 17.2 / 18.1% -> 7.8 / 9.0%.
-DOMINANT_EXCESS = 0.3
+# So does a dominant class (train.dominant_class): unadjusted, the enhanced model keeps that class's
+# prior and the split flags much of it. CPU, --quick, small CNN, 5,000 CIFAR images, the largest
+# class holding 90 / 40% and the others equal, seeds 1 / 2, logit_adjust off -> on
+# (benchmarks/RESULTS.md, "A dominant class"): clean, 22.8 / 38.8% flagged -> 0.5 / 4.4%; 17.2 /
+# 18.1% -> 7.8 / 9.0%.
 
 
 def imbalanced(labels: torch.Tensor, num_classes: int) -> bool:
     """Whether the classes differ in size by more than IMBALANCED times, the largest and the smallest
     left out (and empty ones): a backdoor inflates one class, its target, and a source-specific one
     (TaCT) takes its poisons from one class; the rest stay as the data had them. Or whether the
-    largest class exceeds the next by more than DOMINANT_EXCESS of the samples, more than a poisoning adds."""
+    largest class dominates (``train.dominant_class``), more than a poisoning adds."""
+    if train.dominant_class(labels, num_classes) is not None:
+        return True
     sizes = torch.bincount(labels, minlength=num_classes)
     sizes = sizes[sizes > 0].sort(descending=True).values
-    if len(sizes) >= 2 and float(sizes[0] - sizes[1]) > DOMINANT_EXCESS * float(sizes.sum()):
-        return True
     middle = sizes[1:-1]
     return len(middle) >= 2 and float(middle[0]) > IMBALANCED * float(middle[-1])
 

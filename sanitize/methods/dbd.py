@@ -317,10 +317,14 @@ def split_by_class(loss: torch.Tensor, labels: torch.Tensor, quota: torch.Tensor
 
 def class_quota(labels: torch.Tensor, num_classes: int, ratio: float) -> torch.Tensor:
     """Labeled samples per class [num_classes] for ``filter_by_class``: ``ratio`` x min(class size,
-    median size of the classes present), at least one for each class present."""
+    median size of the classes present), at least one for each class present. A dominant class
+    (``train.dominant_class``: larger than a poisoning makes one) keeps ``ratio`` x its size."""
     sizes = torch.bincount(labels, minlength=num_classes)
-    median = sizes[sizes > 0].median()
-    quota = (ratio * torch.minimum(sizes, median).double()).round().long()
+    capped = torch.minimum(sizes, sizes[sizes > 0].median())
+    dominant = train.dominant_class(labels, num_classes)
+    if dominant is not None:
+        capped[dominant] = sizes[dominant]
+    quota = (ratio * capped.double()).round().long()
     return torch.where(sizes > 0, quota.clamp_min(1), 0)
 
 
