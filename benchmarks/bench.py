@@ -104,6 +104,21 @@ def main():
         raise SystemExit(f"{failed} cell(s) or attack(s) failed; see the tracebacks above")
 
 
+def parse_variants(text: str, allowed: frozenset, what: str) -> list[dict]:
+    """``--variants`` of the scripts that rerun a part of a method: a JSON list of option dicts, each
+    changing only ``allowed`` options (``what`` names them in the error)."""
+    try:
+        variants = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--variants is not JSON: {error}") from None
+    if not isinstance(variants, list) or not all(isinstance(variant, dict) for variant in variants):
+        raise SystemExit("--variants must be a JSON list of option objects, e.g. '[{}, {\"lambda_u\": 75}]'")
+    unknown = sorted({key for variant in variants for key in variant} - allowed)
+    if unknown:
+        raise SystemExit(f"variants may change {what} options only ({', '.join(sorted(allowed))}), not {unknown}")
+    return variants
+
+
 def options_id(method: str, options: dict, epochs: int = 20) -> str:
     """What tells two runs of one cell apart: the method's options, or the no-defense model's arch and epochs
     (the ResNet-18 for 20 epochs keeps the id it had before those were told apart)."""

@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench import TARGET, by_label, detection_rates, evaluate, percent_auroc
+from bench import TARGET, by_label, detection_rates, evaluate, parse_variants, percent_auroc
 from sanitize import methods, train
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
@@ -57,10 +57,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    variants = json.loads(args.variants)
-    foreign = sorted({key for variant in variants for key in variant} - STAGES_3_4)
-    if foreign:
-        raise SystemExit(f"calibrate_dbd: variants may change stages 3-4 only, not {', '.join(foreign)}")
+    variants = parse_variants(args.variants, STAGES_3_4, "stage 3-4")
     common = methods.parse_assignments(args.sets)
     options = methods.resolve_options("dbd", arch=args.arch, quick=args.quick, **common)
 

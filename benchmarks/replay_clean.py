@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import evaluate
+from bench import evaluate, parse_variants
 from sanitize import methods
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
@@ -57,10 +57,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    variants = json.loads(args.variants)
-    unknown = sorted({key for variant in variants for key in variant} - STAGE_7)
-    if unknown:
-        raise SystemExit(f"variants may change stage-7 options only ({', '.join(sorted(STAGE_7))}), not {unknown}")
+    variants = parse_variants(args.variants, STAGE_7, "stage-7")
     device = resolve_device(args.device)
     truth = json.loads((args.poisoned / "truth.json").read_text())
     ingested = read_dataset(args.poisoned)

@@ -35,5 +35,9 @@ def test_each_variant_filters_and_finetunes_the_same_head(make_shards, tmp_path,
 
 def test_variants_may_change_stages_3_and_4_only(make_shards, tmp_path):
     data = make_shards(50, root=tmp_path / "train")
-    with pytest.raises(SystemExit, match="stages 3-4 only, not ss_epochs"):
+    with pytest.raises(SystemExit, match=r"stage 3-4 options only \(filter_by_class, .*not \['ss_epochs'\]"):
         calibrate.main(["--data", str(data), "--test", str(data), "--variants", '[{"ss_epochs": 3}]'])
+    with pytest.raises(SystemExit, match="--variants is not JSON"):
+        calibrate.main(["--data", str(data), "--test", str(data), "--variants", "[{ss_epochs: 3}]"])
+    with pytest.raises(SystemExit, match="must be a JSON list of option objects"):
+        calibrate.main(["--data", str(data), "--test", str(data), "--variants", '{"lambda_u": 75}'])
