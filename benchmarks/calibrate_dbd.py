@@ -10,8 +10,8 @@ once per variant on a copy of that model and measures each final model on the te
 bench.py does. Variants may change the options of stages 3-4 only (``STAGES_3_4``); ``--set``
 applies to every stage. Prints one JSON line per variant: ACC, ASR, ACC by class, the labeled
 samples of each class after the head's filter and at the end, the poisons among them, the share
-of the clean unlabeled samples the final model labels right, and the final score's recall, FPR
-and AUROC. Like calibrate_advrbd.py it writes nothing and exports no model.
+of the clean samples the head's filter left unlabeled that the final model labels right, and the
+final score's recall, FPR and AUROC. Like calibrate_advrbd.py it writes nothing and exports no model.
 """
 from __future__ import annotations
 
@@ -101,7 +101,9 @@ def finetune(model, bank: Bank, opts: dbd.DbdOptions, head_loss: torch.Tensor, p
     labeled = np.zeros(bank.n, bool)
     labeled[final["labeled"].cpu().numpy()] = True
     score = final["loss"].double().cpu().numpy()
-    clean_unlabeled = ~labeled & ~positive
+    # the clean samples the head's filter left unlabeled: the final unlabeled set is, by construction,
+    # what the final model fits worst in each class, so its accuracy would say nothing
+    head_unlabeled = ~head_labeled & ~positive
     history = final["history"].cpu()
     return {**evaluate(model, test, attacks, bank.device),
             "head_labeled_by_class": by_label(labels[head_labeled & ~positive], bank.num_classes),
@@ -109,9 +111,9 @@ def finetune(model, bank: Bank, opts: dbd.DbdOptions, head_loss: torch.Tensor, p
             "head_loss_auroc": percent_auroc(head_loss.double().cpu().numpy(), positive),
             "labeled_by_class": by_label(labels[labeled & ~positive], bank.num_classes),
             "labeled_poisons": int((labeled & positive).sum()),
-            # how well MixMatch learned the half it was not given labels for (the labeled half it fits)
-            "clean_unlabeled_right": round(100 * float((relabel == labels)[clean_unlabeled].mean()), 2)
-            if clean_unlabeled.any() else None,
+            # how well MixMatch learned the samples it started without labels for
+            "head_unlabeled_clean_right": round(100 * float((relabel == labels)[head_unlabeled].mean()), 2)
+            if head_unlabeled.any() else None,
             **detection_rates(score, ~labeled, positive),
             "mixmatch_loss_x": dbd.rounded(history[:, 0]), "mixmatch_s": round(seconds, 1)}
 

@@ -28,7 +28,7 @@ def test_each_variant_filters_and_finetunes_the_same_head(make_shards, tmp_path,
         assert (record["labeled_by_class"][0] + record["labeled_poisons"]
                 == record["head_labeled_by_class"][0] + record["head_labeled_poisons"])
         assert 0 <= record["acc"] <= 100 and 0 <= record["asr"] <= 100 and len(record["acc_by_class"]) == 10
-        assert 0 <= record["clean_unlabeled_right"] <= 100 and record["recall"] is not None
+        assert 0 <= record["head_unlabeled_clean_right"] <= 100 and record["recall"] is not None
     assert len(by_class["mixmatch_loss_x"]) == 4 and len(global_["mixmatch_loss_x"]) == 1  # --quick: 4 epochs
     json.dumps([by_class, global_])
 
