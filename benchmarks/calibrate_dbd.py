@@ -92,11 +92,11 @@ def finetune(model, bank: Bank, opts: dbd.DbdOptions, head_loss: torch.Tensor, p
              attacks: list) -> dict:
     """Stages 3-4 on ``model`` (its backbone and head trained), then the figures of the module docstring."""
     labels = bank.labels.cpu().numpy()
-    head_labeled = np.zeros(bank.n, bool)
-    head_labeled[dbd.head_filter(head_loss, bank.labels, bank.num_classes, opts)[0].cpu().numpy()] = True
     start = time.perf_counter()
     final = dbd.mixmatch_finetune(model, bank, head_loss, opts)
     seconds = time.perf_counter() - start
+    head_labeled = np.zeros(bank.n, bool)
+    head_labeled[final["head_labeled"].cpu().numpy()] = True
     relabel = train.predict_logits(model, bank.images).argmax(1).cpu().numpy()
     labeled = np.zeros(bank.n, bool)
     labeled[final["labeled"].cpu().numpy()] = True

@@ -201,6 +201,7 @@ def test_mixmatch_refiltering_keeps_the_heads_class_counts_unless_told_not_to(ba
     head_labeled, _ = dbd.split_by_loss(first, 0.5)
     opts = tiny_options(batch_size=16, mixmatch_epochs=2, refilter_by_class=by_class, filter_by_class=False)
     final = dbd.mixmatch_finetune(model, small, first, opts)
+    assert torch.equal(final["head_labeled"].sort().values, head_labeled.sort().values)
     counts = torch.bincount(small.labels[final["labeled"]], minlength=10)
     assert int(counts.sum()) == len(head_labeled)
     expected = torch.bincount(small.labels[head_labeled], minlength=10)

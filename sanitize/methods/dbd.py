@@ -395,9 +395,11 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
     """Eq. 3: the whole model, the labeled set (``head_filter`` of ``loss`` [N]) with its labels, the rest without,
     re-filtered after every epoch by the SCE loss under the current model.
 
-    Returns {"loss": final SCE loss [N], "labeled": final labeled indices, "history": [epochs, 3]}.
+    Returns {"loss": final SCE loss [N], "labeled": final labeled indices, "head_labeled": the head
+    filter's labeled indices, "history": [epochs, 3]}.
     """
     labeled, unlabeled = head_filter(loss, bank.labels, bank.num_classes, opts)
+    head_labeled = labeled
     quota = torch.bincount(bank.labels[labeled], minlength=bank.num_classes) if opts.refilter_by_class else None
     generator = make_generator(opts.seed + 2, bank.device)
     # MixUp weights come from the host: torch cannot draw Beta variates from a seeded generator,
@@ -432,7 +434,7 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
         train.require_finite(history[epoch])
         if progress:
             progress(epoch + 1, opts.mixmatch_epochs)
-    return {"loss": loss, "labeled": labeled, "history": history}
+    return {"loss": loss, "labeled": labeled, "head_labeled": head_labeled, "history": history}
 
 
 # ------------------------------------------------------------------------- run
@@ -466,7 +468,7 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
     suspected = torch.ones(bank.n, dtype=torch.bool, device=bank.device)
     suspected[final["labeled"]] = False
     head_labeled = torch.zeros_like(suspected)
-    head_labeled[head_filter(first_loss, bank.labels, bank.num_classes, opts)[0]] = True
+    head_labeled[final["head_labeled"]] = True
     history = final["history"].cpu()
     metrics = {"simclr_loss": ss_loss, "head_loss": head_loss,
                "mixmatch_loss_x": rounded(history[:, 0]), "mixmatch_loss_u": rounded(history[:, 1]),
