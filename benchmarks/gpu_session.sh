@@ -26,6 +26,11 @@ PART=${1:?a part, 1 to 8, or tests}
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl 2> /dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+dbd_variants() {  # calibrate_dbd.py on BadNets 5%: $OUT/$1.jsonl (one line a variant of $2) and $OUT/$1.log
+    timeout 570 python3 benchmarks/calibrate_dbd.py --data .data/train --test .data/test/test-000000.tar.gz \
+        --attack badnets --variants "$2" > "$OUT/$1.jsonl" 2> "$OUT/$1.log"
+    cut -c1-700 "$OUT/$1.jsonl"
+}
 BENCH="python3 benchmarks/bench.py --data .data/train --test .data/test/test-000000.tar.gz --work /tmp/bench
     --commit $COMMIT --results $OUT/results.json --keep-scores $OUT"
 
@@ -45,19 +50,13 @@ elif [ "$PART" = 7 ]; then
     #     filter by class (the default since the H100 run above; the global filter of that run gave
     #     ACC 72.1) with 40 and 80 (the default since) MixMatch epochs (SimCLR ~160 s, MixMatch ~2.3 s
     #     an epoch)
-    timeout 570 python3 benchmarks/calibrate_dbd.py --data .data/train --test .data/test/test-000000.tar.gz \
-        --attack badnets --variants '[{"mixmatch_epochs": 40}, {}]' \
-        > "$OUT/dbd_variants.jsonl" 2> "$OUT/dbd_variants.log"
-    cut -c1-700 "$OUT/dbd_variants.jsonl"
+    dbd_variants dbd_variants '[{"mixmatch_epochs": 40}, {}]'
     exit 0
 elif [ "$PART" = 8 ]; then
     # 13. the same with MixMatch's unlabeled term weaker: on the CPU subset lambda_u 0 / 15 / 75 gave
     #     ACC 61.0 / 59.5 / 52.9 (RESULTS.md, "The head's filter by class, and MixMatch's settings").
     #     40 epochs, to set beside part 7's first variant (lambda_u 15), ~6 min
-    timeout 570 python3 benchmarks/calibrate_dbd.py --data .data/train --test .data/test/test-000000.tar.gz \
-        --attack badnets --variants '[{"mixmatch_epochs": 40, "lambda_u": 0}, {"mixmatch_epochs": 40, "lambda_u": 5}]' \
-        > "$OUT/dbd_lambda_u.jsonl" 2> "$OUT/dbd_lambda_u.log"
-    cut -c1-700 "$OUT/dbd_lambda_u.jsonl"
+    dbd_variants dbd_lambda_u '[{"mixmatch_epochs": 40, "lambda_u": 0}, {"mixmatch_epochs": 40, "lambda_u": 5}]'
     exit 0
 elif [ "$PART" = 2 ]; then
     # 2. ingest on all cores with each phase timed (about 30 s): 17.9k images/s on 16 cores, no
