@@ -104,6 +104,22 @@ def main():
         raise SystemExit(f"{failed} cell(s) or attack(s) failed; see the tracebacks above")
 
 
+def poisoned_bank(args, attack_params: dict | None = None) -> tuple[Bank, np.ndarray, list]:
+    """The calibration scripts' data, poisoned in memory: ``args.data`` (``--classes``, first ``--limit``
+    samples) with ``args.attack`` at ``args.rate`` into TARGET (seed 0) on ``args.device``. Returns (bank,
+    poisoned bool [N], [(attack, TARGET)]); for ``--attack none`` no sample is poisoned and the list is empty."""
+    data = read_dataset(args.data, classes_file=args.classes)
+    images, labels = data.images[:args.limit], data.labels[:args.limit]
+    positive, attacks = np.zeros(len(labels), bool), []
+    if args.attack != "none":
+        attack = make_attack(args.attack, **(attack_params or {}))
+        poisoned = attack.poison(images, labels, rate=args.rate, target=TARGET, seed=0, num_classes=len(data.classes))
+        images, labels, positive, attacks = poisoned.images, poisoned.labels, poisoned.poisoned, [(attack, TARGET)]
+    bank = Bank.from_arrays(images, labels, data.classes, device=train.resolve_device(args.device))
+    train.configure_determinism()
+    return bank, positive, attacks
+
+
 def parse_variants(text: str, allowed: frozenset, what: str) -> list[dict]:
     """``--variants`` of the scripts that rerun a part of a method: a JSON list of option dicts, each
     changing only ``allowed`` options (``what`` names them in the error)."""

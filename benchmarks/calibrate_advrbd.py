@@ -39,11 +39,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench import TARGET, by_label, detection_rates, percent_auroc, split_at
+from bench import by_label, detection_rates, percent_auroc, poisoned_bank, split_at
 from sanitize import methods, train
-from sanitize.attacks import make_attack
 from sanitize.data import Bank
-from sanitize.formats import read_dataset
 from sanitize.methods import advrbd
 from sanitize.methods.base import StageClock
 
@@ -71,17 +69,8 @@ def main():
     common = methods.parse_assignments(args.sets)
     attack_params = methods.parse_assignments(args.attack_sets, "--attack-set")
 
-    data = read_dataset(args.data, classes_file=args.classes)
-    images, labels = data.images[:args.limit], data.labels[:args.limit]
-    if args.attack == "none":  # the clean set: every figure that needs poisons is None
-        positive = np.zeros(len(labels), bool)
-    else:
-        poisoned = make_attack(args.attack, **attack_params).poison(images, labels, rate=args.rate, target=TARGET,
-                                                                    seed=0, num_classes=len(data.classes))
-        images, labels, positive = poisoned.images, poisoned.labels, poisoned.poisoned
-    device = train.resolve_device(args.device)
-    bank = Bank.from_arrays(images, labels, data.classes, device=device)
-    train.configure_determinism()
+    # the clean set (--attack none): every figure that needs poisons is None
+    bank, positive, _ = poisoned_bank(args, attack_params)
     for variant in json.loads(args.variants):
         changes = {**common, **variant}
         options = methods.resolve_options("advrbd", arch=args.arch, **changes)

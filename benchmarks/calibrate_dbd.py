@@ -24,14 +24,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench import TARGET, by_label, detection_rates, evaluate, parse_variants, percent_auroc
+from bench import by_label, detection_rates, evaluate, parse_variants, percent_auroc, poisoned_bank
 from sanitize import methods, train
-from sanitize.attacks import make_attack
 from sanitize.data import Bank
 from sanitize.formats import read_dataset
 from sanitize.methods import dbd
 from sanitize.methods.base import StageClock
-from sanitize.models import build_model
 
 STAGES_3_4 = frozenset({"filter_ratio", "filter_by_class", "refilter_by_class", "mixmatch_epochs", "mixmatch_lr",
                         "mixmatch_weight_decay", "sharpen_temperature", "unlabeled_views", "lambda_u",
@@ -61,22 +59,11 @@ def main(argv=None) -> list[dict]:
     common = methods.parse_assignments(args.sets)
     options = methods.resolve_options("dbd", arch=args.arch, quick=args.quick, **common)
 
-    data = read_dataset(args.data, classes_file=args.classes)
-    images, labels = data.images[:args.limit], data.labels[:args.limit]
-    attacks, positive = [], np.zeros(len(labels), bool)
-    if args.attack != "none":
-        attack = make_attack(args.attack)
-        poisoned = attack.poison(images, labels, rate=args.rate, target=TARGET, seed=0, num_classes=len(data.classes))
-        images, labels, positive, attacks = poisoned.images, poisoned.labels, poisoned.poisoned, [(attack, TARGET)]
-    device = train.resolve_device(args.device)
+    bank, positive, attacks = poisoned_bank(args)
     test = read_dataset(args.test)
-    bank = Bank.from_arrays(images, labels, data.classes, device=device)
-    train.configure_determinism()
 
     clock = StageClock(bank.device)
-    torch.manual_seed(options.seed)
-    model = train.prepare(build_model(options.arch, bank.num_classes, bank.image_size, bank.mean, bank.std), device)
-    _, _, head_loss = dbd.decouple(model, bank, options, clock)
+    model, _, _, head_loss = dbd.decouple(bank, options, clock)
     stages_1_2 = {name: round(seconds, 1) for name, seconds in clock.timings_s.items()}
     records = []
     for variant in variants:
