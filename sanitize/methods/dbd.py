@@ -438,9 +438,13 @@ def mixmatch_finetune(model: Classifier, bank: Bank, loss: torch.Tensor, opts: D
 
 
 # ------------------------------------------------------------------------- run
-def decouple(model: Classifier, bank: Bank, opts: DbdOptions, clock: StageClock) -> tuple[list, list, torch.Tensor]:
-    """Stages 1-2 on ``model``: the self-supervised backbone, then the SCE head on its frozen features.
-    Returns (SimCLR loss per epoch, head loss per tenth of its steps, the head's SCE loss per sample [N])."""
+def decouple(bank: Bank, opts: DbdOptions, clock: StageClock) -> tuple[Classifier, list, list, torch.Tensor]:
+    """Stages 1-2 on a fresh model (seeded by ``opts.seed``): the self-supervised backbone, then the SCE head
+    on its frozen features. Returns (the model, SimCLR loss per epoch, head loss per tenth of its steps, the
+    head's SCE loss per sample [N])."""
+    torch.manual_seed(opts.seed)
+    model = train.prepare(build_model(opts.arch, bank.num_classes, bank.image_size, bank.mean, bank.std),
+                          bank.device)
     objective = SimCLR(model.feature_dim, opts.projection_dim, opts.temperature, opts.crop_scale).to(bank.device)
     with clock("simclr"):
         ss_loss = pretrain_backbone(model, objective, bank, opts, clock.advance)
@@ -449,17 +453,14 @@ def decouple(model: Classifier, bank: Bank, opts: DbdOptions, clock: StageClock)
         head_loss = train_head(model.head, features, bank.labels, opts)
         with torch.no_grad():
             first_loss = sce_loss(model.head(features), bank.labels, opts.sce_alpha, opts.sce_beta)
-    return ss_loss, head_loss, first_loss
+    return model, ss_loss, head_loss, first_loss
 
 
 def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
     """DBD over the whole bank. See the module docstring for the stages."""
     opts = options  # as given: scaling for --quick is the caller's (methods.resolve_options)
     clock = StageClock(bank.device, progress)
-    torch.manual_seed(opts.seed)
-    model = train.prepare(build_model(opts.arch, bank.num_classes, bank.image_size, bank.mean, bank.std),
-                          bank.device)
-    ss_loss, head_loss, first_loss = decouple(model, bank, opts, clock)
+    model, ss_loss, head_loss, first_loss = decouple(bank, opts, clock)
     with clock("mixmatch"):
         final = mixmatch_finetune(model, bank, first_loss, opts, clock.advance)
         relabel = train.predict_logits(model, bank.images).argmax(1)
