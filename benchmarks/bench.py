@@ -47,6 +47,9 @@ def parse_args():
                         help="attack names; 'a+b' poisons with two triggers at once (targets 0 and 1, each at --rate)")
     parser.add_argument("--methods", default="none,advrbd")
     parser.add_argument("--rates", default="0.05")
+    parser.add_argument("--dataset", default="cifar10",
+                        help="the records' dataset name, part of a cell's identity: name a subset of the shards "
+                             "(e.g. cifar10-10k for one shard) apart from the full set")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--epochs", type=int, help="no-defense training epochs (default 20; 2 with --quick)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -82,7 +85,7 @@ def main():
                 traceback.print_exc()
                 continue
             for method in args.methods.split(","):
-                cell = {"dataset": "cifar10", "attack": attack_name, "rate": rate if attack_name != "none" else 0.0,
+                cell = {"dataset": args.dataset, "attack": attack_name, "rate": rate if attack_name != "none" else 0.0,
                         "method": method, "commit": args.commit, "options_id": options_id(method, options, args.epochs)}
                 if any(all(r.get(k) == v for k, v in cell.items()) for r in records):
                     print("skip (done)", cell, flush=True)
@@ -155,18 +158,29 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
         return {"path": args.data, "truth": None, "attacks": []}
     source, poisoned_keys, attacks = args.data, set(), []
     for index, name in enumerate(attack_name.split("+")):
-        out = args.work / "data" / f"{'+'.join(attack_name.split('+')[:index + 1])}-{rate}"
+        # Cached per dataset, and for Label-Consistent per surrogate architecture too.
+        surrogate = f"-{args.arch}" if name == "label_consistent" else ""
+        out = args.work / "data" / args.dataset / f"{'+'.join(attack_name.split('+')[:index + 1])}-{rate}{surrogate}"
         target = TARGET + index
         if not (out / "truth.json").exists():
             start = time.perf_counter()
             poison_dataset(source, attack=name, rate=rate, target=target, out=out, seed=index, overwrite=True,
-                           **({"device": "cuda"} if name == "label_consistent" else {}))
+                           **surrogate_params(name, args.arch))
             print(f"poisoned {name} {rate} (target {target}) in {time.perf_counter() - start:.1f}s", flush=True)
         truth = json.loads((out / "truth.json").read_text())
         poisoned_keys |= set(truth["poisoned"])
         attacks.append((make_attack(name, **truth["params"]), target))
         source = out
     return {"path": source, "truth": {"poisoned": sorted(poisoned_keys)}, "attacks": attacks}
+
+
+def surrogate_params(attack_name: str, arch: str) -> dict:
+    """Label-Consistent's surrogate (the model its PGD runs against) on this machine's device, with the
+    benchmark's architecture: the ResNet-18 on a GPU, the small CNN of a CPU benchmark (a ResNet-18
+    surrogate would take most of an hour on 2 cores). Other attacks train nothing."""
+    if attack_name != "label_consistent":
+        return {}
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "surrogate_arch": arch}
 
 
 def run_cell(args, method: str, poisoned: dict, test, options: dict, device: torch.device) -> dict:

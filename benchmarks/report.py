@@ -130,12 +130,13 @@ def table(records: list[dict], everything: list[dict] | None = None) -> str:
 def cpu_tables(cpu: list[dict], records: list[dict]) -> str:
     """The runs made on a CPU (no GPU at hand: a small model, ``--quick``), apart from the GPU runs they
     must not be compared with; the targets are checked but for time, which is an H100's."""
-    if not cpu:
-        return ""
-    models = ", ".join(dict.fromkeys(f"`{arch(r)}`" for r in cpu))
-    return "\n\n".join(part for part in (
-        f"### On a CPU ({models})",
-        table(cpu, records), stage_table(cpu), diagnostics_table(cpu)) if part)
+    parts = []
+    for dataset in dict.fromkeys(r["dataset"] for r in cpu):  # a subset of the shards gets tables of its own
+        runs = [r for r in cpu if r["dataset"] == dataset]
+        models = ", ".join(dict.fromkeys(f"`{arch(r)}`" for r in runs))
+        parts += [f"### On a CPU ({models}{'' if dataset == 'cifar10' else f', {dataset}'})",
+                  table(runs, records), stage_table(runs), diagnostics_table(runs)]
+    return "\n\n".join(part for part in parts if part)
 
 
 def stage_table(records: list[dict]) -> str:

@@ -114,11 +114,12 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     results = tmp_path / "results.json"
     argv = ["bench.py", "--data", str(data), "--test", str(test), "--results", str(results), "--work",
             str(tmp_path / "work"), "--attacks", "badnets", "--methods", "none,advrbd", "--arch", "small",
-            "--quick", "--set", "batch_size=64", "--keep-scores", str(tmp_path / "scores")]
+            "--quick", "--set", "batch_size=64", "--keep-scores", str(tmp_path / "scores"), "--dataset", "cifar10-200"]
     monkeypatch.setattr("sys.argv", argv)
     bench.main()
     none, advrbd = json.loads(results.read_text())
     assert (none["method"], advrbd["method"]) == ("none", "advrbd") and none["attack"] == "badnets"
+    assert none["dataset"] == advrbd["dataset"] == "cifar10-200"
     for record in (none, advrbd):
         assert 0 <= record["acc"] <= 100 and 0 <= record["asr"] <= 100 and record["device"] == "cpu"
         assert 0 <= record["clean_to_target"] <= 100
@@ -135,13 +136,28 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     [kept] = (tmp_path / "scores").iterdir()
     with gzip.open(kept, "rt") as file:
         rows = list(csv.DictReader(file))
-    truth = json.loads(next((tmp_path / "work" / "data").glob("badnets-*/truth.json")).read_text())
+    truth = json.loads(next((tmp_path / "work" / "data").glob("cifar10-200/badnets-*/truth.json")).read_text())
     assert len(rows) == 200 and sum(int(row["poisoned"]) for row in rows) == len(truth["poisoned"]) > 0
     assert {"warmup_kl", "unlearn_round", "finetune_kept"} <= set(rows[0])
     found = [int(row["suspected"]) for row in rows if row["poisoned"] == "1"]
     assert round(100 * sum(found) / len(found), 2) == advrbd["recall"]  # the same run as the record
     bench.main()  # resumed: both cells are done
     assert capsys.readouterr().out.count("skip (done)") == 2 and len(json.loads(results.read_text())) == 2
+
+
+def test_label_consistent_trains_its_surrogate_here_with_the_benchmarks_model(make_shards, tmp_path):
+    """On a machine without CUDA the surrogate runs on the CPU (it asked for CUDA and failed), and it is the
+    benchmark's architecture; the cached copy is per dataset and surrogate."""
+    data = make_shards(200, root=tmp_path / "train")
+    args = SimpleNamespace(data=data, work=tmp_path / "work", dataset="cifar10-200", arch="small")
+    poisoned = bench.prepare_data(args, "label_consistent", 0.05)
+    assert poisoned["path"] == tmp_path / "work" / "data" / "cifar10-200" / "label_consistent-0.05-small"
+    truth = json.loads((poisoned["path"] / "truth.json").read_text())
+    assert truth["params"]["surrogate_arch"] == "small" and len(poisoned["truth"]["poisoned"]) > 0
+    if not torch.cuda.is_available():
+        assert truth["params"]["device"] == "cpu"
+    [(attack, target)] = poisoned["attacks"]
+    assert attack.name == "label_consistent" and target == bench.TARGET
 
 
 def test_no_defense_runs_of_another_model_or_length_are_other_cells():
