@@ -3,15 +3,22 @@
 # and .wheels carried (see RESULTS.md, "Commands"). Done on the H200 (2026-11-27): the GPU tests,
 # ingest on 16 cores, the hybrid detection augmentation on BadNets, Blend and the clean set,
 # WaNet and SIG. On the H100 (2026-11-27, later): DBD at full scale on BadNets and WaNet with the
-# paper's global head filter (parts 1 and 3), and the GPU tests. Next, in this order:
+# paper's global head filter (parts 1 and 3), and the GPU tests. Next, in this order (two calls
+# fit a session: about 12 minutes of runs and the start):
 #
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 7    # DBD stages 3-4 variants, ~7.5 min
-#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 2    # short checks, about 4 min
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 12   # matrix: BadNets, Blend at 20%, ~4 min
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 9    # matrix: PhysicalBA, TaCT, Adaptive-Blend
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 10   # matrix: Adaptive-Patch, LC, BadNets+Blend
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 11   # matrix: BadNets, Blend at 1% and 10%
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 8    # DBD with lambda_u 0 and 5, ~6 min
 #     OUT=$OUT COMMIT=<short hash> ATTACK=blend bash benchmarks/gpu_session.sh 3   # DBD, one attack a call
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 2    # short checks, about 4 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 4    # unlearn_pool, long-tailed data, ~9 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 5    # a dominant class, ~4 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 6    # fewer PGD steps; BadNets remedies, ~3 min
+#
+# Parts 9-11 take about 6-7.5 minutes each.
 #
 # A session has 15 device minutes in all; a start costs 30 s or more of them, and a machine left
 # idle for 30 s goes back: send the second call at once. Each step has its own time limit, so a
@@ -22,7 +29,7 @@
 # The tests read their CIFAR samples from $SANITIZE_CIFAR: `gpu_session.sh tests` runs them (~45 s).
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
-PART=${1:?a part, 1 to 8, or tests}
+PART=${1:?a part, 1 to 12, or tests}
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl 2> /dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -58,6 +65,18 @@ elif [ "$PART" = 8 ]; then
     #     40 epochs, to set beside part 7's first variant (lambda_u 15), ~6 min
     dbd_variants dbd_lambda_u '[{"mixmatch_epochs": 40, "lambda_u": 0}, {"mixmatch_epochs": 40, "lambda_u": 5}]'
     exit 0
+elif [ "$PART" = 9 ] || [ "$PART" = 10 ] || [ "$PART" = 11 ] || [ "$PART" = 12 ]; then
+    # 14. issue 5's matrix, AdvrBD and no defense on full CIFAR-10 (ResNet-18), about 110 s a
+    #     cell pair: 9 and 10 the attacks not yet run at full scale (5%; 10 includes Label-Consistent's
+    #     surrogate, ~30 s, and two triggers at once), 11 and 12 BadNets and Blend at the other rates.
+    #     A 10,000-image CPU run of every attack: RESULTS.md, "On a CPU (`small`, cifar10-10k)".
+    case $PART in
+        9) CELLS="--attacks physicalba,tact,adaptive_blend" ;;
+        10) CELLS="--attacks adaptive_patch,label_consistent,badnets+blend" ;;
+        11) CELLS="--attacks badnets,blend --rates 0.01,0.1" ;;
+        12) CELLS="--attacks badnets,blend --rates 0.2" ;;
+    esac
+    timeout 570 $BENCH $CELLS --methods none,advrbd > "$OUT/bench.log" 2>&1
 elif [ "$PART" = 2 ]; then
     # 2. ingest on all cores with each phase timed (about 30 s): 17.9k images/s on 16 cores, no
     #    faster than 2 cores here; phases_s, parent_cpu_s and pool_start_s say where the time goes
@@ -127,7 +146,7 @@ elif [ "$PART" = 6 ]; then
         > "$OUT/bench.log" 2>&1
     exit 0
 else
-    echo "no part $PART: 1 to 8, or tests" >&2
+    echo "no part $PART: 1 to 12, or tests" >&2
     exit 2
 fi
 grep -v '^{' "$OUT/bench.log" | tail -n 8

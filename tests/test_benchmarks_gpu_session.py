@@ -1,0 +1,73 @@
+"""benchmarks/gpu_session.sh: each part its header lists runs what it says, with python3 replaced by a
+recorder (the device time is too scarce to find a broken part there)."""
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import BENCHMARKS
+from sanitize.attacks.registry import REGISTRY
+
+SCRIPT = BENCHMARKS / "gpu_session.sh"
+LISTED = {int(part) for part in re.findall(r"gpu_session\.sh (\d+)", SCRIPT.read_text())}  # the header's order
+HANDLED = sorted({int(part) for part in re.findall(r'"\$PART" = (\d+)', SCRIPT.read_text())})
+RUN_BEFORE = {"badnets", "blend", "sig", "wanet"}  # at 5% with AdvrBD and no defense (results.json)
+
+
+def run_part(tmp_path, part: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Runs the part with a python3 that writes its arguments to a file; returns the result and those lines."""
+    bin_dir, out, calls = tmp_path / "bin", tmp_path / "out", tmp_path / "calls"
+    bin_dir.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "CALLS": str(calls),
+           "COMMIT": "abc1234"}
+    result = subprocess.run(["bash", str(SCRIPT), part], cwd=BENCHMARKS.parent, env=env, capture_output=True,
+                            text=True, timeout=60)
+    return result, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_the_script_runs_parts_1_to_12_and_its_header_lists_all_but_the_first():
+    assert HANDLED == list(range(1, 13)) and LISTED == set(range(2, 13))  # part 1 (DBD on BadNets) is done
+
+
+@pytest.mark.parametrize("part", [str(part) for part in HANDLED])
+def test_each_listed_part_runs_a_benchmark_script_into_out(tmp_path, part):
+    result, calls = run_part(tmp_path, part)
+    assert result.returncode == 0, result.stderr
+    scripts = [call.split()[0] for call in calls if call.startswith("benchmarks/")]
+    assert scripts and all((BENCHMARKS.parent / script).is_file() for script in scripts)
+
+
+def matrix_cells(tmp_path, part: int) -> tuple[set[str], set[str]]:
+    tmp_path = tmp_path / str(part)
+    tmp_path.mkdir()
+    _, calls = run_part(tmp_path, str(part))
+    [call] = [call.split() for call in calls if call.startswith("benchmarks/bench.py")]
+    assert call[call.index("--methods") + 1] == "none,advrbd" and call[call.index("--commit") + 1] == "abc1234"
+    assert call[call.index("--results") + 1] == str(tmp_path / "out" / "results.json")
+    rates = call[call.index("--rates") + 1].split(",") if "--rates" in call else ["0.05"]
+    return set(call[call.index("--attacks") + 1].split(",")), set(rates)
+
+
+def test_the_matrix_parts_run_every_attack_at_5_percent_and_badnets_and_blend_at_the_other_rates(tmp_path):
+    at_5 = set()
+    for part in (9, 10):
+        attacks, rates = matrix_cells(tmp_path, part)
+        assert rates == {"0.05"}
+        at_5 |= attacks
+    assert {name for cell in at_5 for name in cell.split("+")} | RUN_BEFORE == set(REGISTRY)
+    assert any("+" in cell for cell in at_5)  # two triggers at once
+    other_rates = set()
+    for part in (11, 12):
+        attacks, rates = matrix_cells(tmp_path, part)
+        assert attacks == {"badnets", "blend"}
+        other_rates |= rates
+    assert other_rates == {"0.01", "0.1", "0.2"}
+
+
+def test_an_unknown_part_is_refused(tmp_path):
+    result, calls = run_part(tmp_path, "13")
+    assert result.returncode == 2 and "1 to 12" in result.stderr
