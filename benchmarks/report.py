@@ -115,14 +115,16 @@ def table(records: list[dict], everything: list[dict] | None = None) -> str:
     """The runs' figures, each defended run checked against a no-defense run among ``everything``
     (default: ``records``)."""
     everything = records if everything is None else everything
-    columns = ("attack", "rate", "method", "ACC", "ASR", "recall", "FPR", "AUROC", "seconds", "peak GB", "targets",
-               "device", "commit")
+    # "to target untriggered": the test images outside the target class the model calls the target
+    # without a trigger (bench.evaluate's clean_to_target), the floor under the ASR.
+    columns = ("attack", "rate", "method", "ACC", "ASR", "to target untriggered", "recall", "FPR", "AUROC",
+               "seconds", "peak GB", "targets", "device", "commit")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in ordered(records):
         missed = missed_targets(r, find_baseline(r, everything))
         verdict = "" if r["method"] == "none" else ("met" if not missed else "missed: " + "; ".join(missed))
         lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | {fmt(r['acc'])} | {fmt(r['asr'])} | "
-                     f"{fmt(r.get('recall'))} | {fmt(r.get('fpr'))} | {fmt(r.get('auroc'))} | {fmt(r['seconds'], 0)} | "
+                     f"{fmt(r.get('clean_to_target'))} | {fmt(r.get('recall'))} | {fmt(r.get('fpr'))} | {fmt(r.get('auroc'))} | {fmt(r['seconds'], 0)} | "
                      f"{fmt(r.get('peak_mem_gb'), 2)} | {verdict} | {r['device']} | {r.get('commit', '')[:7]} |")
     return "\n".join(lines)
 

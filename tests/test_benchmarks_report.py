@@ -56,7 +56,7 @@ def test_markdown_tables_replace_only_the_marked_section(tmp_path, monkeypatch):
     report.main()
     text = markdown.read_text()
     assert "old table" not in text and "hand-written" in text and text.endswith("notes\n")
-    assert "| badnets | 5% | advrbd | 89.0 | 3.0 |" in text and "missed: ASR 3.0 > 1" in text
+    assert "| badnets | 5% | advrbd | 89.0 | 3.0 | – |" in text and "missed: ASR 3.0 > 1" in text
     assert (tmp_path / "p.svg").read_text().count("<circle") == 2 + len(report.COLOURS)
 
 
@@ -133,7 +133,7 @@ def test_cpu_runs_have_their_own_table_baseline_and_no_time_target(tmp_path, mon
     records = [BASELINE, record(),
                record(method="none", acc=70.0, asr=100.0, recall=None, fpr=None, epochs=8, **cpu),
                record(acc=66.0, asr=2.0, recall=90.5, fpr=13.0, seconds=711.0, quick=True, **cpu),
-               {**record(acc=55.0, asr=3.0, quick=True, **cpu), "dataset": "cifar10-10k"}]  # one shard
+               {**record(acc=55.0, asr=3.0, quick=True, clean_to_target=2.5, **cpu), "dataset": "cifar10-10k"}]  # one shard
     assert report.find_baseline(records[3], records) is records[2]
     assert report.find_baseline(records[4], records) is None  # not the full set's no-defense run
     assert report.find_baseline(records[1], records) is BASELINE
@@ -147,10 +147,10 @@ def test_cpu_runs_have_their_own_table_baseline_and_no_time_target(tmp_path, mon
     report.main()
     gpu, cpu_part = markdown.read_text().split("### On a CPU (`small`)\n")
     cpu_part, subset = cpu_part.split("### On a CPU (`small`, cifar10-10k)\n")
-    assert "| 55.0 | 3.0 |" in subset and "55.0" not in cpu_part and "no no-defense run" in subset
+    assert "| 55.0 | 3.0 | 2.5 |" in subset and "55.0" not in cpu_part and "no no-defense run" in subset
     assert "| cpu |" not in gpu and gpu.count("| H100 |") == 2 and "711" not in (tmp_path / "p.svg").read_text()
-    assert "| badnets | 5% | none 8 epochs | 70.0 | 100.0 |" in cpu_part
-    assert "| badnets | 5% | advrbd --quick | 66.0 | 2.0 | 90.5 | 13.0 |" in cpu_part and "711 s" not in cpu_part
+    assert "| badnets | 5% | none 8 epochs | 70.0 | 100.0 | – |" in cpu_part
+    assert "| badnets | 5% | advrbd --quick | 66.0 | 2.0 | – | 90.5 | 13.0 |" in cpu_part and "711 s" not in cpu_part
 
 
 # The CIFAR-10 rows of the papers' "Average" lines: (ACC, ASR) per defense, in the tables' column order.
