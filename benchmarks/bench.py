@@ -107,15 +107,16 @@ def main():
         raise SystemExit(f"{failed} cell(s) or attack(s) failed; see the tracebacks above")
 
 
-def poisoned_bank(args, attack_params: dict | None = None) -> tuple[Bank, np.ndarray, list]:
+def poisoned_bank(args, params: dict | None = None) -> tuple[Bank, np.ndarray, list]:
     """The calibration scripts' data, poisoned in memory: ``args.data`` (``--classes``, first ``--limit``
-    samples) with ``args.attack`` at ``args.rate`` into TARGET (seed 0) on ``args.device``. Returns (bank,
-    poisoned bool [N], [(attack, TARGET)]); for ``--attack none`` no sample is poisoned and the list is empty."""
+    samples) with ``args.attack`` (``attack_params``, then ``params``) at ``args.rate`` into TARGET (seed 0)
+    on ``args.device``. Returns (bank, poisoned bool [N], [(attack, TARGET)]); for ``--attack none`` no
+    sample is poisoned and the list is empty."""
     data = read_dataset(args.data, classes_file=args.classes)
     images, labels = data.images[:args.limit], data.labels[:args.limit]
     positive, attacks = np.zeros(len(labels), bool), []
     if args.attack != "none":
-        attack = make_attack(args.attack, **(attack_params or {}))
+        attack = make_attack(args.attack, **{**attack_params(args.attack, TARGET, args.arch), **(params or {})})
         poisoned = attack.poison(images, labels, rate=args.rate, target=TARGET, seed=0, num_classes=len(data.classes))
         images, labels, positive, attacks = poisoned.images, poisoned.labels, poisoned.poisoned, [(attack, TARGET)]
     bank = Bank.from_arrays(images, labels, data.classes, device=train.resolve_device(args.device))
@@ -165,7 +166,7 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
         if not (out / "truth.json").exists():
             start = time.perf_counter()
             poison_dataset(source, attack=name, rate=rate, target=target, out=out, seed=index, overwrite=True,
-                           **surrogate_params(name, args.arch))
+                           **attack_params(name, target, args.arch))
             print(f"poisoned {name} {rate} (target {target}) in {time.perf_counter() - start:.1f}s", flush=True)
         truth = json.loads((out / "truth.json").read_text())
         poisoned_keys |= set(truth["poisoned"])
@@ -174,13 +175,17 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
     return {"path": source, "truth": {"poisoned": sorted(poisoned_keys)}, "attacks": attacks}
 
 
-def surrogate_params(attack_name: str, arch: str) -> dict:
-    """Label-Consistent's surrogate (the model its PGD runs against) on this machine's device, with the
-    benchmark's architecture: the ResNet-18 on a GPU, the small CNN of a CPU benchmark (a ResNet-18
-    surrogate would take most of an hour on 2 cores). Other attacks train nothing."""
-    if attack_name != "label_consistent":
-        return {}
-    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "surrogate_arch": arch}
+def attack_params(attack_name: str, target: int, arch: str) -> dict:
+    """What the benchmark sets beyond an attack's defaults. Label-Consistent's surrogate (the model its
+    PGD runs against) runs on this machine's device with the benchmark's architecture: the ResNet-18
+    on a GPU, the small CNN of a CPU benchmark (a ResNet-18 surrogate would take most of an hour on 2
+    cores). TaCT's source class is the one after the target (the AdvrBD paper's Table I: source 0,
+    target 1; its default source, 0, is our target)."""
+    if attack_name == "label_consistent":
+        return {"device": "cuda" if torch.cuda.is_available() else "cpu", "surrogate_arch": arch}
+    if attack_name == "tact":
+        return {"source_classes": (target + 1,)}
+    return {}
 
 
 def run_cell(args, method: str, poisoned: dict, test, options: dict, device: torch.device) -> dict:

@@ -160,6 +160,16 @@ def test_label_consistent_trains_its_surrogate_here_with_the_benchmarks_model(ma
     assert attack.name == "label_consistent" and target == bench.TARGET
 
 
+def test_tact_takes_its_poisons_from_the_class_after_the_target(make_shards, tmp_path):
+    """TaCT's default source class is 0, the benchmark's target: the matrix cell failed before it trained."""
+    data = make_shards(300, root=tmp_path / "train")
+    args = SimpleNamespace(data=data, work=tmp_path / "work", dataset="cifar10-300", arch="small")
+    poisoned = bench.prepare_data(args, "tact", 0.05)
+    truth = json.loads((poisoned["path"] / "truth.json").read_text())
+    assert truth["params"]["source_classes"] == [bench.TARGET + 1] and truth["target"] == bench.TARGET
+    assert truth["true_labels"] and set(truth["true_labels"].values()) == {bench.TARGET + 1}
+
+
 def test_no_defense_runs_of_another_model_or_length_are_other_cells():
     before = bench.hashlib.sha256(b"{}").hexdigest()[:10]  # the id every no-defense run had
     assert bench.options_id("none", {"arch": "resnet18", "quick": False}) == before
