@@ -124,7 +124,8 @@ def table(records: list[dict], everything: list[dict] | None = None) -> str:
         missed = missed_targets(r, find_baseline(r, everything))
         verdict = "" if r["method"] == "none" else ("met" if not missed else "missed: " + "; ".join(missed))
         lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | {fmt(r['acc'])} | {fmt(r['asr'])} | "
-                     f"{fmt(r.get('clean_to_target'))} | {fmt(r.get('recall'))} | {fmt(r.get('fpr'))} | {fmt(r.get('auroc'))} | {fmt(r['seconds'], 0)} | "
+                     f"{fmt(r.get('clean_to_target'))} | {fmt(r.get('recall'))} | {fmt(r.get('fpr'))} | "
+                     f"{fmt(r.get('auroc'))} | {fmt(r['seconds'], 0)} | "
                      f"{fmt(r.get('peak_mem_gb'), 2)} | {verdict} | {r['device']} | {r.get('commit', '')[:7]} |")
     return "\n".join(lines)
 

@@ -133,7 +133,8 @@ def test_cpu_runs_have_their_own_table_baseline_and_no_time_target(tmp_path, mon
     records = [BASELINE, record(),
                record(method="none", acc=70.0, asr=100.0, recall=None, fpr=None, epochs=8, **cpu),
                record(acc=66.0, asr=2.0, recall=90.5, fpr=13.0, seconds=711.0, quick=True, **cpu),
-               {**record(acc=55.0, asr=3.0, quick=True, clean_to_target=2.5, **cpu), "dataset": "cifar10-10k"}]  # one shard
+               {**record(acc=55.0, asr=3.0, quick=True, clean_to_target=2.5, **cpu),
+                "dataset": "cifar10-10k"}]  # one shard
     assert report.find_baseline(records[3], records) is records[2]
     assert report.find_baseline(records[4], records) is None  # not the full set's no-defense run
     assert report.find_baseline(records[1], records) is BASELINE
