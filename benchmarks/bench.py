@@ -179,10 +179,12 @@ def attack_params(attack_name: str, target: int, arch: str) -> dict:
     """What the benchmark sets beyond an attack's defaults. Label-Consistent's surrogate (the model its
     PGD runs against) runs on this machine's device with the benchmark's architecture: the ResNet-18
     on a GPU, the small CNN of a CPU benchmark (a ResNet-18 surrogate would take most of an hour on 2
-    cores). TaCT's source class is the one after the target (the AdvrBD paper's Table I: source 0,
-    target 1; its default source, 0, is our target)."""
+    cores); its PGD budget is the DBD paper's (Table 2, eps 16/255 at a 2.5% rate, gpu_session.sh part 10),
+    so that the cell sits beside its figures (the attack's own default is Turner et al.'s 8/255). TaCT's
+    source class is the one after the target (the AdvrBD paper's Table I: source 0, target 1; its default
+    source, 0, is our target)."""
     if attack_name == "label_consistent":
-        return {"device": "cuda" if torch.cuda.is_available() else "cpu", "surrogate_arch": arch}
+        return {"device": "cuda" if torch.cuda.is_available() else "cpu", "surrogate_arch": arch, "eps": 16 / 255}
     if attack_name == "tact":
         return {"source_classes": (target + 1,)}
     return {}

@@ -154,6 +154,7 @@ def test_label_consistent_trains_its_surrogate_here_with_the_benchmarks_model(ma
     assert poisoned["path"] == tmp_path / "work" / "data" / "cifar10-200" / "label_consistent-0.05-small"
     truth = json.loads((poisoned["path"] / "truth.json").read_text())
     assert truth["params"]["surrogate_arch"] == "small" and len(poisoned["truth"]["poisoned"]) > 0
+    assert truth["params"]["eps"] == pytest.approx(16 / 255)  # the DBD paper's, to sit beside its figures
     if not torch.cuda.is_available():
         assert truth["params"]["device"] == "cpu"
     [(attack, target)] = poisoned["attacks"]

@@ -41,31 +41,28 @@ def test_each_listed_part_runs_a_benchmark_script_into_out(tmp_path, part):
     assert scripts and all((BENCHMARKS.parent / script).is_file() for script in scripts)
 
 
-def matrix_cells(tmp_path, part: int) -> tuple[set[str], set[str]]:
+def matrix_cells(tmp_path, part: int) -> set[tuple[str, str]]:
+    """The (attack, rate) cells the part's bench.py calls run, each with AdvrBD and no defense."""
     tmp_path = tmp_path / str(part)
     tmp_path.mkdir()
     _, calls = run_part(tmp_path, str(part))
-    [call] = [call.split() for call in calls if call.startswith("benchmarks/bench.py")]
-    assert call[call.index("--methods") + 1] == "none,advrbd" and call[call.index("--commit") + 1] == "abc1234"
-    assert call[call.index("--results") + 1] == str(tmp_path / "out" / "results.json")
-    rates = call[call.index("--rates") + 1].split(",") if "--rates" in call else ["0.05"]
-    return set(call[call.index("--attacks") + 1].split(",")), set(rates)
+    cells = set()
+    for call in (call.split() for call in calls if call.startswith("benchmarks/bench.py")):
+        assert call[call.index("--methods") + 1] == "none,advrbd" and call[call.index("--commit") + 1] == "abc1234"
+        assert call[call.index("--results") + 1] == str(tmp_path / "out" / "results.json")
+        rates = call[call.index("--rates") + 1].split(",") if "--rates" in call else ["0.05"]
+        cells |= {(attack, rate) for attack in call[call.index("--attacks") + 1].split(",") for rate in rates}
+    return cells
 
 
-def test_the_matrix_parts_run_every_attack_at_5_percent_and_badnets_and_blend_at_the_other_rates(tmp_path):
-    at_5 = set()
-    for part in (9, 10):
-        attacks, rates = matrix_cells(tmp_path, part)
-        assert rates == {"0.05"}
-        at_5 |= attacks
-    assert {name for cell in at_5 for name in cell.split("+")} | RUN_BEFORE == set(REGISTRY)
-    assert any("+" in cell for cell in at_5)  # two triggers at once
-    other_rates = set()
-    for part in (11, 12):
-        attacks, rates = matrix_cells(tmp_path, part)
-        assert attacks == {"badnets", "blend"}
-        other_rates |= rates
-    assert other_rates == {"0.01", "0.1", "0.2"}
+def test_the_matrix_parts_run_every_attack_and_badnets_and_blend_at_the_other_rates(tmp_path):
+    new = matrix_cells(tmp_path, 9) | matrix_cells(tmp_path, 10)
+    assert {name for attack, _ in new for name in attack.split("+")} | RUN_BEFORE == set(REGISTRY)
+    assert ("badnets+blend", "0.05") in new  # two triggers at once
+    assert ("label_consistent", "0.025") in new  # the DBD paper's rate
+    assert all(rate == "0.05" for attack, rate in new if attack != "label_consistent")
+    other_rates = matrix_cells(tmp_path, 11) | matrix_cells(tmp_path, 12)
+    assert other_rates == {(attack, rate) for attack in ("badnets", "blend") for rate in ("0.01", "0.1", "0.2")}
 
 
 def test_an_unknown_part_is_refused(tmp_path):
