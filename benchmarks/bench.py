@@ -100,7 +100,10 @@ def main():
                 overrides = {} if method == "none" else {k: v for k, v in options.items() if k not in ("arch", "quick")}
                 setting = {"arch": args.arch, **({"quick": True} if args.quick and method != "none" else {}),
                            **({"epochs": args.epochs} if method == "none" else {})}
-                records.append({**cell, **record, **setting, **({"set": overrides} if overrides else {})})
+                # the attacks' parameters as poisoned (defaults included), by attack name
+                attack_record = {"attack_params": poisoned["params"]} if poisoned.get("params") else {}
+                records.append({**cell, **record, **setting, **({"set": overrides} if overrides else {}),
+                                **attack_record})
                 args.results.write_text(json.dumps(records, indent=1))
                 print(json.dumps(records[-1]), flush=True)
     if failed:
@@ -157,7 +160,7 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
     """
     if attack_name == "none":
         return {"path": args.data, "truth": None, "attacks": []}
-    source, poisoned_keys, attacks = args.data, set(), []
+    source, poisoned_keys, attacks, params = args.data, set(), [], {}
     for index, name in enumerate(attack_name.split("+")):
         # Cached per dataset, and for Label-Consistent per surrogate architecture too.
         surrogate = f"-{args.arch}" if name == "label_consistent" else ""
@@ -171,8 +174,9 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
         truth = json.loads((out / "truth.json").read_text())
         poisoned_keys |= set(truth["poisoned"])
         attacks.append((make_attack(name, **truth["params"]), target))
+        params[name] = truth["params"]
         source = out
-    return {"path": source, "truth": {"poisoned": sorted(poisoned_keys)}, "attacks": attacks}
+    return {"path": source, "truth": {"poisoned": sorted(poisoned_keys)}, "attacks": attacks, "params": params}
 
 
 def attack_params(attack_name: str, target: int, arch: str) -> dict:

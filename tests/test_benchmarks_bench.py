@@ -129,6 +129,7 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     assert advrbd["options"]["batch_size"] == 64 and advrbd["set"] == {"batch_size": 64}
     assert (none["arch"], none["epochs"], advrbd["arch"], advrbd["quick"]) == ("small", 2, "small", True)
     assert "suspect_target" in advrbd
+    assert none["attack_params"] == advrbd["attack_params"] and advrbd["attack_params"]["badnets"]["size"] == 3
     assert set(advrbd["diagnostics"]["split_at"]) == {str(m) for m in bench.SPLIT_MARGINS}
     assert set(advrbd["timings_s"]) >= {"ingest", "warmup", "enhance", "write", "export", "total"}
     assert "stage 2/9: warmup" in capsys.readouterr().err  # stage lines in the log as the run goes
