@@ -5,7 +5,7 @@ user's model is worth. This takes the suspects of one ``bench.py --keep-scores``
 the clean model once (stage 6), then runs stage 7 once per variant on a copy of it and
 measures each final model on the test shard as bench.py does (ACC, ASR, ACC by class):
 
-    PYTHONPATH=. python benchmarks/replay_clean.py --poisoned /tmp/bench/data/blend-0.05 \\
+    PYTHONPATH=. python benchmarks/replay_clean.py --poisoned /tmp/bench/data/cifar10/blend-0.05 \\
         --scores <keep-scores dir>/blend-0.05-advrbd-<id>.csv.gz --test .data/test/test-000000.tar.gz \\
         --arch small --quick --variants '[{}, {"finetune_rebalance": true}]'
 

@@ -24,7 +24,7 @@ def kept_run(make_shards, tmp_path, monkeypatch):
     bench.main()
     [record] = json.loads(results.read_text())
     [scores] = (tmp_path / "scores").iterdir()
-    poisoned = next((tmp_path / "work" / "data").glob("badnets-*"))
+    poisoned = next((tmp_path / "work" / "data").glob("cifar10/badnets-*"))
     args = ["--poisoned", str(poisoned), "--scores", str(scores), "--test", str(test), "--arch", "small", "--quick",
             "--set", "batch_size=64", "--device", "cpu"]
     return record, args, scores
