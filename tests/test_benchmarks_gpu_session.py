@@ -34,7 +34,7 @@ def test_the_script_runs_parts_1_to_12_and_its_header_lists_all_but_the_first():
 
 
 @pytest.mark.parametrize("part", [str(part) for part in HANDLED])
-def test_each_listed_part_runs_a_benchmark_script_into_out(tmp_path, part):
+def test_each_part_runs_a_benchmark_script_into_out(tmp_path, part):
     result, calls = run_part(tmp_path, part)
     assert result.returncode == 0, result.stderr
     scripts = [call.split()[0] for call in calls if call.startswith("benchmarks/")]
