@@ -153,7 +153,8 @@ def options_id(method: str, options: dict, epochs: int = 20) -> str:
 
 
 def prepare_data(args, attack_name: str, rate: float) -> dict:
-    """Poisoned shards on disk (cached in --work), their ground truth and the (attack, target) pairs.
+    """Poisoned shards on disk (cached in --work by dataset, attack and rate), their ground truth, the
+    (attack, target) pairs and each attack's parameters as poisoned ({name: params}; none for ``none``).
 
     ``a+b`` applies attack ``a`` (target 0) and then ``b`` (target 1) to its output, each at
     ``rate``; a sample both picked counts once. The record's ASR is the larger of the two.
