@@ -153,7 +153,8 @@ def options_id(method: str, options: dict, epochs: int = 20) -> str:
 
 
 def prepare_data(args, attack_name: str, rate: float) -> dict:
-    """Poisoned shards on disk (cached in --work by dataset, attack and rate), their ground truth, the
+    """Poisoned shards on disk (cached in --work by dataset, attack and rate, and reused only if poisoned
+    with the same parameters: ``cached_truth``), their ground truth, the
     (attack, target) pairs and each attack's parameters as poisoned ({name: params}; none for ``none``).
 
     ``a+b`` applies attack ``a`` (target 0) and then ``b`` (target 1) to its output, each at
@@ -161,23 +162,40 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
     """
     if attack_name == "none":
         return {"path": args.data, "truth": None, "attacks": []}
-    source, poisoned_keys, attacks, params = args.data, set(), [], {}
+    source, poisoned_keys, attacks, params, fresh = args.data, set(), [], {}, False
     for index, name in enumerate(attack_name.split("+")):
         # Cached per dataset, and for Label-Consistent per surrogate architecture too.
         surrogate = f"-{args.arch}" if name == "label_consistent" else ""
         out = args.work / "data" / args.dataset / f"{'+'.join(attack_name.split('+')[:index + 1])}-{rate}{surrogate}"
         target = TARGET + index
-        if not (out / "truth.json").exists():
+        wanted = {"params": make_attack(name, **attack_params(name, target, args.arch)).params, "rate": rate,
+                  "target": target, "seed": index}
+        # a copy poisoned on top of a fresh one is fresh too: its cached source is gone
+        truth = None if fresh else cached_truth(out, wanted)
+        if truth is None:
+            fresh = True
             start = time.perf_counter()
             poison_dataset(source, attack=name, rate=rate, target=target, out=out, seed=index, overwrite=True,
                            **attack_params(name, target, args.arch))
             print(f"poisoned {name} {rate} (target {target}) in {time.perf_counter() - start:.1f}s", flush=True)
-        truth = json.loads((out / "truth.json").read_text())
+            truth = json.loads((out / "truth.json").read_text())
         poisoned_keys |= set(truth["poisoned"])
         attacks.append((make_attack(name, **truth["params"]), target))
         params[name] = truth["params"]
         source = out
     return {"path": source, "truth": {"poisoned": sorted(poisoned_keys)}, "attacks": attacks, "params": params}
+
+
+def cached_truth(out: Path, wanted: dict) -> dict | None:
+    """The truth.json of a poisoned copy in ``out`` if it was made as ``wanted`` says (the attack's
+    resolved ``params``, ``rate``, ``target``, ``seed``), else None: a copy poisoned with a parameter
+    changed in code since is poisoned again, not reused."""
+    try:
+        truth = json.loads((out / "truth.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    # through JSON, as truth.json stores them: tuples read back as lists
+    return truth if all(truth.get(key) == value for key, value in json.loads(json.dumps(wanted)).items()) else None
 
 
 def attack_params(attack_name: str, target: int, arch: str) -> dict:
@@ -256,8 +274,9 @@ def train_without_defense(args, path: Path, device: torch.device):
 
 
 def evaluate(model, test, attacks: list, device: torch.device) -> dict:
-    """ACC on the clean test set; ASR = share of triggered test samples not of the target class predicted
-    as the target (the largest over ``attacks``, [(attack, target)]; each is in ``asr_each``)."""
+    """ACC on the clean test set; ASR = share of triggered test samples not of the target class (of its
+    source class for TaCT) predicted as the target (the largest over ``attacks``, [(attack, target)]; each is
+    in ``asr_each``); ``clean_to_target``: the same share untriggered."""
     predict = train.predictor(model, device)
     predicted = predict(test.images)
     right = predicted == test.labels
@@ -270,10 +289,12 @@ def evaluate(model, test, attacks: list, device: torch.device) -> dict:
              for attack, target in attacks]
     if rates:
         figures["asr"] = max(rates)
-        # the ASR's floor: the untriggered test images of other classes the model calls the target anyway
-        # (DBD's 72%-accurate model on the H100 called 2.9% of the clean training images airplane, its ASR)
-        figures["clean_to_target"] = max(round(float((predicted[test.labels != target] == target).mean() * 100), 2)
-                                         for _, target in attacks)
+        # the ASR's floor: of the test images the ASR counts (``asr_mask``: TaCT's source class only), the
+        # share the model calls the target untriggered (DBD's 72%-accurate model on the H100 called 2.9% of
+        # the clean training images airplane, its ASR)
+        figures["clean_to_target"] = max(
+            round(float((predicted[attack.asr_mask(test.labels, target)] == target).mean() * 100), 2)
+            for attack, target in attacks)
     if len(rates) > 1:
         figures["asr_each"] = rates
     return figures

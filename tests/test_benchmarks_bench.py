@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import load_benchmark
+from sanitize.attacks import make_attack
 
 bench = load_benchmark("bench")
 
@@ -90,12 +91,18 @@ def test_evaluate_gives_the_asr_beside_the_clean_images_called_the_target_anyway
     images = np.zeros((6, 4, 4, 3), np.uint8)
     images[:, 0, 0, 0] = [0, 1, 0, 0, 2, 0]  # what the model predicts
     test = SimpleNamespace(images=images, labels=labels, classes=["a", "b", "c"])
-    attack = SimpleNamespace(success_rate=lambda predict, images, labels, target, seed: 40.0)
+    attack = SimpleNamespace(success_rate=lambda predict, images, labels, target, seed: 40.0,
+                             asr_mask=lambda labels, target: labels != target)
     figures = bench.evaluate(FirstPixelModel(), test, [(attack, 0)], torch.device("cpu"))
     assert figures["acc"] == 66.67 and figures["acc_by_class"] == [100.0, 50.0, 50.0]
     # of the four images of classes 1 and 2, two are called 0 without any trigger
     assert figures["asr"] == 40.0 and figures["clean_to_target"] == 50.0
     assert "clean_to_target" not in bench.evaluate(FirstPixelModel(), test, [], torch.device("cpu"))
+    # TaCT counts its source class only, for the floor as for the ASR: both images of class 2 are called 0
+    # untriggered (3 of the 4 of classes 1 and 2)
+    test.images[4, 0, 0, 0] = 0
+    tact = make_attack("tact", source_classes=(2,))
+    assert bench.evaluate(FirstPixelModel(), test, [(tact, 0)], torch.device("cpu"))["clean_to_target"] == 100.0
 
 
 def test_auroc_counts_pairs_and_ties_half():
@@ -177,3 +184,22 @@ def test_no_defense_runs_of_another_model_or_length_are_other_cells():
     assert bench.options_id("none", {"arch": "resnet18", "quick": False}) == before
     ids = {bench.options_id("none", {"arch": arch}, epochs) for arch in ("resnet18", "small") for epochs in (8, 20)}
     assert len(ids) == 4
+
+
+def test_a_poisoned_copy_is_reused_only_if_poisoned_with_the_same_parameters(make_shards, tmp_path, monkeypatch):
+    """The cache in --work was keyed by dataset, attack and rate: a parameter changed in code reused the
+    old copy. Now it is poisoned again, and so is a second trigger poisoned on top of it."""
+    data = make_shards(200, root=tmp_path / "train")
+    args = SimpleNamespace(data=data, work=tmp_path / "work", dataset="cifar10-200", arch="small")
+    calls = []
+    real = bench.poison_dataset
+    monkeypatch.setattr(bench, "poison_dataset", lambda *a, **k: calls.append(k["attack"]) or real(*a, **k))
+    first = bench.prepare_data(args, "badnets+blend", 0.05)
+    assert calls == ["badnets", "blend"]
+    again = bench.prepare_data(args, "badnets+blend", 0.05)
+    assert calls == ["badnets", "blend"] and again["truth"] == first["truth"]  # reused as it was
+    monkeypatch.setattr(bench, "attack_params", lambda name, target, arch: {"size": 4} if name == "badnets" else {})
+    changed = bench.prepare_data(args, "badnets+blend", 0.05)
+    assert calls == ["badnets", "blend"] * 2 and changed["params"]["badnets"]["size"] == 4
+    truth = json.loads((changed["path"].parent / "badnets-0.05" / "truth.json").read_text())
+    assert truth["params"]["size"] == 4
