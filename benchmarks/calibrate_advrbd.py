@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
 
-from bench import by_label, detection_rates, percent_auroc, poisoned_bank, split_at
+from bench import by_label, detection_rates, parse_variants, percent_auroc, poisoned_bank, split_at
 from sanitize import methods, train
 from sanitize.data import Bank
 from sanitize.methods import advrbd
@@ -67,11 +67,12 @@ def main():
                                               "(the partition each one picks; no split)")
     args = parser.parse_args()
     common = methods.parse_assignments(args.sets)
+    variants = parse_variants(args.variants, frozenset(f.name for f in fields(advrbd.AdvrbdOptions)), "AdvrBD")
     attack_params = methods.parse_assignments(args.attack_sets, "--attack-set")
 
     # the clean set (--attack none): every figure that needs poisons is None
     bank, positive, _ = poisoned_bank(args, attack_params)
-    for variant in json.loads(args.variants):
+    for variant in variants:
         changes = {**common, **variant}
         options = methods.resolve_options("advrbd", arch=args.arch, **changes)
         print(json.dumps({"attack": args.attack, "attack_params": attack_params, "samples": bank.n,

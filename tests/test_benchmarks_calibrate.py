@@ -83,3 +83,15 @@ def test_score_steps_compares_each_partition_with_the_default_and_a_reseeded_one
 def test_overlap_counts_shared_samples():
     calibrate = load_benchmark("calibrate_advrbd")
     assert calibrate._overlap(np.array([1, 2, 3, 4]), np.array([3, 4, 5, 6])) == 0.5
+
+
+@pytest.mark.parametrize("variants, message", [("[{warmup_epochs: 10}]", "--variants is not JSON"),
+                                               ('{"warmup_epochs": 10}', "must be a JSON list"),
+                                               ('[{"warmup_epoch": 10}]', "AdvrBD options only")])
+def test_bad_variants_are_refused_before_any_data_is_read(variants, message, monkeypatch, tmp_path):
+    """A typo in --variants was a JSON traceback, or an option error after the poisoning."""
+    calibrate = load_benchmark("calibrate_advrbd")
+    monkeypatch.setattr("sys.argv", ["calibrate_advrbd.py", "--data", str(tmp_path / "missing"),
+                                     "--variants", variants])
+    with pytest.raises(SystemExit, match=message):
+        calibrate.main()
