@@ -349,7 +349,8 @@ def given_label_margin(model, bank: Bank, shift: torch.Tensor | None = None) -> 
 
 def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, observe=None):
     """Alg. 2. Returns (unlearn round int16 [N], warm-up KL [N], the enhanced model's given-label
-    margin [N], or None if no round ran); ``model`` is enhanced in place.
+    margin [N], or None if no round ran, the logit shift the margins take: ``logit_shift``);
+    ``model`` is enhanced in place.
 
     A sample's unlearn round is the round it entered the unlearn set (0: the partition
     from the warm-up KL), -1 if it never did. ``observe(round, margin, unlearn)``, if
@@ -399,7 +400,7 @@ def enhance_backdoor(model, bank: Bank, opts: AdvrbdOptions, clock: StageClock, 
             clock.advance(round_index + 1, opts.enhance_rounds)
     metrics.update(enhance_rounds=len(fit_history), rest_fit_history=[round(f, 4) for f in fit_history],
                    unlearn_fraction=round(float(unlearn.float().mean()), 4), logit_adjust=tau)
-    return entered, warmup_kl, margin
+    return entered, warmup_kl, margin, shift
 
 
 @dataclass
@@ -462,9 +463,9 @@ def detect(bank: Bank, opts: AdvrbdOptions, clock: StageClock, metrics: dict, ob
     """Stages 1-5 (warm-up, partition, enhancement, split) with ``opts`` as run (``resolved()``)."""
     with clock("warmup"):
         model = warm_up(bank, opts, clock.advance)
-    unlearn_round, warmup_kl, score = enhance_backdoor(model, bank, opts, clock, metrics, observe)
+    unlearn_round, warmup_kl, score, shift = enhance_backdoor(model, bank, opts, clock, metrics, observe)
     with clock("split"):
-        score = given_label_margin(model, bank, logit_shift(bank, adjust_tau(opts, bank))) if score is None else score
+        score = given_label_margin(model, bank, shift) if score is None else score
     return Detection(score, score > opts.split_margin, warmup_kl, unlearn_round)
 
 
