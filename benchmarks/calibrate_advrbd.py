@@ -125,16 +125,27 @@ def warmup(bank: Bank, options, positive) -> dict:
 
     A dirty-label poison is fitted only once its trigger is learned (or the image memorised):
     the cheap question before any PGD, e.g. whether an augmentation hides a trigger.
+
+    Also ``confident_other_by_label``: per given label, the share of samples the warm-up assigns to
+    another class with probability > 0.5 (and ``poisons_confident_other``). A dirty-label backdoor the
+    warm-up has not learned would show as an excess of these in its target class, if it shows at all.
     """
     is_poison = torch.from_numpy(positive).to(bank.device)
     opts = options.resolved()
     start = time.perf_counter()
-    margin = advrbd.given_label_margin(advrbd.warm_up(bank, opts), bank)
+    model = advrbd.warm_up(bank, opts)
+    margin = advrbd.given_label_margin(model, bank)
+    probs = train.predict_logits(model, bank.images, 1024).float().softmax(1)
+    confident, predicted = probs.max(1)
+    other = (predicted != bank.labels) & (confident > 0.5)
     fits = margin > 0
     return {"seconds": round(time.perf_counter() - start, 1),
             "poisons_fit": _share(fits[is_poison], is_poison.sum()),
             "clean_fit": _share(fits[~is_poison], (~is_poison).sum()),
-            "margin_auroc": percent_auroc(margin.double().cpu().numpy(), positive)}
+            "margin_auroc": percent_auroc(margin.double().cpu().numpy(), positive),
+            "poisons_confident_other": _share(other[is_poison], is_poison.sum()),
+            "confident_other_by_label": [_share(other[bank.labels == label], (bank.labels == label).sum())
+                                         for label in range(bank.num_classes)]}
 
 
 def score_steps(bank: Bank, options, positive, steps: str) -> dict:

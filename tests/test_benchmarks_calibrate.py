@@ -47,7 +47,12 @@ def test_warmup_only_reports_the_fitted_shares_and_the_crop_hides_a_corner_trigg
         options = methods.resolve_options("advrbd", arch="small", quick=True, warmup_epochs=6, batch_size=64,
                                           detect_augment=augmentation)
         found[augmentation] = calibrate.warmup(bank, options, poisoned.poisoned)
-    assert set(found["none"]) == {"seconds", "poisons_fit", "clean_fit", "margin_auroc"}
+    assert set(found["none"]) == {"seconds", "poisons_fit", "clean_fit", "margin_auroc", "poisons_confident_other",
+                                  "confident_other_by_label"}
+    # the patch is learned: no poison is assigned confidently to its true class, and every class has a share
+    assert found["none"]["poisons_confident_other"] < 10
+    assert len(found["none"]["confident_other_by_label"]) == 10
+    assert all(0 <= share <= 100 for share in found["none"]["confident_other_by_label"])
     # Without augmentation the patch is learned (100% of the poisons fitted, 56% of the
     # clean samples, chance is 10%); the crop cuts it off in ~40% of views and the warm-up
     # fits 8% (6 epochs, torch 2.14, CPU).
