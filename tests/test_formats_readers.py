@@ -184,10 +184,15 @@ def test_bad_labels_are_unreadable_with_reasons_and_the_rest_is_read(make_shards
         ("badjson.jpg", jpg_a), ("badjson.json", b"[[[[" * 10),
         ("boolean.jpg", jpg_a), ("boolean.json", b'{"label": true}'),
         ("onlylabel.cls", b"3"),
+        # more digits than Python converts (4,300): a ValueError and a traceback before
+        ("huge.jpg", jpg_a), ("huge.cls", b"1" * 5000),
+        # leading zeros are no digits: label 3
+        ("zeros.jpg", jpg_b), ("zeros.cls", b"0" * 5000 + b"3"),
     ]
     write_shard(root / "part-000001.tar", extra)
     ingested = read_dataset(root, workers=1)
-    assert len(ingested.samples) == 40 and ingested.total == 48
+    assert len(ingested.samples) == 41 and ingested.total == 50
+    assert [s.label for s in ingested.samples if s.key == "zeros"] == [3]
     errors = unreadable_by_key(ingested)
     assert "no label" in errors["nolabel"]
     assert "not an integer" in errors["word"]
@@ -195,6 +200,7 @@ def test_bad_labels_are_unreadable_with_reasons_and_the_rest_is_read(make_shards
     assert 'no integer "label"' in errors["jsonless"] and 'no integer "label"' in errors["boolean"]
     assert "not valid JSON" in errors["badjson"]
     assert "no image member" in errors["onlylabel"]
+    assert errors["huge"] == "label is out of range: 5000 digits (11111111111111111111...)"  # not all 5,000
     assert all(item.sha256 for item in ingested.unreadable if item.key != "onlylabel")
 
 

@@ -127,10 +127,21 @@ def parse_label(fields: dict[str, Member]) -> tuple[int, str | None]:
         suffix, member = _pick(fields, ("cls",), "label")
         if len(member.data) > MAX_LABEL_BYTES or not _INTEGER.fullmatch(member.data):
             raise BadSample(f"label is not an integer: {member.data[:40]!r}")
-        return _agreeing(int(member.data), fields), suffix
+        return _agreeing(_label_value(member.data), fields), suffix
     if any(field_of(suffix) == "json" for suffix in fields):
         return _json_label(_pick(fields, ("json",), "label")[1].data), None
     raise BadSample(f"no label: neither .cls nor .json (fields: {', '.join(fields)})")
+
+
+def _label_value(text: bytes) -> int:
+    """A ``.cls`` that matches ``_INTEGER`` as an int. Leading zeros are dropped first, and a label of more
+    than 18 digits is a BadSample: Python refuses to convert more than 4,300 digits (a ValueError, then a
+    traceback), and no class list is that long."""
+    text = text.strip()
+    digits = text.lstrip(b"+-").lstrip(b"0")
+    if len(digits) > 18:
+        raise BadSample(f"label is out of range: {len(digits)} digits ({text[:20].decode()}...)")
+    return -int(digits or b"0") if text.startswith(b"-") else int(digits or b"0")
 
 
 def _agreeing(label: int, fields: dict[str, Member]) -> int:
