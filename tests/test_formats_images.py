@@ -12,6 +12,7 @@ from PIL import Image
 
 from sanitize.formats.images import (DEFAULT_SIDE, IMAGE_ERRORS, MAX_PIXELS, _each, _each_packed, decode,
                                      decode_images, probe, wide_to_uint8, working_size)
+from sanitize.formats.records import InputError
 from sanitize.formats.workers import Workers
 
 
@@ -189,6 +190,30 @@ def test_decompression_bomb_is_refused_before_decoding(pixels):
 def test_image_errors_do_not_swallow_our_bugs():
     assert not issubclass(TypeError, IMAGE_ERRORS) and not issubclass(AttributeError, IMAGE_ERRORS)
 
+    def buggy(data):
+        return len(data) + "1"  # a TypeError of ours
+
+    with pytest.raises(TypeError):
+        _each(buggy, [b"x"])
+
+
+def tiff_with_float_strip_offsets() -> bytes:
+    """A TIFF whose StripOffsets tag (273) is stored as a float: it opens, then Pillow's load seeks to
+    a float and raises TypeError (found by the hostile-input audit; it crashed a whole run)."""
+    data = bytearray(encode(Image.new("RGB", (32, 32)), "TIFF"))
+    directory = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, directory)[0]):
+        offset = directory + 2 + 12 * entry
+        if struct.unpack_from("<H", data, offset)[0] == 273:
+            struct.pack_into("<H", data, offset + 2, 11)  # type 11: FLOAT
+    return bytes(data)
+
+
+def test_pillows_type_error_on_a_hostile_tiff_becomes_a_reason():
+    for function in (decode, probe):
+        [reason] = _each(function, [tiff_with_float_strip_offsets()])
+        assert reason.startswith("cannot decode image: TypeError")
+
 
 def test_working_size_rule():
     assert working_size([(32, 32)] * 3 + [(40, 40)])[0] == (32, 32)
@@ -309,3 +334,16 @@ def test_randomly_damaged_images_decode_or_become_reasons(fmt, params):
                 outcomes.add("image")
                 assert result.dtype == np.uint8 and result.shape[2] == 3
     assert "reason" in outcomes
+
+
+def test_too_many_images_for_memory_is_one_line_error(monkeypatch):
+    """numpy's MemoryError for the decoded array was a traceback (the audit, under ulimit -v, at
+    --image-size 4096); the run's other out-of-memory errors were already one line."""
+    def no_memory(shape, dtype):
+        raise MemoryError(f"Unable to allocate array with shape {shape}")
+
+    monkeypatch.setattr(np, "empty", no_memory)
+    good = [encode(Image.fromarray(gradient(32, 32)), "PNG")] * 2
+    with Workers(1) as workers, pytest.raises(InputError, match=r"out of memory: 2 images at 4096x4096 need "
+                                                                  r"0\.1 GiB; try a smaller --image-size"):
+        decode_images(good, workers, image_size=(4096, 4096))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import struct
 import warnings
@@ -29,6 +30,7 @@ from functools import partial
 import numpy as np
 from PIL import Image, ImageOps
 
+from sanitize.formats.records import InputError
 from sanitize.formats.workers import Workers
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"})
@@ -157,9 +159,24 @@ def _each(function, datas: list[bytes]) -> list:
             results.append(function(data))
         except BadPixels as error:
             results.append(str(error))
-        except IMAGE_ERRORS as error:
+        except (*IMAGE_ERRORS, TypeError) as error:
+            if isinstance(error, TypeError) and not raised_in_pillow(error):
+                raise
             results.append(f"cannot decode image: {type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}")
     return results
+
+
+_PILLOW = os.path.dirname(Image.__file__) + os.sep
+
+
+def raised_in_pillow(error: BaseException) -> bool:
+    """Whether the innermost Python frame of ``error``'s traceback is Pillow's. Pillow raises TypeError
+    on some hostile files (a TIFF whose StripOffsets tag is a float: ``seek(1.5)`` in ImageFile.load);
+    a TypeError of ours must still propagate."""
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and trace.tb_frame.f_code.co_filename.startswith(_PILLOW)
 
 
 def _each_packed(function, datas: list[bytes]) -> list | np.ndarray:
@@ -208,7 +225,7 @@ def decode_images(datas: list[bytes], workers: Workers, *, image_size=None) -> D
     """
     if image_size is not None:
         size, rule = working_size([], image_size)
-        images, errors, todo = np.empty((len(datas), *size, 3), dtype=np.uint8), {}, list(range(len(datas)))
+        images, errors, todo = allocate(len(datas), size), {}, list(range(len(datas)))
     else:
         images, size, rule, errors, todo = _probe_all(datas, workers)
     for index, result in zip(todo, map_chunks(partial(decode, size=size), [datas[i] for i in todo], workers)):
@@ -223,6 +240,16 @@ def decode_images(datas: list[bytes], workers: Workers, *, image_size=None) -> D
                 images[row] = images[index]
         images = images[:len(kept)]
     return Decoded(images, errors, size, rule)
+
+
+def allocate(count: int, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [count, H, W, 3] for the decoded images; an InputError (one line, not a traceback) when this
+    machine's memory cannot hold them."""
+    try:
+        return np.empty((count, *size, 3), dtype=np.uint8)
+    except MemoryError:
+        raise InputError(f"out of memory: {count} images at {size[0]}x{size[1]} need "
+                         f"{count * size[0] * size[1] * 3 / 2**30:.1f} GiB; try a smaller --image-size") from None
 
 
 def _probe_all(datas: list[bytes], workers: Workers):
@@ -241,7 +268,7 @@ def _probe_all(datas: list[bytes], workers: Workers):
             sizes += [part.shape[1:3]] * len(part)
             if guess is None:
                 guess = part.shape[1:3]
-                images = np.empty((len(datas), *guess, 3), dtype=np.uint8)
+                images = allocate(len(datas), guess)
             if part.shape[1:3] == guess:
                 images[start:start + len(part)] = part
                 copied.append(range(start, start + len(part)))
@@ -258,7 +285,7 @@ def _probe_all(datas: list[bytes], workers: Workers):
     size, rule = working_size(sizes)
     todo = []
     if size != guess:
-        images = np.empty((len(datas), *size, 3), dtype=np.uint8)
+        images = allocate(len(datas), size)
         todo = [index for indices in copied for index in indices]
     for start, part in kept:
         for index, result in enumerate(part, start):
