@@ -107,6 +107,11 @@ def test_classes_file_as_torchvision_class_to_idx(tmp_path, make_shards, cifar_c
     (root / "classes.json").write_text(json.dumps({"cat": 0, "dog": 2}))
     with pytest.raises(InputError, match=r"mapping must give the indices 0\.\.1 once each"):
         read_dataset(root, workers=1)
+    # deeper than Python's stack, more digits than it converts: RecursionError / ValueError tracebacks before
+    for text, reason in (("[" * 100000, "nested too deeply"), ('{"cat": 1' + "0" * 5000 + "}", "Exceeds the limit")):
+        (root / "classes.json").write_text(text)
+        with pytest.raises(InputError, match=f"classes.json: not valid JSON: {reason}"):
+            read_dataset(root, workers=1)
 
 
 def test_brace_pattern_over_folders_reads_the_classes_beside_the_shards(make_shards, tmp_path, cifar_classes):

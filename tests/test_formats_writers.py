@@ -129,6 +129,11 @@ def test_staged_output_replaces_only_its_own_kind_of_output(tmp_path):
                 pass
         before = sorted(p.name for p in out.iterdir())
         assert kind.marker in before
+        (out / kind.marker).write_text("[" * 100000)  # a marker nested deeper than Python's stack: not ours
+        with pytest.raises(InputError, match="is not an earlier output of this command"):
+            with staged_output(out, tmp_path / "input", overwrite=True, replaceable=kind):
+                pass
+        (out / kind.marker).write_text(json.dumps(marker))
         with staged_output(out, tmp_path / "input", overwrite=True, replaceable=kind) as staging:
             (staging / "new.txt").write_text("new")
         assert [p.name for p in out.iterdir()] == ["new.txt"]

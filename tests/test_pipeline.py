@@ -237,6 +237,14 @@ def test_set_values_are_json_when_they_parse_and_strings_otherwise():
     # a string never passes for a number
     with pytest.raises(InputError, match="option epsilon must be a finite number"):
         methods.resolve_options("advrbd", **methods.parse_assignments(["epsilon=8/255"]))
+    # more digits than Python converts, deeper than its stack: tracebacks before, one line now, cut short
+    huge, deep = "1" + "0" * 5000, "[" * 50000
+    for text, message in ((f"epsilon={huge}", r"epsilon must be a finite number within float32's range, got "
+                                              r"'10{58}\.\.\. \(5003 characters\)$"),
+                          (f"pgd_steps={huge}", "pgd_steps must be a whole number, got '1000"),
+                          (f"epsilon={deep}", r"epsilon must be a finite number, got '\[\[\[.*\(50002 characters\)$")):
+        with pytest.raises(InputError, match=message):
+            methods.resolve_options("advrbd", **methods.parse_assignments([text]))
 
 
 @pytest.mark.parametrize("method", sorted(methods.REGISTRY))
@@ -338,6 +346,11 @@ def test_config_file_sits_between_defaults_and_flags(tmp_path):
     config.write_text("epsilon = [")
     with pytest.raises(InputError, match="not valid TOML"):
         methods.resolve_options("advrbd", config)
+    for text, message in (("pgd_steps = 1" + "0" * 5000, "not valid TOML: Exceeds the limit"),
+                          ("epsilon = " + "[" * 5000 + "]" * 5000, "not valid TOML: nested too deeply")):
+        config.write_text(text)  # a ValueError and a RecursionError, tracebacks before
+        with pytest.raises(InputError, match=message):
+            methods.resolve_options("advrbd", config)
 
 
 def _manifest(totals: dict[str, int], suspect_labels: list[int], relabels: list[int] | None = None) -> dict:

@@ -330,8 +330,10 @@ def _parse_classes(text: str, path) -> list:
         return [line.strip() for line in text.splitlines() if line.strip()]
     try:
         value = json.loads(text)
-    except ValueError as error:
+    except ValueError as error:  # JSONDecodeError, and a number of more than 4,300 digits
         raise InputError(f"{path}: not valid JSON: {error}") from None
+    except RecursionError:  # nested deeper than Python's stack
+        raise InputError(f"{path}: not valid JSON: nested too deeply") from None
     if isinstance(value, dict) and "classes" not in value and value and all(
             isinstance(index, int) and not isinstance(index, bool) for index in value.values()):
         if sorted(value.values()) != list(range(len(value))):  # torchvision's class_to_idx, {"cat": 0, ...}

@@ -158,7 +158,8 @@ def _not_output_of_kind(directory: Path, kind: OutputKind) -> str | None:
     (a .DS_Store, an .ipynb_checkpoints folder: hidden, so unseen), ": it also holds <them>"."""
     try:
         marker = json.loads((directory / kind.marker).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError is a ValueError)
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, not JSON (UnicodeDecodeError is a
+        # ValueError), nested deeper than Python's stack
         return ""
     if not isinstance(marker, dict) or not kind.keys <= marker.keys():
         return ""

@@ -94,7 +94,7 @@ def check_bounds(key: str, value, bounds: tuple[str, ...]) -> None:
     for bound in bounds:
         comparison, _, limit = bound.partition(" ")
         if not _COMPARISONS[comparison](value, float(limit)):
-            raise InputError(f"option {key} must be {' and '.join(bounds)}, got {value!r}")
+            raise InputError(f"option {key} must be {' and '.join(bounds)}, got {shown(value)}")
 
 
 def parse_assignments(pairs, flag: str = "--set") -> dict:
@@ -112,8 +112,8 @@ def parse_assignments(pairs, flag: str = "--set") -> dict:
             continue
         try:
             values[key] = json.loads(text)
-        except json.JSONDecodeError:
-            values[key] = text
+        except (ValueError, RecursionError):  # not JSON, a number of over 4,300 digits, nested too deeply:
+            values[key] = text  # the string, which ``coerce`` then checks like any other
     return values
 
 
@@ -139,8 +139,10 @@ def _read_config(path: Path, name: str) -> dict:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"config file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # TOMLDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise InputError(f"config file {path} is not valid TOML: {error}") from None
+    except RecursionError:
+        raise InputError(f"config file {path} is not valid TOML: nested too deeply") from None
     tables = {key for key, value in data.items() if isinstance(value, dict)}
     unknown = sorted(tables - set(REGISTRY))
     if unknown:  # a misspelt [advbrd] would otherwise be ignored, and its options with it
@@ -180,31 +182,38 @@ def coerce(what: str, value, kind: type, item_kind: type = int):
         choices = typing.get_args(kind)
         if isinstance(value, str) and value in choices:
             return value
-        raise InputError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InputError(f"{what} must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
     flag = is_flag(value)
     if kind is bool:
         if flag and getattr(value, "ndim", 0) == 0:
             return bool(value)
-        raise InputError(f"{what} must be true or false, got {value!r}")
+        raise InputError(f"{what} must be true or false, got {shown(value)}")
     if flag:  # int(True) is 1: a flag is never taken for a number
-        raise InputError(f"{what} must be {kind.__name__}, got {value!r}")
+        raise InputError(f"{what} must be {kind.__name__}, got {shown(value)}")
     if kind is tuple:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
         try:
             return tuple(coerce(what, item.strip() if isinstance(item, str) else item, item_kind)
                          for item in items if str(item).strip())
         except InputError:
-            raise InputError(f"{what} must be a list of {item_kind.__name__}, got {value!r}") from None
+            raise InputError(f"{what} must be a list of {item_kind.__name__}, got {shown(value)}") from None
     try:
         converted = _whole(value) if kind is int else kind(value)
     except (TypeError, ValueError, OverflowError):  # int(inf) overflows
         wanted = {int: "a whole number", float: "a finite number"}.get(kind, kind.__name__)
-        raise InputError(f"{what} must be {wanted}, got {value!r}") from None
+        raise InputError(f"{what} must be {wanted}, got {shown(value)}") from None
     if kind is int and abs(converted) > MAX_INT:
-        raise InputError(f"{what} must be a whole number of at most 2**53 in size, got {value!r}")
+        raise InputError(f"{what} must be a whole number of at most 2**53 in size, got {shown(value)}")
     if kind is float and not (math.isfinite(converted) and abs(converted) <= MAX_FLOAT):
-        raise InputError(f"{what} must be a finite number within float32's range, got {value!r}")
+        raise InputError(f"{what} must be a finite number within float32's range, got {shown(value)}")
     return converted
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: a 5,000-digit number or a
+    deeply nested list given as an option must not fill the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # The engine computes in float32: a larger value is infinity there (lr=1e39 overflowed in the optimizer,
