@@ -562,6 +562,28 @@ def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, c
         [f"1 image file(s) beside the shards in {root} are not read: only samples inside the shards are"]
 
 
+def test_shards_in_folders_beside_the_shards_are_counted_and_named_not_read(make_shards, tmp_path):
+    """A val/ split beside the training shards was neither read nor counted nor warned about (the audit)."""
+    root = make_shards(40, 20)
+    (root / "val" / "deeper").mkdir(parents=True)
+    (root / "part-000001.tar").rename(root / "val" / "deeper" / "part-000001.tar")
+    (root / "notes").mkdir()  # a folder without shards is no concern
+    ingested = read_dataset(root, workers=1)
+    assert len(ingested.samples) == 20 and ingested.skipped == {"folder_of_shards": 1}
+    assert ingested.warnings == [f"1 folder(s) beside the shards in {root} hold shards that are not read (val): only "
+                                 f"the shards in the folder itself are; name others with a brace pattern or run on "
+                                 f"each folder"]
+
+
+def test_a_brace_pattern_that_names_one_shard_twice_is_refused(make_shards):
+    """{000000,000000} read the shard twice: every sample in it duplicated in training and the outputs."""
+    root = make_shards(40, 20)
+    assert len(read_dataset(f"{root}/part-{{000000,000001}}.tar", workers=1).samples) == 40
+    for pattern in (f"{root}/part-{{000000,000000}}.tar", f"{root}/{{part-000000.tar,../{root.name}/part-000000.tar}}"):
+        with pytest.raises(InputError, match=r"names the same shard more than once \(.*part-000000\.tar\)"):
+            read_dataset(pattern, workers=1)
+
+
 # --- ImageFolder ------------------------------------------------------------------------------------------------
 
 

@@ -115,6 +115,13 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
         missing = [str(shard) for shard in shards if not shard.is_file()]
         if missing:
             raise InputError(f"{len(missing)} shard(s) of {path} not found, first: {missing[0]}")
+        # A shard the pattern names twice ({0,0}, or two spellings of one file) would be read twice: every
+        # sample in it duplicated in training and in the outputs.
+        real = [os.path.realpath(shard) for shard in shards]
+        if len(set(real)) < len(real):
+            twice = next(shard for shard, name in zip(shards, real) if real.count(name) > 1)
+            raise InputError(f"{path} names the same shard more than once ({readable_name(str(twice))}); "
+                             f"name each shard once")
         return _list_shards(path, shards, Path(os.path.dirname(path[:path.index("{")]) or "."), classes_file, pool)
     location = Path(path)
     if not location.exists():
@@ -140,11 +147,14 @@ def _count_beside_shards(root: Path, listing: Listing, entries: list[os.DirEntry
     """Files beside the shards (``entries``: the folder's visible entries) are not samples, but every input is
     accounted for: count them as skipped, and warn about images there (a WebDataset sample lives inside a
     shard; one beside it is easily missed)."""
-    images = 0
+    images, folders = 0, []
     for entry in entries:
         # The shards are the visible files with a shard name (``_list``): tested as such, not looked up
         # in the list of shards, which would cost shards x entries comparisons in a folder of many.
         is_shard = is_shard_name(entry.name) and entry.is_file()
+        if entry.is_dir() and not entry.is_symlink() and _holds_shard(entry.path):
+            folders.append(entry.name)
+            listing.skip("folder_of_shards")
         if entry.name == CLASSES_FILE or is_shard or entry.is_dir():
             continue
         is_image = os.path.splitext(entry.name)[1].lower().lstrip(".") in IMAGE_EXTS
@@ -153,6 +163,17 @@ def _count_beside_shards(root: Path, listing: Listing, entries: list[os.DirEntry
     if images:
         listing.warnings.append(f"{images} image file(s) beside the shards in {readable_name(str(root))} are not "
                                 f"read: only samples inside the shards are")
+    if folders:
+        # Not read: a val/ or test/ split beside the training shards must not end up in training.
+        shown = ", ".join(readable_name(name) for name in sorted(folders)[:3])
+        listing.warnings.append(f"{len(folders)} folder(s) beside the shards in {readable_name(str(root))} hold "
+                                f"shards that are not read ({shown}): only the shards in the folder itself are; "
+                                f"name others with a brace pattern or run on each folder")
+
+
+def _holds_shard(folder: str) -> bool:
+    """Whether a shard lies anywhere under ``folder`` (links not followed); stops at the first one."""
+    return any(is_shard_name(name) for _, _, files in os.walk(folder) for name in files)
 
 
 def _refuse_mixed(root: Path, shards: list[Path], entries: list[os.DirEntry]) -> None:
