@@ -108,6 +108,21 @@ def test_clean_label_cap_warns(subset):
     assert result.warnings and "eligible" in result.warnings[0]
 
 
+@pytest.mark.parametrize("name, kept", [("sig", lambda labels: labels != TARGET),
+                                        ("tact", lambda labels: labels != TARGET + 1),
+                                        ("badnets", lambda labels: labels == TARGET)])
+def test_no_eligible_sample_is_an_error_not_a_copy_without_poisons(subset, name, kept):
+    """SIG on a set without a readable image of its target class wrote a copy with no poison and exited 0."""
+    images, labels = subset
+    rows = kept(labels)
+    attack = make_attack(name, **({"source_classes": (TARGET + 1,)} if name == "tact" else {}))
+    with pytest.raises(InputError, match=f"no sample is eligible for {name} with target class {TARGET}"):
+        attack.poison(images[rows], labels[rows], rate=0.1, target=TARGET, seed=0, num_classes=NUM_CLASSES)
+    # a rate too small for one poison stays a warning: nothing was asked for that could not be done
+    assert attack.poison(images[rows], labels[rows], rate=1e-9, target=TARGET, seed=0,
+                         num_classes=NUM_CLASSES).poisoned.sum() == 0
+
+
 def test_badnets_patch_is_the_pattern(subset):
     images, _ = subset
     triggered = make_attack("badnets").trigger(images[:20])

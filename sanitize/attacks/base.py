@@ -69,7 +69,12 @@ class Attack:
         notes: list[str] = []
         if rate > 0 and round(rate * len(labels)) == 0:
             notes.append(f"a rate of {rate} of {len(labels)} samples rounds to no poisoned sample at all")
-        poison_rows = _draw(rng, self.poison_pool(labels, target), round(rate * len(labels)), "poisoned", notes)
+        pool = self.poison_pool(labels, target)
+        if round(rate * len(labels)) and not len(pool):  # a copy with no poison is not what was asked for
+            raise InputError(f"no sample is eligible for {self.name} with target class {target} (a clean-label "
+                             f"attack poisons images of the target class, TaCT images of its source classes, "
+                             f"the others images of any other class): none was poisoned")
+        poison_rows = _draw(rng, pool, round(rate * len(labels)), "poisoned", notes)
         cover_pool = np.setdiff1d(self.cover_pool(labels, target), poison_rows)
         cover_rows = _draw(rng, cover_pool, round(self.cover_rate * len(labels)), "cover", notes)
         out = images.copy()
