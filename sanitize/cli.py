@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import time
+import unicodedata
 from inspect import Parameter, signature
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class StageProgress:
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR):
-    click.echo(f"sanitize: error: {message}", err=True)
+    _say(f"sanitize: error: {message}", err=True)
     sys.exit(code)
 
 
@@ -209,7 +210,7 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite, quiet):
     finally:
         progress.close()
     counts = truth["counts"]
-    click.echo(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
+    _say(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
                f"(target class {truth['target']}); copy and truth.json in {out}")
     if truth["renamed"]:
         moved = sum(key in truth["renamed"] and label != truth["target"] for key, label in truth["true_labels"].items())
@@ -217,9 +218,9 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite, quiet):
         if len(truth["renamed"]) > moved:  # shards written as a tree, or class names unsafe as folder names
             parts.append(f"{len(truth['renamed']) - moved} {'other ' if moved else ''}keys changed with the "
                          f"copy's class folders")
-        click.echo(f"  {', '.join(parts)}; truth.json maps new keys to old under 'renamed'")
+        _say(f"  {', '.join(parts)}; truth.json maps new keys to old under 'renamed'")
     for warning in truth["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
+        _say(f"warning: {warning}", err=True)
 
 
 @cli.command()
@@ -242,31 +243,50 @@ def _report(result, as_json: bool, show: int = 5) -> None:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
     counts = result.counts
-    click.echo(f"sanitize {result.method}: {counts['total']} samples -> clean {counts['clean']}, "
+    _say(f"sanitize {result.method}: {counts['total']} samples -> clean {counts['clean']}, "
                f"suspected {counts['suspected']}, unreadable {counts['unreadable']}")
     if result.suspect_target:
         target = result.suspect_target
-        click.echo(f"  suspects point to class {target['class']!r}: {target['share']:.0%} of suspects carry it, "
+        _say(f"  suspects point to class {target['class']!r}: {target['share']:.0%} of suspects carry it, "
                    f"{target['lift']:.1f}x its share of the data; the clean model gives "
                    f"{target['relabeled_away']:.0%} of those another label")
-    click.echo("  suspected per class: " + per_class_line(result.per_class))
+    _say("  suspected per class: " + per_class_line(result.per_class))
     classes = result.manifest["input"]["classes"]
     for suspect in result.manifest["suspects"][:show]:
-        click.echo(f"    {suspect['score']:+.3f}  {suspect['key']}  {classes[suspect['label']]} -> "
+        _say(f"    {suspect['score']:+.3f}  {suspect['key']}  {classes[suspect['label']]} -> "
                    f"{classes[suspect['relabel']]}")
     if result.manifest["unreadable"]:
-        click.echo(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
+        _say(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
     skipped = result.manifest["input"].get("skipped") or {}
     if skipped:  # files that are not samples (not images, hidden, links that leave the root, ...)
-        click.echo(f"  skipped files: {skipped_text(skipped)}")
+        _say(f"  skipped files: {skipped_text(skipped)}")
     for warnings, where in ((result.warnings, "warnings"), (result.input_warnings, "input/warnings")):
         for warning in warnings[:WARNINGS_SHOWN]:
-            click.echo(f"warning: {warning}", err=True)
+            _say(f"warning: {warning}", err=True)
         if len(warnings) > WARNINGS_SHOWN:
-            click.echo(f"warning: {len(warnings) - WARNINGS_SHOWN} more in manifest.json ({where})", err=True)
+            _say(f"warning: {len(warnings) - WARNINGS_SHOWN} more in manifest.json ({where})", err=True)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
-    click.echo(f"  time: {times}")
-    click.echo(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))
+    _say(f"  time: {times}")
+    _say(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))
+
+
+def _say(text: str, err: bool = False) -> None:
+    """``click.echo`` of one line of a summary or an error, ``terminal_safe``."""
+    click.echo(terminal_safe(text), err=err)
+
+
+# Control characters, invisible formatting (U+202E, the right-to-left override, is one) and line or
+# paragraph separators: in a class name, key or path, they would break a line or reorder what it shows.
+_UNSAFE_ON_TERMINAL = ("Cc", "Cf", "Zl", "Zp")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every character of ``_UNSAFE_ON_TERMINAL`` as an escape (``\\n``, ``\\u202e``): names
+    come from the data, and data must not rewrite what the terminal shows."""
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return "".join(char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in
+                   _UNSAFE_ON_TERMINAL else char for char in text)
 
 
 # The summary prints this many of the manifest's input warnings (damaged shards, renamed duplicates, ...).

@@ -332,3 +332,25 @@ def test_stage_progress_prints_steps_within_a_stage_sparingly(capsys, monkeypatc
     lines = capsys.readouterr().err.splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == ["stage 1/2: ingest", "stage 2/2: warmup",
                                                         "  warmup 3/10, ~0s left"]
+
+
+def test_names_from_the_data_cannot_rewrite_the_summary_on_the_terminal(capsys):
+    """A class name with a newline broke the summary's line; one with U+202E (right-to-left override)
+    reversed what the rest of it showed (the audit). Both print as escapes; other text stays as it is."""
+    from types import SimpleNamespace
+
+    from sanitize import cli
+
+    classes = ["cat\nwarning: all clean", "dog\u202e", "café 猫"]
+    per_class = {name: {"suspected": 1, "total": 5} for name in classes}
+    manifest = {"input": {"classes": classes, "skipped": {}}, "unreadable": [],
+                "suspects": [{"score": 0.9, "key": "k\x1b[2J", "label": 0, "relabel": 1}]}
+    result = SimpleNamespace(method="advrbd", counts={"total": 15, "clean": 12, "suspected": 3, "unreadable": 0},
+                             suspect_target=None, per_class=per_class, manifest=manifest, timings_s={},
+                             warnings=[f"class {classes[0]} is left out"], input_warnings=[], out="out", outputs={})
+    cli._report(result, as_json=False)
+    out, err = capsys.readouterr()
+    assert "cat\\nwarning: all clean 1/5, dog\\u202e 1/5, café 猫 1/5" in out
+    assert "k\\x1b[2J  cat\\nwarning: all clean -> dog\\u202e" in out
+    assert err == "warning: class cat\\nwarning: all clean is left out\n"
+    assert "\u202e" not in out and "\x1b" not in out
