@@ -211,7 +211,7 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite, quiet):
         progress.close()
     counts = truth["counts"]
     _say(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
-               f"(target class {truth['target']}); copy and truth.json in {out}")
+               f"(target class {truth['target']}, {truth['target_class']!r}); copy and truth.json in {out}")
     if truth["renamed"]:
         moved = sum(key in truth["renamed"] and label != truth["target"] for key, label in truth["true_labels"].items())
         parts = [f"{moved} poisons moved into the folder of their new label"] if moved else []

@@ -112,6 +112,9 @@ def test_classes_file_as_torchvision_class_to_idx(tmp_path, make_shards, cifar_c
         (root / "classes.json").write_text(text)
         with pytest.raises(InputError, match=f"classes.json: not valid JSON: {reason}"):
             read_dataset(root, workers=1)
+    (root / "classes.json").write_text("[]")  # was "label 1 is outside the 0 classes" for every sample
+    with pytest.raises(InputError, match="classes.json: the class list is empty"):
+        read_dataset(root, workers=1)
 
 
 def test_brace_pattern_over_folders_reads_the_classes_beside_the_shards(make_shards, tmp_path, cifar_classes):
@@ -573,6 +576,14 @@ def test_shards_in_folders_beside_the_shards_are_counted_and_named_not_read(make
     assert ingested.warnings == [f"1 folder(s) beside the shards in {root} hold shards that are not read (val): only "
                                  f"the shards in the folder itself are; name others with a brace pattern or run on "
                                  f"each folder"]
+
+
+def test_a_brace_range_that_runs_backwards_is_refused(make_shards):
+    """{000001..000000} expanded to no shard: "no image samples found", which hid the typo."""
+    root = make_shards(40, 20)
+    with pytest.raises(InputError, match=r"brace range \{000001\.\.000000\} runs backwards: write "
+                                         r"\{000000\.\.000001\}"):
+        read_dataset(f"{root}/part-{{000001..000000}}.tar", workers=1)
 
 
 def test_a_brace_pattern_that_names_one_shard_twice_is_refused(make_shards):

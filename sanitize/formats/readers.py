@@ -209,6 +209,8 @@ def _brace_items(body: str) -> list[str]:
     if numeric is None:
         return body.split(",")
     first, last = numeric.groups()
+    if int(last) < int(first):  # read as no shard at all, "no image samples found", before
+        raise InputError(f"brace range {{{body}}} runs backwards: write {{{last}..{first}}}")
     if int(last) - int(first) >= MAX_SHARDS:
         raise InputError(f"brace range {{{body}}} names more than {MAX_SHARDS} shards")
     width = len(first) if first.startswith("0") else 0
@@ -341,6 +343,8 @@ def load_classes(path) -> list[str]:
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read class list {path}: {error}") from None
     names = _parse_classes(text, path)
+    if not names:
+        raise InputError(f"{path}: the class list is empty")
     if not all(isinstance(name, str) and name for name in names) or len(set(names)) != len(names):
         raise InputError(f"{path}: class names must be unique non-empty strings")
     return names
