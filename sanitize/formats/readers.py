@@ -22,7 +22,7 @@ from sanitize.formats.folder_reader import class_dirs, holds_image, image_files,
 from sanitize.formats.images import CHUNK, IMAGE_EXTS, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import class_dir_names, dedupe_keys, readable_name
 from sanitize.formats.records import (CLASSES_FILE, Ingested, InputError, Listing, Sample, Unreadable, is_flag,
-                                      skipped_text)
+                                      skipped_text, too_long)
 from sanitize.formats.shard_reader import list_shard
 from sanitize.formats.workers import Workers
 
@@ -356,7 +356,7 @@ def _parse_classes(text: str, path) -> list:
     try:
         value = json.loads(text)
     except ValueError as error:  # JSONDecodeError, and a number of more than 4,300 digits
-        raise InputError(f"{path}: not valid JSON: {error}") from None
+        raise InputError(f"{path}: not valid JSON: {too_long(error)}") from None
     except RecursionError:  # nested deeper than Python's stack
         raise InputError(f"{path}: not valid JSON: nested too deeply") from None
     if isinstance(value, dict) and "classes" not in value and value and all(

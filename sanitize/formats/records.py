@@ -117,3 +117,10 @@ class InputError(Exception):
 class OnnxCheckError(RuntimeError):
     """The exported file disagrees with the torch model: the run must fail, not ship it. Defined here,
     not beside the export, so that the command line can catch it without importing torch."""
+
+
+def too_long(error: ValueError) -> str:
+    """A parser's error as a user should read it: Python's own refusal to convert a number of more than
+    4,300 digits suggests ``sys.set_int_max_str_digits()``, which is no advice for a data file."""
+    text = str(error)
+    return "a number of more than 4,300 digits" if "integer string conversion" in text else text

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sanitize.formats.records import InputError, is_flag
+from sanitize.formats.records import InputError, is_flag, too_long
 
 # name -> (module, options class)
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -140,7 +140,7 @@ def _read_config(path: Path, name: str) -> dict:
     except FileNotFoundError:
         raise InputError(f"config file not found: {path}") from None
     except ValueError as error:  # TOMLDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
-        raise InputError(f"config file {path} is not valid TOML: {error}") from None
+        raise InputError(f"config file {path} is not valid TOML: {too_long(error)}") from None
     except RecursionError:
         raise InputError(f"config file {path} is not valid TOML: nested too deeply") from None
     tables = {key for key, value in data.items() if isinstance(value, dict)}
