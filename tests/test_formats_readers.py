@@ -108,7 +108,8 @@ def test_classes_file_as_torchvision_class_to_idx(tmp_path, make_shards, cifar_c
     with pytest.raises(InputError, match=r"mapping must give the indices 0\.\.1 once each"):
         read_dataset(root, workers=1)
     # deeper than Python's stack, more digits than it converts: RecursionError / ValueError tracebacks before
-    for text, reason in (("[" * 100000, "nested too deeply"), ('{"cat": 1' + "0" * 5000 + "}", "a number of more than 4,300 digits$")):
+    for text, reason in (("[" * 100000, "nested too deeply"),
+                         ('{"cat": 1' + "0" * 5000 + "}", "a number of more than 4,300 digits$")):
         (root / "classes.json").write_text(text)
         with pytest.raises(InputError, match=f"classes.json: not valid JSON: {reason}"):
             read_dataset(root, workers=1)
