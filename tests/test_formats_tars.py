@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,8 @@ def test_in_memory_parse_gives_what_tarfile_gives(case, compress, tmp_path, monk
         assert fast[3] == tars.END_NOTE and fast[0]
     if case in ("cut_in_data", "cut_in_header", "bad_checksum", "bad_mtime"):
         assert fast[1]  # damage reported
+    if case == "garbage_after":  # after the end-of-archive marker: not read, but said, not lost without a word
+        assert fast[0] and not fast[1] and "followed by data that was not read" in fast[3]
     monkeypatch.setattr(tars, "IN_MEMORY_BYTES", -1)  # every shard through tarfile
     assert fast == scan(path)
 
@@ -170,3 +173,161 @@ def test_an_empty_or_unopenable_shard_is_damage_not_a_crash(tmp_path):
     folder = tmp_path / "folder.tar"
     folder.mkdir()
     assert scan(folder)[:2] == ([], "cannot open: Is a directory")
+
+
+def scan_both(path: Path, monkeypatch) -> tuple:
+    """``scan`` of ``path`` in memory and through tarfile, which must agree."""
+    fast = scan(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(tars, "IN_MEMORY_BYTES", -1)
+        assert scan(path) == fast
+    return fast
+
+
+def crc_damaged(raw: bytes, where: str) -> bytes:
+    """``raw`` gzipped with one byte changed that only the CRC-32 or length check after the data can catch.
+
+    Stored (level 0) blocks hold the data as it is, so a byte of it changed decompresses without an error."""
+    packed = bytearray(gzip.compress(raw, compresslevel=0, mtime=0))
+    if where == "data":
+        packed[packed.find(b"x" * 600) + 300] ^= 1  # inside a/001.jpg's data: every tar header stays intact
+    elif where == "crc":
+        packed[-8] ^= 1
+    elif where == "length":
+        packed[-4] ^= 1
+    else:  # the second of two gzip members, the tar split between them where a/001.jpg's data begins
+        return gzip.compress(raw[:3072], mtime=0) + crc_damaged(raw[3072:], "data")
+    return bytes(packed)
+
+
+@pytest.mark.parametrize("where", ["data", "crc", "length", "second_member"])
+def test_a_gzip_shard_failing_its_crc_gives_no_member_at_all(where, tmp_path, monkeypatch):
+    """tarfile stops at the end-of-archive marker, before the gzip trailer, so the CRC failure went unseen and
+    the altered image out as a sample. Which member a changed byte is in cannot be known: none is given out."""
+    raw = build(tarfile.USTAR_FORMAT, PLAIN)
+    packed = crc_damaged(raw, where)
+    with pytest.raises(gzip.BadGzipFile, match="CRC check failed|Incorrect length"):  # what gzip -t says too
+        gzip.decompress(packed)
+    with tarfile.open(fileobj=gzip.GzipFile(fileobj=io.BytesIO(packed)), mode="r|") as tar:  # the hole: read
+        assert len([info for info in tar if info.isreg()]) == 6  # to the end-of-archive marker, and no error
+    path = tmp_path / "part-000000.tar.gz"
+    path.write_bytes(packed)
+    members, damage, cut, end_note, special = scan_both(path, monkeypatch)
+    assert members == [] and cut is None and end_note is None
+    assert damage.startswith("corrupt gzip data, any member may be altered: ")
+    assert ("length" if where == "length" else "CRC-32") in damage
+
+
+def test_a_cifar_gzip_shard_failing_its_crc_is_one_unreadable_not_altered_samples(make_shards, cifar_samples):
+    """The audit's case end to end: real JPEGs, one byte of one image changed in a stored gzip stream."""
+    from sanitize.formats import read_dataset
+
+    root = make_shards(60, 30)
+    raw = (root / "part-000001.tar").read_bytes()
+    (root / "part-000001.tar").unlink()
+    packed = bytearray(gzip.compress(raw, compresslevel=0, mtime=0))
+    jpeg = cifar_samples[40][1]
+    packed[packed.find(jpeg[100:300]) + 50] ^= 0x10
+    (root / "part-000001.tar.gz").write_bytes(bytes(packed))
+    ingested = read_dataset(root, workers=1)
+    assert [s.key for s in ingested.samples] == [key for key, _, _ in cifar_samples[:30]]  # part-000000 only
+    [lost] = ingested.unreadable
+    assert lost.source == "part-000001.tar.gz" and "CRC-32 check failed" in lost.error
+    assert lost.error.startswith("shard's gzip data is corrupt (corrupt gzip data, any member may be altered")
+    assert lost.error.endswith("none of its samples was read")
+
+
+OTHER = [("b/000.jpg", b"\xff\xd8 late"), ("b/000.cls", b"1")]
+AFTER_END = "followed by data that was not read"
+AFTER_GZIP = "are not gzip and were not read"
+
+
+def after_end_cases() -> dict[str, tuple[bytes, int, list[str]]]:
+    """Shard bytes, how many members are read and what the end note must say, for what may follow a tar's end."""
+    raw, other = build(tarfile.USTAR_FORMAT, PLAIN), build(tarfile.USTAR_FORMAT, OTHER)
+    packed = gzip.compress(raw, mtime=0)
+    return {
+        "tars_joined_with_cat": (raw + other, 6, [AFTER_END]),  # GNU tar: "A lone zero block", then stops
+        "lone_zero_block_mid_shard": (raw[:2048] + bytes(512) + raw[2048:], 2, [AFTER_END]),
+        "gzip_members_each_a_tar": (packed + gzip.compress(other, mtime=0), 6, [AFTER_END]),
+        "garbage_after_the_gzip": (packed + b"garbage!", 6, [AFTER_GZIP]),  # gzip -t: "trailing garbage ignored"
+        "garbage_after_gzip_zeros": (packed + bytes(100) + b"garbage!", 6, [AFTER_GZIP]),
+        "garbage_after_gzip_of_a_tar_without_end": (gzip.compress(raw[:10752], mtime=0) + b"junk", 6,
+                                                    [tars.END_NOTE, AFTER_GZIP]),
+        # normal: zero padding after the marker or the gzip, and one tar in several gzip members (pigz, bgzip)
+        "tar_padded_with_zeros": (raw + bytes(3 * tarfile.RECORDSIZE), 6, []),
+        "gzip_padded_with_zeros": (packed + bytes(1000), 6, []),
+        "one_tar_in_two_gzip_members": (gzip.compress(raw[:3000], mtime=0) + gzip.compress(raw[3000:], mtime=0), 6,
+                                        []),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(after_end_cases()))
+def test_what_follows_the_end_is_noted_unless_it_is_padding(case, tmp_path, monkeypatch):
+    """Data after the end-of-archive marker, or after the gzip data, was dropped without a word; both paths now
+    say so in the end note (a warning naming the shard), and stay quiet about zero padding."""
+    data, count, notes = after_end_cases()[case]
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    members, damage, cut, end_note, special = scan_both(path, monkeypatch)
+    assert [m.name for m in members] == [name for name, *_ in PLAIN if not name.endswith("/")][:count]
+    assert damage is None and cut is None
+    parts = end_note.split("; ") if end_note else []  # several notes are joined by "; ", in this order
+    assert len(parts) == len(notes) and all(note in part for note, part in zip(notes, parts))
+    if AFTER_END in (end_note or ""):
+        assert f"marker at byte {10752 if count == 6 else 2048} of the tar" in end_note
+
+
+def test_tars_joined_with_cat_warn_that_the_second_was_not_read(make_shards, cifar_samples):
+    """What the user sees: the first tar's samples and a warning naming the shard; no Unreadable, nothing lost
+    without a word. The padded shards the project writes itself warn about nothing."""
+    from sanitize.formats import read_dataset
+
+    root = make_shards(60, 30)
+    assert read_dataset(root, workers=1).warnings == []
+    first, second = root / "part-000000.tar", root / "part-000001.tar"
+    first.write_bytes(first.read_bytes() + second.read_bytes())
+    second.unlink()
+    ingested = read_dataset(root, workers=1)
+    assert [s.key for s in ingested.samples] == [key for key, _, _ in cifar_samples[:30]] and not ingested.unreadable
+    [warning] = ingested.warnings
+    assert warning.startswith("part-000000.tar: the end-of-archive marker at byte ") and AFTER_END in warning
+
+
+def gzip_mutations(raw: bytes, count: int, seed: int = 0):
+    """``count`` damaged gzips of ``raw``: a byte changed (stored or compressed), cut, junk or a member appended."""
+    import random
+
+    rng = random.Random(seed)
+    for index in range(count):
+        data = bytearray(gzip.compress(raw, compresslevel=(0, 6)[index % 2], mtime=0))
+        kind = index // 2 % 4
+        if kind == 0:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            data = data[:rng.randrange(len(data))]
+        elif kind == 2:
+            data += bytes(rng.randrange(3)) + bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+        else:
+            data += gzip.compress(raw[:rng.randrange(len(raw))], mtime=0)
+        yield bytes(data)
+
+
+def test_fuzzed_gzip_shards_read_the_same_through_both_paths(tmp_path, monkeypatch):
+    """A differential fuzz of the gzip layer: both paths agree, and a shard gives no member exactly when
+    Python's own gzip says a CRC-32 or length check failed."""
+    raw = build(tarfile.USTAR_FORMAT, PLAIN)
+    path = tmp_path / "shard.tar.gz"
+    corrupt = 0
+    for data in gzip_mutations(raw, 160):
+        path.write_bytes(data)
+        members, damage = scan_both(path, monkeypatch)[:2]
+        try:
+            gzip.decompress(data)
+            crc_failed = False
+        except (OSError, EOFError, zlib.error) as error:
+            crc_failed = "CRC check failed" in str(error) or "Incorrect length" in str(error)
+        assert (damage or "").startswith("corrupt gzip data") == crc_failed, data
+        assert not crc_failed or members == []
+        corrupt += crc_failed
+    assert corrupt >= 5  # the fuzz does reach the check

@@ -31,7 +31,7 @@ from pathlib import Path
 from sanitize.formats.images import IMAGE_EXTS
 from sanitize.formats.keys import readable_name, safe_key
 from sanitize.formats.records import Listing, Sample, Unreadable
-from sanitize.formats.tars import Member, TarScan
+from sanitize.formats.tars import CORRUPT_GZIP, Member, TarScan
 
 MAX_MEMBER_BYTES = 256 * 2**20
 MAX_LABEL_BYTES = 2**16
@@ -243,6 +243,8 @@ def _loss(scan: TarScan, last: str | None, struck: bool) -> str:
         where = f"inside member {readable_name(scan.cut_member)!r}"
     elif last is not None:
         where = f"after member {readable_name(last)!r}"
+    elif scan.damage.startswith(CORRUPT_GZIP):  # it reads, but which of its bytes changed cannot be known
+        return f"shard's gzip data is corrupt ({scan.damage}): none of its samples was read"
     else:
         return f"not a readable tar shard ({scan.damage}): nothing in it could be read"
     lost = "that sample and the rest" if struck else "the rest"
