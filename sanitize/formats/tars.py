@@ -282,9 +282,11 @@ class TarScan:
         changed cannot be known: an image, a label, a tar header (a name, a size: where the members
         begin). So no member of the shard is given out, and it is one Unreadable (``damage``) rather
         than samples with a warning: nothing says which of them are altered, and altered pixels or
-        labels must not pass on as clean data. A gzip that is cut or does not decompress is left to
-        the tarfile path, which reads up to the damage and says where, as for a plain tar: deflate
-        output before a cut is exactly what was compressed. The cost: a gzip shard over
+        labels must not pass on as clean data. The same goes for data that does not inflate (a zlib
+        error): zlib notices a changed byte some way after it, and what it gave out in between may be
+        altered. A gzip that is only cut short is left to the tarfile path, which reads up to the cut
+        and says where, as for a plain tar: deflate output before a cut is exactly what was
+        compressed. The cost: a gzip shard over
         IN_MEMORY_BYTES is decompressed twice, once here and once by tarfile.
         """
         stream = _Gunzip(file)
@@ -296,10 +298,10 @@ class TarScan:
                     chunks.append(data)
                 elif chunks:
                     chunks = []
-        except CorruptGzip as error:
-            self.damage = f"{CORRUPT_GZIP}, any member may be altered: {error}"
+        except (gzip.BadGzipFile, zlib.error) as error:  # a failed check (CorruptGzip), data that does not inflate
+            self.damage = f"{CORRUPT_GZIP}, any member may be altered: {type(error).__name__}: {error}"
             return None
-        except DAMAGE_ERRORS:
+        except DAMAGE_ERRORS:  # cut short (EOFError), unreadable: the tarfile path keeps what came before
             return None
         if stream.trailing is not None:
             self._gzip_note = _gzip_note(stream.trailing)
