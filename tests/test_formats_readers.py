@@ -885,3 +885,18 @@ def test_randomly_damaged_shards_never_crash_the_reader(tmp_path, cifar_samples)
             outcomes.add("damage recorded" if ingested.unreadable or ingested.warnings else "read")
         assert shard.read_bytes() == bytes(blob)
     assert {"input error", "damage recorded", "read"} <= outcomes
+
+
+def test_class_names_that_read_alike_in_other_unicode_forms_are_named_in_a_warning(make_imagefolder):
+    """"café" as macOS writes a folder name (NFD) beside "café" as Linux keeps it (NFC): two classes that
+    print the same, each with part of what a user thinks of as one (the audit). Read as two, with a warning."""
+    root = make_imagefolder(20)
+    for name in ("caf\u00e9", "cafe\u0301"):
+        (root / name).mkdir()
+        Image.new("RGB", (32, 32)).save(root / name / "x.png")
+    ingested = read_dataset(root, workers=1)
+    assert "caf\u00e9" in ingested.classes and "cafe\u0301" in ingested.classes
+    assert ingested.warnings[0] == ("classes 'cafe\\u0301' and 'caf\\xe9' read alike (one text in other Unicode "
+                                    "normal forms) but are 2 classes; merge their folders or class names if they are "
+                                    "one")
+    assert ingested.warnings[1].startswith("duplicate key")  # the keys, made safe, are one text too: one renamed

@@ -13,6 +13,7 @@ import json
 import operator
 import os
 import re
+import unicodedata
 from functools import partial
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def _read(path, classes_file, requested, pool: Workers) -> Ingested:
         raise _none_readable(path, listing.records)
     if len(classes) < 2:
         raise InputError(f"{path}: found {len(classes)} class(es) {classes[:1]}; need at least two")
+    listing.warnings += _look_alike(classes)
     records = _unique_keys(listing)
     datas = [record.data for record in records if isinstance(record, Sample)]
     decoded = decode_images(datas, pool, image_size=requested)
@@ -85,6 +87,18 @@ def _read(path, classes_file, requested, pool: Workers) -> Ingested:
     return Ingested(os.path.abspath(str(path)), fmt, classes, samples, decoded.images, unreadable,
                     fingerprint(records), decoded.image_size, decoded.size_rule, dict(sorted(listing.skipped.items())),
                     listing.warnings)
+
+
+def _look_alike(classes: list[str]) -> list[str]:
+    """A warning for each set of class names that are one text in other Unicode normal forms ("café" as
+    macOS writes a folder name, NFD, and as Linux keeps it, NFC): they print alike and stay two classes,
+    each with part of the images a user thinks of as one."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        groups.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    return [f"classes {' and '.join(ascii(name) for name in names)} read alike (one text in other Unicode normal "
+            f"forms) but are {len(names)} classes; merge their folders or class names if they are one"
+            for names in groups.values() if len(names) > 1]
 
 
 def fingerprint(records) -> str:
