@@ -115,8 +115,9 @@ def table(records: list[dict], everything: list[dict] | None = None) -> str:
     """The runs' figures, each defended run checked against a no-defense run among ``everything``
     (default: ``records``)."""
     everything = records if everything is None else everything
-    # "to target untriggered": the test images outside the target class the model calls the target
-    # without a trigger (bench.evaluate's clean_to_target), the floor under the ASR.
+    # "to target untriggered": of the test images the ASR counts (outside the target class; TaCT: its
+    # source class), the share the model calls the target without a trigger (bench.evaluate's
+    # clean_to_target), the floor under the ASR.
     columns = ("attack", "rate", "method", "ACC", "ASR", "to target untriggered", "recall", "FPR", "AUROC",
                "seconds", "peak GB", "targets", "device", "commit")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
