@@ -122,7 +122,9 @@ def resize_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     if (image.height, image.width) == size:
         return image
     scale = max(width / image.width, height / image.height)
-    crop_w, crop_h = width / scale, height / scale
+    # width / (width / 49) is 49.00000000000001: a crop an ulp wider than the image, a left edge at -4e-15,
+    # and Pillow's "box offset can't be negative" made 6% of side lengths unreadable
+    crop_w, crop_h = min(image.width, width / scale), min(image.height, height / scale)
     left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
     return image.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
 
