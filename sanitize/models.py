@@ -14,8 +14,9 @@ from torchvision import models as tv
 
 ARCHS: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {}
 
-# Inputs up to this side use a CIFAR-style stem (3x3 conv, no max-pool); an
-# ImageNet stem would shrink a 32 px image to 1x1 before the last stage.
+# Inputs whose shorter side is up to this use a CIFAR-style stem (3x3 conv, no max-pool); an
+# ImageNet stem would shrink a 32 px image to 1x1 before the last stage. The shorter side: 4x64
+# images, scaled up to 8x128, went through the small CNN's 4x pooling stem to a side of 0.
 SMALL_INPUT = 64
 
 
@@ -105,6 +106,6 @@ def build_model(arch: str, num_classes: int, image_size, mean=(0.5, 0.5, 0.5), s
     """A freshly initialised :class:`Classifier` for ``image_size`` (int or (H, W))."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHS))}")
-    side = max(image_size) if isinstance(image_size, (tuple, list)) else int(image_size)
+    side = min(image_size) if isinstance(image_size, (tuple, list)) else int(image_size)
     backbone, dim = ARCHS[arch](side <= SMALL_INPUT)
     return Classifier(backbone, dim, num_classes, mean, std)

@@ -17,6 +17,16 @@ def test_every_arch_gives_logits_and_features(arch, side):
     assert features.shape == (2, model.feature_dim)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("size", [(MIN_SIDE, 128), (128, MIN_SIDE), (40, 224), (320, MIN_SIDE)])
+def test_every_arch_takes_thin_images(arch, size):
+    """4x64 images scaled up to 8x128 took the small CNN's 4x pooling stem (the longer side was over 64) and
+    pooled to a side of 0: a traceback in both methods (the audit). The shorter side picks the stem."""
+    model = build_model(arch, num_classes=3, image_size=size).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, *size)).shape == (2, 3)
+
+
 def test_small_input_uses_cifar_stem():
     assert build_model("resnet18", 10, 32).backbone.conv1.stride == (1, 1)
     assert build_model("resnet18", 10, 224).backbone.conv1.stride == (2, 2)
