@@ -317,6 +317,10 @@ def test_options_that_contradict_each_other_are_refused():
         with pytest.raises(InputError, match="unlearn_pool .* must exceed partition_rate"):
             methods.resolve_options("advrbd", unlearn_pool=pool, partition_rate=rate)
     assert methods.resolve_options("advrbd", unlearn_pool=0.1).unlearn_pool == 0.1
+    # SCE with no term at all: every head loss 0, every score 0, an arbitrary split (the audit)
+    with pytest.raises(InputError, match="sce_alpha and sce_beta cannot both be 0"):
+        methods.resolve_options("dbd", sce_alpha=0, sce_beta=0)
+    assert methods.resolve_options("dbd", sce_alpha=0).sce_beta == 1  # either alone is a loss
 
 
 def test_config_file_tables_are_the_methods_and_the_top_level_applies_to_all(tmp_path):

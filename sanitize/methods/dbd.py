@@ -34,6 +34,7 @@ from torch import nn
 from sanitize import train
 from sanitize.data import (Bank, augment, color_jitter, gaussian_blur, make_generator, random_grayscale,
                            random_resized_crop_flip, to_float)
+from sanitize.formats.records import InputError
 from sanitize.methods.base import MethodResult, StageClock
 from sanitize.models import SMALL_INPUT, Classifier, build_model
 
@@ -143,6 +144,11 @@ class DbdOptions:
         "mixmatch_epochs": (">= 1",), "mixmatch_lr": ("> 0",), "mixmatch_weight_decay": (">= 0", "<= 1"),
         "sharpen_temperature": ("> 0",), "unlabeled_views": (">= 1",), "lambda_u": (">= 0",),
         "mixup_alpha": ("> 0",), "seed": (">= 0",)}
+
+    def __post_init__(self):
+        if self.sce_alpha == 0 and self.sce_beta == 0:  # every loss 0: the filter's split would be arbitrary
+            raise InputError("options sce_alpha and sce_beta cannot both be 0: the head's loss would be 0 for "
+                             "every sample, and the labeled set an arbitrary one")
 
     def scaled(self) -> "DbdOptions":
         """``--quick``: the network stages scaled down for demos and tests (same algorithm).
