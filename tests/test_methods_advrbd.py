@@ -139,6 +139,26 @@ def test_a_split_that_flags_most_samples_warns_and_names_a_dominant_class():
     assert "holds" not in warning and "trained on no sample" in warning
 
 
+def test_a_class_flagged_mostly_and_relabeled_to_itself_is_named_when_the_whole_is_not():
+    """A clean 2-class set had 35 of its 41 airplanes flagged, all relabeled airplane, with no warning: under
+    half of all samples. Flagged samples relabeled away are a dirty-label backdoor's poisons: no warning."""
+    classes = ["airplane", "bird", "cat"]
+    labels = torch.tensor([0] * 40 + [1] * 50 + [2] * 10)
+    suspected = torch.zeros(100, dtype=torch.bool)
+    suspected[:35] = True  # 35 of the 40 airplanes
+    suspected[90:99] = True  # 9 of the 10 cats: too small a class to say anything
+    assert advrbd.verdict_warnings(labels, suspected, classes, labels.clone()) == [
+        "35 of the 40 samples labeled 'airplane' are suspected (88%) and the clean model gives 35 of them that "
+        "label back: its clean samples flagged wholesale, or a clean-label backdoor aimed at it; the clean model "
+        "saw 5 of its samples"]
+    away = labels.clone()
+    away[:20] = 1  # 20 of the 35 relabeled bird: the poisons of a backdoor aimed at airplane
+    assert advrbd.verdict_warnings(labels, suspected, classes, away) == []
+    assert advrbd.verdict_warnings(labels, suspected, classes) == []  # without the relabels, nothing to say
+    suspected[15:35] = False  # 15 of 40: no warning
+    assert advrbd.verdict_warnings(labels, suspected, classes, labels.clone()) == []
+
+
 def test_scores_rank_planted_poisons_above_clean_samples(poisoned_bank, result):
     _, poisoned = poisoned_bank
     assert auroc(result.score, poisoned) > 0.85
