@@ -211,7 +211,7 @@ def poison(data, attack, rate, target, out, seed, fmt, sets, overwrite, quiet):
         progress.close()
     counts = truth["counts"]
     _say(f"poisoned {counts['poisoned']} of {counts['readable']} readable samples with {attack} "
-               f"(target class {truth['target']}, {truth['target_class']!r}); copy and truth.json in {out}")
+         f"(target class {truth['target']}, {truth['target_class']!r}); copy and truth.json in {out}")
     if truth["renamed"]:
         moved = sum(key in truth["renamed"] and label != truth["target"] for key, label in truth["true_labels"].items())
         parts = [f"{moved} poisons moved into the folder of their new label"] if moved else []
@@ -244,17 +244,17 @@ def _report(result, as_json: bool, show: int = 5) -> None:
         return
     counts = result.counts
     _say(f"sanitize {result.method}: {counts['total']} samples -> clean {counts['clean']}, "
-               f"suspected {counts['suspected']}, unreadable {counts['unreadable']}")
+         f"suspected {counts['suspected']}, unreadable {counts['unreadable']}")
     if result.suspect_target:
         target = result.suspect_target
         _say(f"  suspects point to class {target['class']!r}: {target['share']:.0%} of suspects carry it, "
-                   f"{target['lift']:.1f}x its share of the data; the clean model gives "
-                   f"{target['relabeled_away']:.0%} of those another label")
+             f"{target['lift']:.1f}x its share of the data; the clean model gives "
+             f"{target['relabeled_away']:.0%} of those another label")
     _say("  suspected per class: " + per_class_line(result.per_class))
     classes = result.manifest["input"]["classes"]
     for suspect in result.manifest["suspects"][:show]:
         _say(f"    {suspect['score']:+.3f}  {suspect['key']}  {classes[suspect['label']]} -> "
-                   f"{classes[suspect['relabel']]}")
+             f"{classes[suspect['relabel']]}")
     if result.manifest["unreadable"]:
         _say(f"  unreadable: {len(result.manifest['unreadable'])} (reasons in manifest.json)")
     skipped = result.manifest["input"].get("skipped") or {}
