@@ -133,9 +133,8 @@ def warmup(bank: Bank, options, positive) -> dict:
     is_poison = torch.from_numpy(positive).to(bank.device)
     opts = options.resolved()
     start = time.perf_counter()
-    model = advrbd.warm_up(bank, opts)
-    margin = advrbd.given_label_margin(model, bank)
-    probs = train.predict_logits(model, bank.images, 1024).float().softmax(1)
+    probs = train.predict_logits(advrbd.warm_up(bank, opts), bank.images, 1024).float().softmax(1)
+    margin = advrbd.label_margin(probs, bank.labels)
     confident, predicted = probs.max(1)
     other = (predicted != bank.labels) & (confident > 0.5)
     fits = margin > 0

@@ -341,9 +341,13 @@ def given_label_margin(model, bank: Bank, shift: torch.Tensor | None = None) -> 
     """p(given label) - max p(other label), float32 [N] in [-1, 1]; > 0 means the model fits the label.
     ``shift`` [K], if given, is taken from the logits first (``logit_shift``)."""
     logits = train.predict_logits(model, bank.images, 2 * 512)
-    probs = (logits if shift is None else logits - shift.to(logits.device)).softmax(1)
-    given = probs.gather(1, bank.labels[:, None]).squeeze(1)
-    others = probs.scatter(1, bank.labels[:, None], -1.0).max(1).values
+    return label_margin((logits if shift is None else logits - shift.to(logits.device)).softmax(1), bank.labels)
+
+
+def label_margin(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """p(label) - max p(other label) of class probabilities [N, K] and labels [N]: float [N] in [-1, 1]."""
+    given = probs.gather(1, labels[:, None]).squeeze(1)
+    others = probs.scatter(1, labels[:, None], -1.0).max(1).values
     return given - others
 
 
