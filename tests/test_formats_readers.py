@@ -573,6 +573,7 @@ def test_shard_directory_with_harmless_extras_reads_as_webdataset(make_shards, c
 def test_shards_in_folders_beside_the_shards_are_counted_and_named_not_read(make_shards, tmp_path):
     """A val/ split beside the training shards was neither read nor counted nor warned about (the audit)."""
     root = make_shards(40, 20)
+    (root / "classes.json").unlink()  # the 20 samples left lack two classes: a warning of its own
     (root / "val" / "deeper").mkdir(parents=True)
     (root / "part-000001.tar").rename(root / "val" / "deeper" / "part-000001.tar")
     (root / "notes").mkdir()  # a folder without shards is no concern
@@ -900,3 +901,14 @@ def test_class_names_that_read_alike_in_other_unicode_forms_are_named_in_a_warni
                                     "normal forms) but are 2 classes; merge their folders or class names if they are "
                                     "one")
     assert ingested.warnings[1].startswith("duplicate key")  # the keys, made safe, are one text too: one renamed
+
+
+def test_classes_of_the_class_list_with_no_sample_are_named_for_shards_too(make_shards, cifar_classes):
+    """A classes.json listing classes no sample has gave no warning for shards, where an ImageFolder names its
+    empty class folder (the audit); classes inferred from the labels are not a list anyone wrote."""
+    root = make_shards(40, 40)
+    assert read_dataset(root, workers=1).warnings == []
+    (root / "classes.json").write_text(json.dumps(cifar_classes + ["unicorn", "yeti"]))
+    assert read_dataset(root, workers=1).warnings == [
+        "2 class(es) of the class list have no sample in the shards: 'unicorn', 'yeti'; the model keeps an output "
+        "for each, never trained on it"]

@@ -243,6 +243,13 @@ def _list_shards(path: str, shards: list[Path], root: Path, classes_file,
     names = load_classes(classes_file) if classes_file else _classes_beside(shards, root)
     classes = names if names is not None else _inferred_classes(listing.records, path)
     _check_labels(listing, len(classes))
+    if names is not None:  # a class list's class no sample has: an ImageFolder's empty class folder is named too
+        labels = {record.label for record in listing.records if isinstance(record, Sample)}
+        empty = [name for index, name in enumerate(classes) if index not in labels]
+        if empty:
+            shown = ", ".join(map(repr, empty[:5])) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            listing.warnings.append(f"{len(empty)} class(es) of the class list have no sample in the shards: "
+                                    f"{shown}; the model keeps an output for each, never trained on it")
     return "webdataset", classes, listing
 
 
