@@ -201,16 +201,19 @@ class _RecentBytes(io.RawIOBase):
         """Up to ``count`` bytes from ``offset`` (a recent position), reading further as needed; short at the end."""
         while self.position < offset + count and (data := self.raw.read(offset + count - self.position)):
             self._remember(data)
+        start = self._index(offset)
+        return bytes(self.recent[start:start + count])
+
+    def _index(self, offset: int) -> int:
+        """Where stream position ``offset`` lies in ``recent``."""
         start = offset - (self.position - len(self.recent))
         if start < 0:
             raise AssertionError(f"offset {offset} is older than the kept bytes")
-        return bytes(self.recent[start:start + count])
+        return start
 
     def zeros_to_end(self, offset: int) -> bool:
         """Whether only zero bytes follow ``offset`` (a recent position): reads to the end or the first other byte."""
-        start = offset - (self.position - len(self.recent))
-        if start < 0:
-            raise AssertionError(f"offset {offset} is older than the kept bytes")
+        start = self._index(offset)
         if self.recent.count(0, start) != len(self.recent) - start:
             return False
         while data := self.raw.read(_KEEP):
