@@ -23,7 +23,7 @@ from sanitize.formats.folder_reader import class_dirs, holds_image, image_files,
 from sanitize.formats.images import CHUNK, IMAGE_EXTS, MIN_SIDE, POOL_MIN_SAMPLES, decode_images
 from sanitize.formats.keys import class_dir_names, dedupe_keys, readable_name
 from sanitize.formats.records import (CLASSES_FILE, Ingested, InputError, Listing, Sample, Unreadable, is_flag,
-                                      skipped_text, too_long)
+                                      listed, skipped_text, too_long)
 from sanitize.formats.shard_reader import list_shard
 from sanitize.formats.workers import Workers
 
@@ -247,9 +247,9 @@ def _list_shards(path: str, shards: list[Path], root: Path, classes_file,
         labels = {record.label for record in listing.records if isinstance(record, Sample)}
         empty = [name for index, name in enumerate(classes) if index not in labels]
         if empty:
-            shown = ", ".join(map(repr, empty[:5])) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
             listing.warnings.append(f"{len(empty)} class(es) of the class list have no sample in the shards: "
-                                    f"{shown}; the model keeps an output for each, never trained on it")
+                                    f"{listed([repr(name) for name in empty])}; the model keeps an output for "
+                                    f"each, never trained on it")
     return "webdataset", classes, listing
 
 

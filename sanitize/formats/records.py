@@ -124,3 +124,12 @@ def too_long(error: ValueError) -> str:
     4,300 digits suggests ``sys.set_int_max_str_digits()``, which is no advice for a data file."""
     text = str(error)
     return "a number of more than 4,300 digits" if "integer string conversion" in text else text
+
+
+MAX_LISTED = 5  # names (sample keys, classes) given in one warning; the rest are counted
+
+
+def listed(names: list[str]) -> str:
+    """"a, b, c, d, e and 3 more": the first MAX_LISTED of ``names``, the rest counted."""
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"

@@ -26,7 +26,7 @@ from sanitize.formats.keys import (class_dir_names, folder_paths, is_safe_key, r
                                    safe_component)
 from sanitize.formats.readers import expand_braces
 from sanitize.formats.shard_reader import LABEL_FIELDS, field_of
-from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample
+from sanitize.formats.records import CLASSES_FILE, Ingested, InputError, Sample, listed
 from sanitize.formats.workers import Workers, available_cpus
 
 SCORES_HEADER = ("key", "source", "label", "score", "suspected", "relabel")
@@ -69,7 +69,6 @@ DATASET_COPY = OutputKind(CLASSES_FILE, frozenset({"classes", "written_by"}))
 # The extensions torchvision.datasets.ImageFolder loads (its IMG_EXTENSIONS, .ppm and .pgm aside):
 # a file with any other extension is silently left out by it.
 TORCHVISION_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "ppm", "pgm"})
-MAX_LISTED = 5  # sample keys named in one warning; the rest are counted
 
 
 @contextlib.contextmanager
@@ -167,8 +166,7 @@ def _not_output_of_kind(directory: Path, kind: OutputKind) -> str | None:
                                                      if entry.name not in kind.entries)
     if not foreign:
         return None
-    shown = ", ".join(readable_name(name) for name in foreign[:MAX_LISTED])
-    return f": it also holds {shown}" + (f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else "")
+    return f": it also holds {listed([readable_name(name) for name in foreign])}"
 
 
 def _scratch_name(target: Path, kind: str) -> Path:
@@ -364,7 +362,7 @@ def extras_left_out(samples: list[Sample], where: str) -> list[str]:
     if not carrying:
         return []
     fields = sorted({suffix for sample in carrying for suffix, _ in sample.extras})
-    return [f"{where}: the other members of {len(carrying)} sample(s) ({_listed(fields)}) are not in the "
+    return [f"{where}: the other members of {len(carrying)} sample(s) ({listed(fields)}) are not in the "
             f"ImageFolder tree, which holds images only; write shards to keep them"]
 
 
@@ -479,7 +477,7 @@ def _empty_class_warnings(labels: list[int], classes: list[str]) -> list[str]:
     empty = [name for index, name in enumerate(class_dir_names(classes)) if index not in used]
     if not empty:
         return []
-    return [f"relabeled/: class directories {_listed(empty)} are empty (no sample has that label in the "
+    return [f"relabeled/: class directories {listed(empty)} are empty (no sample has that label in the "
             f"relabeled set); load with torchvision.datasets.ImageFolder(..., allow_empty=True), which keeps "
             f"the class indices"]
 
@@ -489,12 +487,9 @@ def _skipped_by_torchvision_warnings(samples: list[Sample]) -> list[str]:
     if not skipped:
         return []
     return [f"relabeled/: {len(skipped)} samples have an extension torchvision's ImageFolder skips unless told: "
-            f"{_listed(skipped)}; to load them too, pass ImageFolder(..., is_valid_file=lambda path: True)"]
+            f"{listed(skipped)}; to load them too, pass ImageFolder(..., is_valid_file=lambda path: True)"]
 
 
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED])
-    return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"
 
 
 def _require_safe_names(samples: list[Sample]) -> None:
