@@ -188,18 +188,12 @@ def shift_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     hue = torch.where(value == red, (green - blue) / spread,
                       torch.where(value == green, 2 + (blue - red) / spread, 4 + (red - green) / spread))
     hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
-    hue = torch.remainder(hue + turns.to(images.dtype)[:, None, None], 1.0) * 6
-    sector = hue.floor()
-    fraction = hue - sector
-    sector = sector.long() % 6
-    low = value * (1 - saturation)
-    falling = value * (1 - saturation * fraction)
-    rising = value * (1 - saturation * (1 - fraction))
-    # (R, G, B) in each of the six sectors of the hue circle
-    table = torch.stack([torch.stack(channels) for channels in (
-        (value, rising, low), (falling, value, low), (low, value, rising),
-        (low, falling, value), (rising, low, value), (value, low, falling))])  # [6, 3, B, H, W]
-    return table.gather(0, sector[None, None].expand(1, 3, *sector.shape)).squeeze(0).transpose(0, 1)
+    hue = torch.remainder(hue + turns.to(images.dtype)[:, None, None], 1.0) * 6  # in sixths of the circle
+    # back to RGB without a table of the six sectors: channel n (R 5, G 3, B 1) is V - V S clamp(min(k, 4 - k)),
+    # k = (n + hue) mod 6; half the time of gathering from the 18 planes of a table
+    channels = _constant((5.0, 3.0, 1.0), images.device, images.dtype).view(1, 3, 1, 1)
+    sectors = torch.remainder(hue[:, None] + channels, 6)
+    return value[:, None] - (value * saturation)[:, None] * torch.minimum(sectors, 4 - sectors).clamp(0, 1)
 
 
 def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.4,
@@ -207,7 +201,10 @@ def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: f
     """torchvision's ColorJitter with every factor, the order of the four adjustments and whether to jitter
     at all (probability ``p``) drawn per sample. Factors are uniform in [1 - x, 1 + x], hue in [-hue, hue].
 
-    The per-sample order costs 16 masked adjustments instead of 4; they are cheap elementwise ops.
+    Each of the four slots of the per-sample order adjusts only the samples that put an adjustment there,
+    so the batch passes through each adjustment once, as with one order for all (four times faster than
+    masking 16 whole-batch adjustments; the hue shift is most of the cost). Choosing the samples syncs
+    with the device, 16 times a batch.
     """
     batch = images.shape[0]
     bright = _per_sample(_uniform(batch, 1 - brightness, 1 + brightness, generator))
@@ -215,17 +212,19 @@ def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: f
     satur = _per_sample(_uniform(batch, 1 - saturation, 1 + saturation, generator))
     turns = _uniform(batch, -hue, hue, generator)
     adjustments = (
-        lambda x: x * bright,
-        lambda x: torch.lerp(grayscale(x).mean((2, 3), keepdim=True).expand_as(x), x, contr),
-        lambda x: torch.lerp(grayscale(x).expand_as(x), x, satur),
-        lambda x: shift_hue(x, turns),
+        lambda x, chosen: x * bright[chosen],
+        lambda x, chosen: torch.lerp(grayscale(x).mean((2, 3), keepdim=True).expand_as(x), x, contr[chosen]),
+        lambda x, chosen: torch.lerp(grayscale(x).expand_as(x), x, satur[chosen]),
+        lambda x, chosen: shift_hue(x, turns[chosen]),
     )
     jitter = torch.rand(batch, generator=generator, device=generator.device) < p
     order = torch.rand(batch, len(adjustments), generator=generator, device=generator.device).argsort(1)
+    images = images.clone()
     for slot in range(len(adjustments)):
         for index, adjust in enumerate(adjustments):
-            chosen = _per_sample(jitter & (order[:, slot] == index))
-            images = torch.where(chosen, adjust(images).clamp(0, 1), images)
+            chosen = (jitter & (order[:, slot] == index)).nonzero().squeeze(1)
+            if len(chosen):
+                images[chosen] = adjust(images[chosen], chosen).clamp(0, 1)
     return images
 
 

@@ -114,6 +114,40 @@ def test_hue_shift_is_torchvisions_per_sample():
     assert torch.allclose(shift_hue(images, turns), expected, atol=1e-5)
 
 
+def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_sample(cifar_arrays):
+    """Each sample gets torchvision's four adjustments, with its own factors, in its own order, or none.
+    The reference draws the same random numbers in the order color_jitter draws them and adjusts one
+    image at a time with torchvision, so a sample adjusted in another sample's order, or twice, fails."""
+    import torchvision.transforms.functional as TF
+
+    from sanitize.data import color_jitter
+
+    images = torch.from_numpy(cifar_arrays[0][:48]).permute(0, 3, 1, 2).float() / 255
+    images[0] = 0.5  # grey: no hue, no saturation
+    before = images.clone()
+    out = color_jitter(images, make_generator(4, "cpu"), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                       p=0.8)
+    assert torch.equal(images, before)  # the input is not changed
+
+    generator = make_generator(4, "cpu")
+    factors = [torch.rand(48, generator=generator) * 0.8 + 0.6 for _ in range(3)]
+    turns = torch.rand(48, generator=generator) * 0.2 - 0.1
+    jitter = torch.rand(48, generator=generator) < 0.8
+    order = torch.rand(48, 4, generator=generator).argsort(1)
+    adjust = (lambda x, i: TF.adjust_brightness(x, float(factors[0][i])),
+              lambda x, i: TF.adjust_contrast(x, float(factors[1][i])),
+              lambda x, i: TF.adjust_saturation(x, float(factors[2][i])),
+              lambda x, i: TF.adjust_hue(x, float(turns[i])))
+    expected = []
+    for i, image in enumerate(images):
+        for index in order[i].tolist() if jitter[i] else []:
+            image = adjust[index](image, i)
+        expected.append(image)
+    assert 0 < jitter.sum() < 48 and len({tuple(row) for row in order.tolist()}) > 10
+    # torchvision weighs red 0.2989 in its grayscale, we 0.299 as its docs and PIL do: 5e-5 apart at most
+    assert torch.allclose(out, torch.stack(expected), atol=1e-4)
+
+
 def test_brightness_jitter_scales_each_sample_by_its_own_factor():
     from sanitize.data import color_jitter
 
