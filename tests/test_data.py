@@ -114,7 +114,8 @@ def test_hue_shift_is_torchvisions_per_sample():
     assert torch.allclose(shift_hue(images, turns), expected, atol=1e-5)
 
 
-def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_sample(cifar_arrays):
+@pytest.mark.parametrize("masked", [False, True])  # the CPU's way and the GPU's
+def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_sample(cifar_arrays, masked):
     """Each sample gets torchvision's four adjustments, with its own factors, in its own order, or none.
     The reference draws the same random numbers in the order color_jitter draws them and adjusts one
     image at a time with torchvision, so a sample adjusted in another sample's order, or twice, fails."""
@@ -126,7 +127,7 @@ def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_samp
     images[0] = 0.5  # grey: no hue, no saturation
     before = images.clone()
     out = color_jitter(images, make_generator(4, "cpu"), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                       p=0.8)
+                       p=0.8, masked=masked)
     assert torch.equal(images, before)  # the input is not changed
 
     generator = make_generator(4, "cpu")
