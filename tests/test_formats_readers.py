@@ -836,6 +836,10 @@ def test_input_errors(tmp_path, make_imagefolder, cifar_samples):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(InputError, match="neither a directory nor"):
         read_dataset(tmp_path / "file.txt")
+    os.mkfifo(tmp_path / "pipe")  # a pipe, as /dev/null is a device: no listing of it, and no shard
+    for special in (tmp_path / "pipe", "/dev/null"):
+        with pytest.raises(InputError, match="neither a directory nor a .* shard file"):
+            read_dataset(special)
     one = tmp_path / "one"
     (one / "only").mkdir(parents=True)
     (one / "only" / "a.jpg").write_bytes(cifar_samples[0][1])

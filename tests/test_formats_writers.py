@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -71,6 +72,28 @@ def test_staged_output_removes_its_directory_on_error(tmp_path):
             (staging / "half.txt").write_text("half")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_a_full_disk_names_the_output_and_leaves_nothing_behind(number, tmp_path):
+    """A write refused for room carries no file name: the error names the output instead."""
+    with pytest.raises(InputError, match=f"cannot write the output {re.escape(str(tmp_path / 'out'))}: "
+                                         f"{os.strerror(number)}; the partial output was removed"):
+        with staged_output(tmp_path / "out", tmp_path / "input") as staging:
+            (staging / "half.txt").write_text("half")
+            raise OSError(number, os.strerror(number))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PermissionError):  # any other OS error, or one naming its file, goes on as it was
+        with staged_output(tmp_path / "out", tmp_path / "input"):
+            raise PermissionError(errno.EACCES, "Permission denied", "/somewhere")
+
+
+@pytest.mark.parametrize("out", ["", " "])
+def test_an_empty_out_is_refused_not_taken_for_the_working_directory(out, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="the output path is empty"):
+        with staged_output(out, tmp_path / "elsewhere"):
+            pass
 
 
 def test_staged_output_refuses_an_out_that_overlaps_the_input(tmp_path):
@@ -164,7 +187,7 @@ def test_out_may_not_be_the_working_directory(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    for out in (".", "", "..", str(work)):
+    for out in (".", "..", str(work)):
         with pytest.raises(InputError, match="working directory"):
             with staged_output(out, None, overwrite=True):
                 pass

@@ -144,6 +144,8 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
         if not is_shard_name(location.name):
             raise InputError(f"{path}: neither a directory nor a .tar/.tar.gz/.tgz shard")
         return _list_shards(path, [location], location.parent, classes_file, pool)
+    if not location.is_dir():  # a device, a pipe, a socket
+        raise InputError(f"{path}: neither a directory nor a .tar/.tar.gz/.tgz shard file")
     # One listing of the folder, hidden entries left out, for the shards and both checks beside them
     # (DirEntry caches the file type, so a folder of many shards is not stat-ed three times over).
     with os.scandir(location) as scan:

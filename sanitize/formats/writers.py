@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -92,6 +93,8 @@ def staged_output(out, input_path, *, overwrite: bool = False,
     someone's files. Nor may ``out`` be the working directory or hold it: a shell left
     in a deleted directory breaks the next command.
     """
+    if not str(out).strip():  # Path("") is the working directory
+        raise InputError("the output path is empty; name a directory to write to")
     target = Path(out).resolve()
     if input_path is not None:
         _refuse_overlap(target, input_path)
@@ -103,6 +106,12 @@ def staged_output(out, input_path, *, overwrite: bool = False,
         raise InputError(f"cannot write the output {target}: {_os_reason(error)}") from None
     try:
         yield staging
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in _FULL and not error.filename:  # a write of ours: say where, and that nothing is left
+            raise InputError(f"cannot write the output {target}: {_os_reason(error)}; the partial output was "
+                             f"removed") from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -116,6 +125,10 @@ def staged_output(out, input_path, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# A write refused for want of room (disk, quota, file size limit): the OS names no file.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _input_locations(input_path) -> list[Path]:
