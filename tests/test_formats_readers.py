@@ -16,7 +16,7 @@ import pytest
 import torchvision
 from PIL import Image
 
-from conftest import decode_jpegs, write_shard
+from conftest import decode_jpegs, write_shard, write_shards
 from sanitize.formats import InputError, build_manifest, read_dataset, validate_manifest
 from sanitize.formats import images as images_module
 from sanitize.formats import readers as readers_module
@@ -751,6 +751,26 @@ def test_a_class_of_links_out_of_the_tree_is_named_in_the_warning_and_the_error(
         (root / "bird" / f"{key}.jpg").write_bytes(jpg)
     ingested = read_dataset(root, workers=1)
     assert "class directory 'cat' holds no image that can be read: skipped 6 symlink_outside_root" in ingested.warnings
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "shards"])
+def test_a_class_whose_every_image_fails_to_decode_is_named(layout, tmp_path, cifar_samples, cifar_classes):
+    """Its samples are listed as unreadable one by one; the warning says what that means for the class."""
+    samples = [(key, jpg if label != 3 else jpg[:200], label) for key, jpg, label in cifar_samples[:80]]
+    cats = sum(label == 3 for _, _, label in samples)
+    if layout == "shards":
+        root = write_shards(tmp_path / "shards", samples, cifar_classes)
+    else:
+        root = tmp_path / "tree"
+        for key, jpg, label in samples:
+            (root / cifar_classes[label]).mkdir(parents=True, exist_ok=True)
+            (root / cifar_classes[label] / f"{key}.jpg").write_bytes(jpg)
+    ingested = read_dataset(root, workers=1)
+    assert cats > 0 and len(ingested.unreadable) == cats
+    assert f"1 class(es) have no image that decodes, every sample of theirs unreadable: 'cat' ({cats}); the model " \
+           f"keeps an output for each, never trained on it" in ingested.warnings
+    whole = read_dataset(write_shards(tmp_path / "whole", cifar_samples[:80], cifar_classes), workers=1)
+    assert not any("no image that decodes" in warning for warning in whole.warnings)
 
 
 def test_imagefolder_reads_a_file_link_that_stays_inside_the_tree(make_imagefolder):

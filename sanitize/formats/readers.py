@@ -7,6 +7,7 @@ there, no usable classes, an ambiguous layout) is an InputError.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -79,14 +80,29 @@ def _read(path, classes_file, requested, pool: Workers) -> Ingested:
     listing.warnings += _look_alike(classes)
     records = _unique_keys(listing)
     datas = [record.data for record in records if isinstance(record, Sample)]
+    labels = [record.label for record in records if isinstance(record, Sample)]
     decoded = decode_images(datas, pool, image_size=requested)
     records = _apply_decoding(records, decoded.errors)
     samples = [record for record in records if isinstance(record, Sample)]
     unreadable = [record for record in records if isinstance(record, Unreadable)]
     _require_readable(path, samples, unreadable, listing.skipped)
+    listing.warnings += _classes_lost_in_decoding(classes, labels, samples)
     return Ingested(os.path.abspath(str(path)), fmt, classes, samples, decoded.images, unreadable,
                     fingerprint(records), decoded.image_size, decoded.size_rule, dict(sorted(listing.skipped.items())),
                     listing.warnings)
+
+
+def _classes_lost_in_decoding(classes: list[str], listed_labels: list[int], samples: list[Sample]) -> list[str]:
+    """A warning naming the classes that had samples but none whose image decodes: like an empty class folder,
+    the model keeps an output for each that it never learns, and the reason is easy to miss among the
+    unreadable samples."""
+    readable = {sample.label for sample in samples}
+    counts = collections.Counter(label for label in listed_labels if label not in readable)
+    if not counts:
+        return []
+    names = [f"{classes[label]!r} ({count})" for label, count in sorted(counts.items())]
+    return [f"{len(counts)} class(es) have no image that decodes, every sample of theirs unreadable: "
+            f"{listed(names)}; the model keeps an output for each, never trained on it"]
 
 
 def _look_alike(classes: list[str]) -> list[str]:
