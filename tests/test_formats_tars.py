@@ -218,6 +218,41 @@ def test_a_gzip_shard_failing_its_crc_gives_no_member_at_all(where, tmp_path, mo
     assert ("length" if where == "length" else "CRC-32") in damage
 
 
+def gzip_member(data: bytes, flags: int, name: bytes = b"shard.tar", method: int = 8) -> bytes:
+    """One gzip member with the optional header fields ``flags`` asks for (RFC 1952): FEXTRA as bgzip writes it,
+    FNAME as ``gzip file.tar`` does, FCOMMENT, and FHCRC, the header's own CRC-16."""
+    header = bytes([0x1F, 0x8B, method, flags]) + bytes(4) + b"\x00\x03"
+    if flags & 4:
+        extra = b"BC" + (2).to_bytes(2, "little") + b"\x12\x34"
+        header += len(extra).to_bytes(2, "little") + extra
+    if flags & 8:
+        header += name + b"\0"
+    if flags & 16:
+        header += b"made for a test\0"
+    if flags & 2:
+        header += (zlib.crc32(header) & 0xFFFF).to_bytes(2, "little")
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return header + deflate.compress(data) + deflate.flush() + zlib.crc32(data).to_bytes(4, "little") + \
+        (len(data) % 2**32).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("flags", [4, 8, 16, 2, 4 | 8 | 16 | 2])
+def test_gzip_headers_with_optional_fields_read_as_the_plain_tar(flags, tmp_path, monkeypatch):
+    """Real shards carry these fields: ``gzip`` stores the file name, bgzip an extra field, some tools a comment
+    or a header CRC. The tar split over two members, the first with a file name longer than one read."""
+    raw = build(tarfile.USTAR_FORMAT, PLAIN)
+    plain = tmp_path / "plain.tar"
+    plain.write_bytes(raw)
+    packed = gzip_member(raw[:3072], flags, name=b"n" * (3 * tars._GZIP_INPUT)) + gzip_member(raw[3072:], flags)
+    assert gzip.decompress(packed) == raw  # Python's gzip reads it as we mean it
+    path = tmp_path / "part-000000.tar.gz"
+    path.write_bytes(packed)
+    assert scan_both(path, monkeypatch) == scan(plain)
+    path.write_bytes(gzip_member(raw, flags, method=7))  # a method gzip does not have
+    members, damage = scan_both(path, monkeypatch)[:2]
+    assert members == [] and "unknown compression method 7" in damage
+
+
 def test_a_cifar_gzip_shard_failing_its_crc_is_one_unreadable_not_altered_samples(make_shards, cifar_samples):
     """The audit's case end to end: real JPEGs, one byte of one image changed in a stored gzip stream."""
     from sanitize.formats import read_dataset
