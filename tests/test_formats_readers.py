@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import hashlib
 import io
@@ -936,3 +937,91 @@ def test_classes_of_the_class_list_with_no_sample_are_named_for_shards_too(make_
     assert read_dataset(root, workers=1).warnings == [
         "2 class(es) of the class list have no sample in the shards: 'unicorn', 'yeti'; the model keeps an output "
         "for each, never trained on it"]
+
+
+def test_a_sample_with_two_images_is_unreadable_not_guessed(tmp_path, cifar_samples, cifar_classes):
+    """Which of x.jpg and x.png is the sample cannot be known: neither is taken."""
+    key, jpg, _ = cifar_samples[0]
+    write_shard(tmp_path / "part-000000.tar", members_of(cifar_samples[1:21]) + [
+        ("two.jpg", jpg), ("two.png", cifar_samples[1][1]), ("two.cls", b"1")])
+    (tmp_path / "classes.json").write_text(json.dumps(cifar_classes))
+    ingested = read_dataset(tmp_path, workers=1)
+    assert len(ingested.samples) == 20 and [record.to_json() for record in ingested.unreadable] == [
+        {"key": "two", "source": "part-000000.tar:two.jpg", "error": "ambiguous: several image members (jpg, png)"}]
+
+
+def test_an_image_over_the_size_cap_is_unreadable_in_either_format(tmp_path, cifar_samples, cifar_classes,
+                                                                   monkeypatch):
+    """The cap (256 MiB) is lowered here: a JPEG with bytes after its end still decodes, so only the cap
+    stops it."""
+    from sanitize.formats import folder_reader
+
+    monkeypatch.setattr(shard_reader, "MAX_MEMBER_BYTES", 4000)
+    monkeypatch.setattr(folder_reader, "MAX_FILE_BYTES", 4000)
+    key, jpg, label = cifar_samples[0]
+    padded = jpg + bytes(5000)
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "part-000000.tar",
+                members_of(cifar_samples[1:21]) + [("big.jpg", padded), ("big.cls", str(label).encode())])
+    (tmp_path / "shards" / "classes.json").write_text(json.dumps(cifar_classes))
+    shards = read_dataset(tmp_path / "shards", workers=1)
+    assert [record.key for record in shards.unreadable] == ["big"]
+    assert shards.unreadable[0].error == f"image member too large ({len(padded)} bytes)"
+    for key, jpg, label in cifar_samples[1:21] + [("big", padded, label)]:
+        (tmp_path / "tree" / cifar_classes[label]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / cifar_classes[label] / f"{key}.jpg").write_bytes(jpg)
+    folder = read_dataset(tmp_path / "tree", workers=1)
+    assert [(record.key, record.error) for record in folder.unreadable] == [
+        (f"{cifar_classes[label]}/big", "file larger than 4000 bytes")]
+    assert len(folder.samples) == len(shards.samples) == 20
+
+
+def test_a_file_the_disk_cannot_read_is_unreadable_with_the_reason(make_imagefolder, monkeypatch):
+    """An I/O error on one file (a bad sector, a network share gone) costs that sample, not the run."""
+    from sanitize.formats import folder_reader
+
+    root = make_imagefolder(40)
+    victim = sorted((root / "cat").iterdir())[0]
+    real = folder_reader._read_regular
+
+    def failing(path):
+        if path == victim:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(folder_reader, "_read_regular", failing)
+    ingested = read_dataset(root, workers=1)
+    assert [(record.source, record.error) for record in ingested.unreadable] == [
+        (f"cat/{victim.name}", "cannot read: Input/output error")]
+    assert len(ingested.samples) == 39
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'["cat", "dog", "cat"]', "class names must be unique non-empty strings"),
+    (b'["cat", ""]', "class names must be unique non-empty strings"),
+    (b'["cat", 3]', "class names must be unique non-empty strings"),
+    (b'[]', "the class list is empty"),
+    (b'"cat"', "expected a list of class names"),
+    (b'["caf\xe9", "dog"]', "cannot read class list .*utf-8"),
+    (None, "cannot read class list .*No such file"),
+])
+def test_a_bad_class_list_is_one_line(content, message, make_shards, tmp_path):
+    data = make_shards(40)
+    listed = tmp_path / "given.json"
+    if content is not None:
+        listed.write_bytes(content)
+    with pytest.raises(InputError, match=message) as caught:
+        read_dataset(data, classes_file=listed, workers=1)
+    assert "\n" not in str(caught.value)
+
+
+def test_many_duplicate_keys_are_named_twenty_times_then_counted(tmp_path, cifar_samples, cifar_classes):
+    members = members_of(cifar_samples[:30])
+    for index in range(3):  # three shards with the same 30 keys: 60 renamed
+        write_shard(tmp_path / f"part-00000{index}.tar", members)
+    (tmp_path / "classes.json").write_text(json.dumps(cifar_classes))
+    ingested = read_dataset(tmp_path, workers=1)
+    renamed = [warning for warning in ingested.warnings if warning.startswith("duplicate key ")]
+    assert len(ingested.samples) == 90 and len({sample.key for sample in ingested.samples}) == 90
+    assert len(renamed) == readers_module.MAX_WARNINGS
+    assert f"... and {60 - readers_module.MAX_WARNINGS} more duplicate keys renamed" in ingested.warnings
