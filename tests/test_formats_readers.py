@@ -1025,3 +1025,13 @@ def test_many_duplicate_keys_are_named_twenty_times_then_counted(tmp_path, cifar
     assert len(ingested.samples) == 90 and len({sample.key for sample in ingested.samples}) == 90
     assert len(renamed) == readers_module.MAX_WARNINGS
     assert f"... and {60 - readers_module.MAX_WARNINGS} more duplicate keys renamed" in ingested.warnings
+
+
+def test_one_class_left_readable_says_which_and_why_the_others_are_not(tmp_path, cifar_samples):
+    for index, (key, jpg, _) in enumerate(cifar_samples[:40]):
+        name = "cat" if index < 20 else "dog"
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / f"{key}.jpg").write_bytes(jpg if name == "cat" else jpg[:100])
+    with pytest.raises(InputError, match=r"every readable sample has the same label \(0, 'cat'\); need two classes "
+                                         r"\(20 unreadable, first: dog/\S+\.jpg: cannot decode image"):
+        read_dataset(tmp_path, workers=1)

@@ -85,7 +85,7 @@ def _read(path, classes_file, requested, pool: Workers) -> Ingested:
     records = _apply_decoding(records, decoded.errors)
     samples = [record for record in records if isinstance(record, Sample)]
     unreadable = [record for record in records if isinstance(record, Unreadable)]
-    _require_readable(path, samples, unreadable, listing.skipped)
+    _require_readable(path, classes, samples, unreadable, listing.skipped)
     listing.warnings += _classes_lost_in_decoding(classes, labels, samples)
     return Ingested(os.path.abspath(str(path)), fmt, classes, samples, decoded.images, unreadable,
                     fingerprint(records), decoded.image_size, decoded.size_rule, dict(sorted(listing.skipped.items())),
@@ -439,13 +439,17 @@ def _apply_decoding(records: list, errors: dict[int, str]) -> list:
     return result
 
 
-def _require_readable(path, samples: list[Sample], unreadable: list[Unreadable], skipped: dict[str, int]) -> None:
+def _require_readable(path, classes: list[str], samples: list[Sample], unreadable: list[Unreadable],
+                      skipped: dict[str, int]) -> None:
     if not samples:
         raise _none_readable(path, unreadable)
     if len({sample.label for sample in samples}) < 2:
-        files = f" (skipped files: {skipped_text(skipped)})"
-        raise InputError(f"{path}: every readable sample has the same label ({samples[0].label}); need two classes"
-                         + (files if skipped else ""))
+        label = samples[0].label
+        why = [f"skipped files: {skipped_text(skipped)}"] if skipped else []
+        if unreadable:  # often the other classes' images: say so, with the first reason
+            why.append(f"{len(unreadable)} unreadable, first: {unreadable[0].source}: {unreadable[0].error}")
+        raise InputError(f"{path}: every readable sample has the same label ({label}, {classes[label]!r}); need two "
+                         f"classes" + (f" ({'; '.join(why)})" if why else ""))
 
 
 def _none_readable(path, unreadable: list[Unreadable]) -> InputError:
