@@ -198,39 +198,63 @@ def shift_hue(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.4,
                  contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1, p: float = 0.8,
-                 masked: bool | None = None) -> torch.Tensor:
+                 sync_free: bool | None = None) -> torch.Tensor:
     """torchvision's ColorJitter with every factor, the order of the four adjustments and whether to jitter
     at all (probability ``p``) drawn per sample. Factors are uniform in [1 - x, 1 + x], hue in [-hue, hue].
 
-    Each of the four slots of the per-sample order applies each adjustment to the samples that put it
-    there. On a CPU only those samples are adjusted: the batch passes through each adjustment once, six
-    times faster than adjusting the whole batch 16 times (the hue shift is most of the cost). On a GPU
-    (``masked``, the default there) the whole batch is adjusted and masked instead: picking samples
-    would wait for the device 16 times a batch, and these small elementwise kernels are cheap there.
+    Two ways to one result, bit for bit. By default on a CPU, each of the four slots of the per-sample order
+    adjusts only the samples that put each adjustment there: the batch passes through each adjustment once.
+    Picking those samples waits for the device, 16 times a batch, so on a GPU (``sync_free``, the default
+    there) every sample goes through every slot instead, with identity factors where it chose nothing:
+    brightness, contrast and saturation in one fused pass a slot, the costly hue shift once, between the
+    slots before each sample's hue and those after it. On a CPU (32 px, batch 512) the first takes 14 ms,
+    the second 38, masking 16 whole-batch adjustments (before 2026-11-28) 94.
     """
     batch = images.shape[0]
-    masked = images.is_cuda if masked is None else masked
+    sync_free = images.is_cuda if sync_free is None else sync_free
     bright = _per_sample(_uniform(batch, 1 - brightness, 1 + brightness, generator))
     contr = _per_sample(_uniform(batch, 1 - contrast, 1 + contrast, generator))
     satur = _per_sample(_uniform(batch, 1 - saturation, 1 + saturation, generator))
     turns = _uniform(batch, -hue, hue, generator)
-    adjustments = (  # each on images x of the samples ``chosen`` (indices, or every sample)
+    jitter = torch.rand(batch, generator=generator, device=generator.device) < p
+    order = torch.rand(batch, 4, generator=generator, device=generator.device).argsort(1)  # 0-3 as below
+    if sync_free:
+        return _jitter_fused(images, order, jitter, bright, contr, satur, turns)
+    adjustments = (  # each on images x of the samples ``chosen``
         lambda x, chosen: x * bright[chosen],
         lambda x, chosen: torch.lerp(grayscale(x).mean((2, 3), keepdim=True).expand_as(x), x, contr[chosen]),
         lambda x, chosen: torch.lerp(grayscale(x).expand_as(x), x, satur[chosen]),
         lambda x, chosen: shift_hue(x, turns[chosen]),
     )
-    jitter = torch.rand(batch, generator=generator, device=generator.device) < p
-    order = torch.rand(batch, len(adjustments), generator=generator, device=generator.device).argsort(1)
-    images = images if masked else images.clone()
-    for slot in range(len(adjustments)):
+    images = images.clone()
+    for slot in range(4):
         for index, adjust in enumerate(adjustments):
-            chosen = jitter & (order[:, slot] == index)
-            if masked:
-                images = torch.where(_per_sample(chosen), adjust(images, slice(None)).clamp(0, 1), images)
-            else:
-                chosen = chosen.nonzero().squeeze(1)
+            chosen = (jitter & (order[:, slot] == index)).nonzero().squeeze(1)
+            if len(chosen):
                 images[chosen] = adjust(images[chosen], chosen).clamp(0, 1)
+    return images
+
+
+def _jitter_fused(images, order, jitter, bright, contr, satur, turns) -> torch.Tensor:
+    """``color_jitter`` without picking samples. A factor of 1 leaves an image exactly as it is (x * 1, and
+    lerp's weight 1 gives its end), so a slot applies brightness, contrast and saturation to the whole batch
+    at once, each sample its own or none; only the hue shift, never exact at 0, is masked."""
+    one = torch.ones((), device=images.device, dtype=images.dtype)
+    hue_slot = (order == 3).int().argmax(1)
+
+    def cheap_slot(x: torch.Tensor, slot: int, applies: torch.Tensor) -> torch.Tensor:
+        chosen = torch.where(jitter & applies, order[:, slot], -1)
+        scale = torch.where(_per_sample(chosen == 0), bright, one)
+        weight = torch.where(_per_sample(chosen == 1), contr, torch.where(_per_sample(chosen == 2), satur, one))
+        gray = grayscale(x)
+        towards = torch.where(_per_sample(chosen == 1), gray.mean((2, 3), keepdim=True), gray)
+        return torch.lerp(towards.expand_as(x), x * scale, weight).clamp(0, 1)
+
+    for slot in range(3):  # the slots before each sample's hue shift (never the last)
+        images = cheap_slot(images, slot, slot < hue_slot)
+    images = torch.where(_per_sample(jitter), shift_hue(images, turns).clamp(0, 1), images)
+    for slot in range(1, 4):  # and after it (never the first)
+        images = cheap_slot(images, slot, slot > hue_slot)
     return images
 
 

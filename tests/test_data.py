@@ -114,8 +114,8 @@ def test_hue_shift_is_torchvisions_per_sample():
     assert torch.allclose(shift_hue(images, turns), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("masked", [False, True])  # the CPU's way and the GPU's
-def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_sample(cifar_arrays, masked):
+@pytest.mark.parametrize("sync_free", [False, True])  # the CPU's way and the GPU's
+def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_sample(cifar_arrays, sync_free):
     """Each sample gets torchvision's four adjustments, with its own factors, in its own order, or none.
     The reference draws the same random numbers in the order color_jitter draws them and adjusts one
     image at a time with torchvision, so a sample adjusted in another sample's order, or twice, fails."""
@@ -127,7 +127,7 @@ def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_samp
     images[0] = 0.5  # grey: no hue, no saturation
     before = images.clone()
     out = color_jitter(images, make_generator(4, "cpu"), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                       p=0.8, masked=masked)
+                       p=0.8, sync_free=sync_free)
     assert torch.equal(images, before)  # the input is not changed
 
     generator = make_generator(4, "cpu")
@@ -147,6 +147,18 @@ def test_color_jitter_is_torchvisions_color_jitter_with_its_order_drawn_per_samp
     assert 0 < jitter.sum() < 48 and len({tuple(row) for row in order.tolist()}) > 10
     # torchvision weighs red 0.2989 in its grayscale, we 0.299 as its docs and PIL do: 5e-5 apart at most
     assert torch.allclose(out, torch.stack(expected), atol=1e-4)
+
+
+def test_color_jitter_gives_the_same_bits_with_or_without_picking_samples():
+    """The GPU's sync-free way and the CPU's way are one function of the same draws."""
+    from sanitize.data import color_jitter
+
+    images = torch.rand(64, 3, 24, 40, generator=torch.Generator().manual_seed(2))
+    images[:4] = images[:4].round()  # pure primaries, black and white: hue's edge cases
+    for seed in range(3):
+        picked, fused = (color_jitter(images, make_generator(seed, "cpu"), p=0.6, sync_free=way)
+                         for way in (False, True))
+        assert torch.equal(picked, fused) and not torch.equal(picked, images)
 
 
 def test_brightness_jitter_scales_each_sample_by_its_own_factor():
