@@ -26,7 +26,8 @@
 # them here with `python3 benchmarks/report.py --add <folder>/results.json`), a .log per step,
 # the .json / .jsonl each step names, and a .csv.gz of each defended cell's per-sample scores
 # (bench.py --keep-scores: split rules can then be studied here). At most 8 files come back.
-# The tests read their CIFAR samples from $SANITIZE_CIFAR: `gpu_session.sh tests` runs them (~45 s).
+# The tests read their CIFAR samples from $SANITIZE_CIFAR: `gpu_session.sh tests` runs them and times the
+# colour jitter both ways (benchmarks/bench_augment.py; ~50 s in all).
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
 PART=${1:?a part, 1 to 12, or tests}
@@ -44,6 +45,8 @@ BENCH="python3 benchmarks/bench.py --data .data/train --test .data/test/test-000
 if [ "$PART" = tests ]; then
     mkdir -p /tmp/cifar && cp .data/train/* .data/test/test-000000.tar.gz /tmp/cifar/
     SANITIZE_CIFAR=/tmp/cifar timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 5
+    # SimCLR's colour jitter both ways (a few seconds): is the sync-free default right on this GPU?
+    timeout 60 python3 benchmarks/bench_augment.py --device cuda | tee "$OUT/augment.json"
     exit 0
 elif [ "$PART" = 1 ] || [ "$PART" = 3 ]; then
     # 1. DBD at full scale: BadNets (part 3: ATTACK=blend, sig, none, wanet, one per call). On the H100
