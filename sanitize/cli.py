@@ -245,6 +245,9 @@ def _report(result, as_json: bool, show: int = 5) -> None:
     counts = result.counts
     _say(f"sanitize {result.method}: {counts['total']} samples -> clean {counts['clean']}, "
          f"suspected {counts['suspected']}, unreadable {counts['unreadable']}")
+    note = _by_design(result.manifest)
+    if note:
+        _say(note)
     if result.suspect_target:
         target = result.suspect_target
         _say(f"  suspects point to class {target['class']!r}: {target['share']:.0%} of suspects carry it, "
@@ -268,6 +271,17 @@ def _report(result, as_json: bool, show: int = 5) -> None:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
     _say(f"  time: {times}")
     _say(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))
+
+
+def _by_design(manifest: dict) -> str | None:
+    """What the counts mean where the method flags a share of the data by design, not by evidence: DBD's
+    filter labels ``filter_ratio`` of the data and suspects the rest, poisoned or not."""
+    if manifest["method"] != "dbd":
+        return None
+    options = manifest["options"]
+    kept = f"{options['filter_ratio']:.0%} of " + ("each class" if options.get("filter_by_class") else "the data")
+    return (f"  dbd keeps {kept} as clean and suspects the rest by design: read a suspect as not trusted, not as "
+            f"poisoned; its clean model (model.onnx) and relabeled/ are the result")
 
 
 def _say(text: str, err: bool = False) -> None:

@@ -358,3 +358,15 @@ def test_names_from_the_data_cannot_rewrite_the_summary_on_the_terminal(capsys):
     assert "k\\x1b[2J  cat\\nwarning: all clean -> dog\\u202e" in out
     assert err == "warning: class cat\\nwarning: all clean is left out\n"
     assert "\u202e" not in out and "\x1b" not in out
+
+
+def test_dbds_summary_says_its_suspects_are_a_share_by_design(make_shards, tmp_path, capsys):
+    """DBD flags about half of any dataset: the summary must not read as "half your data is poisoned"."""
+    main(["run", str(make_shards(40)), "--out", str(tmp_path / "dbd"), *FAST, "--method", "dbd"])
+    out = capsys.readouterr().out
+    assert "  dbd keeps 50% of each class as clean and suspects the rest by design: read a suspect as not " \
+           "trusted, not as poisoned" in out
+    main(["inspect", str(tmp_path / "dbd")])
+    assert "suspects the rest by design" in capsys.readouterr().out
+    main(["run", str(make_shards(40)), "--out", str(tmp_path / "advrbd"), *FAST])
+    assert "by design" not in capsys.readouterr().out
