@@ -275,13 +275,16 @@ def _report(result, as_json: bool, show: int = 5) -> None:
 
 def _by_design(manifest: dict) -> str | None:
     """What the counts mean where the method flags a share of the data by design, not by evidence: DBD's
-    filter labels ``filter_ratio`` of the data and suspects the rest, poisoned or not."""
+    filter labels ``filter_ratio`` of the data and suspects the rest, poisoned or not, so the relabeled set
+    holds the clean model's label for about half of any dataset, right or wrong."""
     if manifest["method"] != "dbd":
         return None
     options = manifest["options"]
     kept = f"{options['filter_ratio']:.0%} of " + ("each class" if options.get("filter_by_class") else "the data")
-    return (f"  dbd keeps {kept} as clean and suspects the rest by design: read a suspect as not trusted, not as "
-            f"poisoned; its clean model (model.onnx) and relabeled/ are the result")
+    changed = sum(suspect["relabel"] != suspect["label"] for suspect in manifest["suspects"])
+    return (f"  dbd keeps {kept} as clean and suspects the rest by design: a suspect is not trusted, not "
+            f"necessarily poisoned. clean/ holds the rest with their given labels; relabeled/ gives every suspect "
+            f"the clean model's label ({changed} of {len(manifest['suspects'])} changed), as right as that model is")
 
 
 def _say(text: str, err: bool = False) -> None:

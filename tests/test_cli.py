@@ -364,8 +364,11 @@ def test_dbds_summary_says_its_suspects_are_a_share_by_design(make_shards, tmp_p
     """DBD flags about half of any dataset: the summary must not read as "half your data is poisoned"."""
     main(["run", str(make_shards(40)), "--out", str(tmp_path / "dbd"), *FAST, "--method", "dbd"])
     out = capsys.readouterr().out
-    assert "  dbd keeps 50% of each class as clean and suspects the rest by design: read a suspect as not " \
-           "trusted, not as poisoned" in out
+    manifest = json.loads((tmp_path / "dbd" / "manifest.json").read_text())
+    changed = sum(suspect["relabel"] != suspect["label"] for suspect in manifest["suspects"])
+    assert "  dbd keeps 50% of each class as clean and suspects the rest by design: a suspect is not trusted, " \
+           f"not necessarily poisoned. clean/ holds the rest with their given labels; relabeled/ gives every " \
+           f"suspect the clean model's label ({changed} of {manifest['counts']['suspected']} changed)" in out
     main(["inspect", str(tmp_path / "dbd")])
     assert "suspects the rest by design" in capsys.readouterr().out
     main(["run", str(make_shards(40)), "--out", str(tmp_path / "advrbd"), *FAST])
