@@ -17,6 +17,7 @@ center-crops, so the aspect ratio is never distorted. A requested size must be
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import re
@@ -51,6 +52,28 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _ORIENTATION = 0x0112
 NON_FINITE = "image has NaN or infinite pixel values"
 _OBJECT_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # Pillow names the BytesIO; reasons must be reproducible
+
+
+def _quiet_libtiff() -> None:
+    """libtiff prints its errors and warnings to stderr from C, past Python: "tempfile.tif: Using code not yet
+    in table." for each damaged LZW TIFF, in the middle of the progress lines. Such a sample is reported
+    unreadable with Pillow's reason all the same, so the handlers of the libtiff Pillow has loaded are
+    cleared, once per process (workers import this module too). Where that library cannot be found (no
+    /proc, a Pillow without libtiff), nothing changes."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(maxsplit=5)[5].strip() for line in maps
+                     if "libtiff" in line and len(line.split(maxsplit=5)) == 6}
+        for path in paths:
+            library = ctypes.CDLL(path)  # the loaded copy: dlopen of a loaded path returns its handle
+            for setter in (library.TIFFSetErrorHandler, library.TIFFSetWarningHandler):
+                setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+                setter(None)
+    except (OSError, AttributeError):
+        pass
+
+
+_quiet_libtiff()
 
 
 class BadPixels(ValueError):
