@@ -106,14 +106,11 @@ def staged_output(out, input_path, *, overwrite: bool = False,
         raise InputError(f"cannot write the output {target}: {_os_reason(error)}") from None
     try:
         yield staging
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if error.errno in _FULL and not error.filename:  # a write of ours: say where, and that nothing is left
+        if isinstance(error, OSError) and error.errno in _FULL and not error.filename:  # a write of ours
             raise InputError(f"cannot write the output {target}: {_os_reason(error)}; the partial output was "
                              f"removed") from None
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
         _refuse_existing(target, overwrite, replaceable)
