@@ -79,25 +79,24 @@ def _read(path, classes_file, requested, pool: Workers) -> Ingested:
         raise InputError(f"{path}: found {len(classes)} class(es) {classes[:1]}; need at least two")
     listing.warnings += _look_alike(classes)
     records = _unique_keys(listing)
-    datas = [record.data for record in records if isinstance(record, Sample)]
-    labels = [record.label for record in records if isinstance(record, Sample)]
-    decoded = decode_images(datas, pool, image_size=requested)
+    to_decode = [record for record in records if isinstance(record, Sample)]
+    decoded = decode_images([record.data for record in to_decode], pool, image_size=requested)
     records = _apply_decoding(records, decoded.errors)
     samples = [record for record in records if isinstance(record, Sample)]
     unreadable = [record for record in records if isinstance(record, Unreadable)]
     _require_readable(path, classes, samples, unreadable, listing.skipped)
-    listing.warnings += _classes_lost_in_decoding(classes, labels, samples)
+    listing.warnings += _classes_lost_in_decoding(classes, to_decode, samples)
     return Ingested(os.path.abspath(str(path)), fmt, classes, samples, decoded.images, unreadable,
                     fingerprint(records), decoded.image_size, decoded.size_rule, dict(sorted(listing.skipped.items())),
                     listing.warnings)
 
 
-def _classes_lost_in_decoding(classes: list[str], listed_labels: list[int], samples: list[Sample]) -> list[str]:
-    """A warning naming the classes that had samples but none whose image decodes: like an empty class folder,
-    the model keeps an output for each that it never learns, and the reason is easy to miss among the
-    unreadable samples."""
+def _classes_lost_in_decoding(classes: list[str], decoded: list[Sample], samples: list[Sample]) -> list[str]:
+    """A warning naming the classes that had samples (``decoded``) but none whose image decodes (``samples``,
+    what is left): like an empty class folder, the model keeps an output for each that it never learns, and
+    the reason is easy to miss among the unreadable samples."""
     readable = {sample.label for sample in samples}
-    counts = collections.Counter(label for label in listed_labels if label not in readable)
+    counts = collections.Counter(sample.label for sample in decoded if sample.label not in readable)
     if not counts:
         return []
     names = [f"{classes[label]!r} ({count})" for label, count in sorted(counts.items())]
@@ -156,11 +155,9 @@ def _list(path: str, classes_file, pool: Workers) -> tuple[str, list[str], Listi
     location = Path(path)
     if not location.exists():
         raise InputError(f"input not found: {path}")
-    if location.is_file():
-        if not is_shard_name(location.name):
-            raise InputError(f"{path}: neither a directory nor a .tar/.tar.gz/.tgz shard")
+    if location.is_file() and is_shard_name(location.name):
         return _list_shards(path, [location], location.parent, classes_file, pool)
-    if not location.is_dir():  # a device, a pipe, a socket
+    if not location.is_dir():  # another file, a device, a pipe, a socket
         raise InputError(f"{path}: neither a directory nor a .tar/.tar.gz/.tgz shard file")
     # One listing of the folder, hidden entries left out, for the shards and both checks beside them
     # (DirEntry caches the file type, so a folder of many shards is not stat-ed three times over).
