@@ -62,8 +62,8 @@ def _quiet_libtiff() -> None:
     /proc, a Pillow without libtiff), nothing changes."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            paths = {line.split(maxsplit=5)[5].strip() for line in maps
-                     if "libtiff" in line and len(line.split(maxsplit=5)) == 6}
+            mapped = [line.split(maxsplit=5) for line in maps]  # address, perms, offset, dev, inode, path
+        paths = {fields[5].strip() for fields in mapped if len(fields) == 6 and "libtiff" in fields[5]}
         for path in paths:
             library = ctypes.CDLL(path)  # the loaded copy: dlopen of a loaded path returns its handle
             for setter in (library.TIFFSetErrorHandler, library.TIFFSetWarningHandler):
