@@ -245,7 +245,7 @@ def _report(result, as_json: bool, show: int = 5) -> None:
     counts = result.counts
     _say(f"sanitize {result.method}: {counts['total']} samples -> clean {counts['clean']}, "
          f"suspected {counts['suspected']}, unreadable {counts['unreadable']}")
-    note = _by_design(result.manifest)
+    note = _by_design(result.method, result.manifest)
     if note:
         _say(note)
     if result.suspect_target:
@@ -273,11 +273,11 @@ def _report(result, as_json: bool, show: int = 5) -> None:
     _say(f"  outputs in {result.out}/: " + ", ".join(sorted(result.outputs.values())))
 
 
-def _by_design(manifest: dict) -> str | None:
+def _by_design(method: str, manifest: dict) -> str | None:
     """What the counts mean where the method flags a share of the data by design, not by evidence: DBD's
     filter labels ``filter_ratio`` of the data and suspects the rest, poisoned or not, so the relabeled set
     holds the clean model's label for about half of any dataset, right or wrong."""
-    if manifest["method"] != "dbd":
+    if method != "dbd":
         return None
     options = manifest["options"]
     kept = f"{options['filter_ratio']:.0%} of " + ("each class" if options.get("filter_by_class") else "the data")
