@@ -162,7 +162,7 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
     """
     if attack_name == "none":
         return {"path": args.data, "truth": None, "attacks": []}
-    source, poisoned_keys, attacks, params, fresh = args.data, set(), [], {}, False
+    source, poisoned_keys, true_labels, attacks, params, fresh = args.data, set(), {}, [], {}, False
     for index, name in enumerate(attack_name.split("+")):
         # Cached per dataset, and for Label-Consistent per surrogate architecture too.
         surrogate = f"-{args.arch}" if name == "label_consistent" else ""
@@ -180,10 +180,13 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
             print(f"poisoned {name} {rate} (target {target}) in {time.perf_counter() - start:.1f}s", flush=True)
             truth = json.loads((out / "truth.json").read_text())
         poisoned_keys |= set(truth["poisoned"])
+        for key, label in truth["true_labels"].items():  # a sample both picked: its label before the first
+            true_labels.setdefault(key, label)
         attacks.append((make_attack(name, **truth["params"]), target))
         params[name] = truth["params"]
         source = out
-    return {"path": source, "truth": {"poisoned": sorted(poisoned_keys)}, "attacks": attacks, "params": params}
+    return {"path": source, "truth": {"poisoned": sorted(poisoned_keys), "true_labels": true_labels},
+            "attacks": attacks, "params": params}
 
 
 def cached_truth(out: Path, wanted: dict) -> dict | None:
@@ -344,6 +347,10 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
     labels = np.array([row["label"] for row in scores])
     flagged = np.array([row["suspected"] for row in scores])
     found["false_positives_by_label"] = by_label(labels[flagged & ~is_poison], len(result.manifest["input"]["classes"]))
+    true = None
+    if truth is not None and "true_labels" in truth:
+        true = np.array([truth["true_labels"].get(row["key"], -1) for row in scores])
+    found.update(relabeled_figures(labels, flagged, np.array([row["relabel"] for row in scores]), is_poison, true))
     if "split_margin" in result.manifest.get("options", {}):
         found["split_at"] = split_at(score, is_poison)
     if truth is None:
@@ -358,6 +365,18 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
         elif np.issubdtype(values.dtype, np.floating):
             found[f"{name}_auroc"] = percent_auroc(values, is_poison)
     found["recall_at_fpr5"] = round(100 * float((score[is_poison] > np.quantile(score[~is_poison], 0.95)).mean()), 2)
+    return found
+
+
+def relabeled_figures(labels: np.ndarray, suspected: np.ndarray, relabel: np.ndarray, is_poison: np.ndarray,
+                      true: np.ndarray | None) -> dict:
+    """The relabeled set's labels (the clean model's for a suspect, the given one for the rest), in percent:
+    ``clean_labels_changed``, of the clean samples (their given label is the dataset's: a change is for the
+    worse), and with the poisons' ``true`` labels, ``poisons_relabeled_true``, of the poisons."""
+    final = np.where(suspected, relabel, labels)
+    found = {"clean_labels_changed": _percent((final != labels)[~is_poison])}
+    if true is not None:
+        found["poisons_relabeled_true"] = _percent((final == true)[is_poison])
     return found
 
 

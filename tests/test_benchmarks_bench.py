@@ -15,7 +15,7 @@ bench = load_benchmark("bench")
 
 # Ten samples of classes 0, 1, 2, 0, 1, ..., the last two poisoned: the score ranks one poison on top and
 # one in the middle.
-SCORES = [{"key": f"k{i}", "label": i % 3, "score": s, "suspected": s > 0.85}
+SCORES = [{"key": f"k{i}", "label": i % 3, "score": s, "suspected": s > 0.85, "relabel": i % 3}
           for i, s in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.55])]
 CLASSES = {"input": {"classes": ["a", "b", "c"]}}
 TRUTH = {"poisoned": ["k8", "k9"]}
@@ -48,7 +48,25 @@ def test_diagnostics_count_poisons_in_sets_and_rank_float_details_only():
     assert found["false_positives_by_label"] == [0, 0, 0]  # the one flagged sample is a poison
     # without a ground truth every flagged sample counts: k8, of class 2
     assert bench.diagnostics(result, SCORES, None) == {"metrics": {"enhance_rounds": 3},
-                                                       "false_positives_by_label": [0, 0, 1]}
+                                                       "false_positives_by_label": [0, 0, 1],
+                                                       "clean_labels_changed": 0.0}
+
+
+def test_the_relabeled_sets_labels_are_counted_against_the_given_and_the_true_ones():
+    """A suspect's label there is the clean model's, everyone else's the given one: clean samples it
+    changes, poisons it gives their true label back (two triggers: the label before the first)."""
+    scores = [{"key": "c0", "label": 0, "score": 0.9, "suspected": True, "relabel": 1},  # clean, changed
+              {"key": "c1", "label": 1, "score": 0.8, "suspected": True, "relabel": 1},  # clean, kept
+              {"key": "c2", "label": 2, "score": 0.1, "suspected": False, "relabel": 0},  # not a suspect: kept
+              {"key": "c3", "label": 0, "score": 0.2, "suspected": False, "relabel": 0},
+              {"key": "p0", "label": 0, "score": 0.7, "suspected": True, "relabel": 2},  # poison, true label back
+              {"key": "p1", "label": 0, "score": 0.6, "suspected": True, "relabel": 1},  # poison, wrong label
+              {"key": "p2", "label": 0, "score": 0.3, "suspected": False, "relabel": 2}]  # missed: label stays 0
+    result = SimpleNamespace(metrics={}, details={}, manifest={"options": {}, **CLASSES})
+    truth = {"poisoned": ["p0", "p1", "p2"], "true_labels": {"p0": 2, "p1": 2, "p2": 2}}
+    found = bench.diagnostics(result, scores, truth)
+    assert found["clean_labels_changed"] == 25.0 and found["poisons_relabeled_true"] == pytest.approx(33.33)
+    assert bench.diagnostics(result, scores, None)["clean_labels_changed"] == pytest.approx(100 * 3 / 7, abs=0.01)
 
 
 def test_split_at_other_margins_for_advrbd_runs_with_and_without_poisons():
@@ -149,6 +167,9 @@ def test_a_real_cell_records_every_figure_and_is_not_recomputed(make_shards, tmp
     assert {"warmup_kl", "unlearn_round", "finetune_kept"} <= set(rows[0])
     found = [int(row["suspected"]) for row in rows if row["poisoned"] == "1"]
     assert round(100 * sum(found) / len(found), 2) == advrbd["recall"]  # the same run as the record
+    final = [int(row["relabel"]) if row["suspected"] == "1" else int(row["label"]) for row in rows]
+    restored = [final[i] == truth["true_labels"][row["key"]] for i, row in enumerate(rows) if row["poisoned"] == "1"]
+    assert advrbd["diagnostics"]["poisons_relabeled_true"] == round(100 * sum(restored) / len(restored), 2)
     bench.main()  # resumed: both cells are done
     assert capsys.readouterr().out.count("skip (done)") == 2 and len(json.loads(results.read_text())) == 2
 

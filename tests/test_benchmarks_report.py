@@ -227,10 +227,16 @@ def test_diagnostics_table_shows_only_runs_that_recorded_stage_figures():
     diagnosed = record(diagnostics={"metrics": {"rest_fit_history": [0.61, 0.55]}, "warmup_kl_auroc": 3.25,
                                     "poisons_in_unlearn": 7, "unlearn_size": 5000,
                                     "poisons_by_unlearn_round": [0, 7], "recall_at_fpr5": 91.0,
-                                    "split_at": {"0.5": [99.0, 14.7], "0.7": [95.0, 4.0]}})
-    text = report.diagnostics_table([BASELINE, record(), diagnosed])
-    rows = [line for line in text.splitlines() if line.startswith("| badnets")]
-    assert rows == ["| badnets | 5% | advrbd | 3.2 | 7 ([0, 7]) | 5000 | 61 55 | 91.0 | 99/14.7 · 95/4.0 |"]
+                                    "split_at": {"0.5": [99.0, 14.7], "0.7": [95.0, 4.0]},
+                                    "clean_labels_changed": 1.25, "poisons_relabeled_true": 88.0})
+    older = record(attack="blend", diagnostics={"metrics": {}, "recall_at_fpr5": 50.0})  # before the relabel counts
+    clean = record(attack="none", diagnostics={"metrics": {}, "clean_labels_changed": 0.5})
+    text = report.diagnostics_table([BASELINE, record(), diagnosed, older, clean])
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # the header left out
+    assert rows == [
+        "| none | 0% | advrbd | – | – | – | – | – | – | 0.5 |",  # the clean set: nothing to restore
+        "| badnets | 5% | advrbd | 3.2 | 7 ([0, 7]) | 5000 | 61 55 | 91.0 | 99/14.7 · 95/4.0 | 1.2 · 88.0 |",
+        "| blend | 5% | advrbd | – | – | – | – | 50.0 | – | – |"]
     assert report.diagnostics_table([BASELINE, record(diagnostics={"metrics": {}})]) == ""
 
 

@@ -1,0 +1,61 @@
+"""The relabeled set's labels of runs already made, from the per-sample files ``bench.py --keep-scores`` kept:
+how many clean samples the set changes, how many poisons it gives their true label back (what
+``bench.diagnostics`` now records with each run).
+
+Prints one JSON line per file: the file's name, and the figures in percent.
+
+    python benchmarks/relabeled.py --scores <bench.py --keep-scores folder> \\
+        --copies <bench.py --work folder>/data/<dataset>
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bench import relabeled_figures
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scores", type=Path, required=True, help="folder of <copy>-<method>-<options>.csv.gz")
+    parser.add_argument("--copies", type=Path, required=True, help="folder of the poisoned copies, each with truth.json")
+    return parser.parse_args()
+
+
+def true_labels(copies: Path, copy: str) -> dict[str, int] | None:
+    """The poisons' true labels of the poisoned copy ``copy`` (None for a copy that is not one: the clean set).
+    A copy of two attacks (``a+b-<rate>``) was poisoned in steps, ``a-<rate>`` first: a sample both picked
+    keeps the label it had before the first, as in ``bench.prepare_data``."""
+    attacks, _, rest = copy.partition("-")
+    steps = [copies / ("+".join(attacks.split("+")[:index + 1]) + "-" + rest) for index in range(attacks.count("+") + 1)]
+    if not all((step / "truth.json").is_file() for step in steps):
+        return None
+    found: dict[str, int] = {}
+    for step in steps:
+        for key, label in json.loads((step / "truth.json").read_text())["true_labels"].items():
+            found.setdefault(key, label)
+    return found
+
+
+def main() -> None:
+    args = parse_args()
+    for path in sorted(args.scores.glob("*.csv.gz")):
+        copy = path.name.removesuffix(".csv.gz").rsplit("-", 2)[0]
+        with gzip.open(path, "rt", newline="", encoding="utf-8") as file:
+            rows = list(csv.DictReader(file))
+        column = {name: np.array([int(row[name]) for row in rows]) for name in ("label", "suspected", "relabel",
+                                                                                 "poisoned")}
+        truth = true_labels(args.copies, copy)
+        true = np.array([truth.get(row["key"], -1) for row in rows]) if truth is not None else None
+        figures = relabeled_figures(column["label"], column["suspected"].astype(bool), column["relabel"],
+                                    column["poisoned"].astype(bool), true)
+        print(json.dumps({"file": path.name, **figures}))
+
+
+if __name__ == "__main__":
+    main()
