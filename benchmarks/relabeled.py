@@ -23,7 +23,8 @@ from bench import relabeled_figures
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scores", type=Path, required=True, help="folder of <copy>-<method>-<options>.csv.gz")
-    parser.add_argument("--copies", type=Path, required=True, help="folder of the poisoned copies, each with truth.json")
+    parser.add_argument("--copies", type=Path, required=True,
+                        help="folder of the poisoned copies, each with its truth.json")
     return parser.parse_args()
 
 
@@ -32,7 +33,8 @@ def true_labels(copies: Path, copy: str) -> dict[str, int] | None:
     A copy of two attacks (``a+b-<rate>``) was poisoned in steps, ``a-<rate>`` first: a sample both picked
     keeps the label it had before the first, as in ``bench.prepare_data``."""
     attacks, _, rest = copy.partition("-")
-    steps = [copies / ("+".join(attacks.split("+")[:index + 1]) + "-" + rest) for index in range(attacks.count("+") + 1)]
+    names = attacks.split("+")
+    steps = [copies / ("+".join(names[:index + 1]) + "-" + rest) for index in range(len(names))]
     if not all((step / "truth.json").is_file() for step in steps):
         return None
     found: dict[str, int] = {}
