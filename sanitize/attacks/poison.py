@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
