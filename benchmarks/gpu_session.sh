@@ -60,6 +60,8 @@ elif [ "$PART" = 7 ]; then
     #     filter by class (the default since the H100 run above; the global filter of that run gave
     #     ACC 72.1) with 40 and 80 (the default since) MixMatch epochs (SimCLR ~160 s, MixMatch ~2.3 s
     #     an epoch)
+    # first, SimCLR's colour jitter both ways on this GPU (a few seconds; RESULTS.md, "SimCLR's colour jitter")
+    timeout 60 python3 benchmarks/bench_augment.py --device cuda > "$OUT/augment.json" 2>&1
     dbd_variants dbd_variants '[{"mixmatch_epochs": 40}, {}]'
     exit 0
 elif [ "$PART" = 8 ]; then

@@ -27,6 +27,16 @@ def test_the_bank_lives_on_the_gpu_as_uint8_and_augments_there(cuda_bank):
     assert len({tuple(v.flatten().tolist()) for v in views.cpu()}) > 8  # drawn per sample, not per batch
 
 
+def test_colour_jitter_on_the_gpu_is_sync_free_and_the_same_as_picking_samples(cuda_bank):
+    """On CUDA color_jitter takes the fused way by default; it must match the CPU's way on the same draws."""
+    from sanitize.data import color_jitter, to_float
+
+    images = to_float(cuda_bank.images[:128])
+    fused = color_jitter(images, make_generator(0, cuda_bank.device))
+    picked = color_jitter(images, make_generator(0, cuda_bank.device), sync_free=False)
+    assert fused.is_cuda and torch.allclose(fused, picked, atol=1e-6) and not torch.equal(fused, images)
+
+
 def test_bf16_channels_last_training_learns(cuda_bank):
     torch.manual_seed(0)
     model = build_model("small", 10, cuda_bank.image_size, cuda_bank.mean, cuda_bank.std)
