@@ -162,7 +162,7 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
     """
     if attack_name == "none":
         return {"path": args.data, "truth": None, "attacks": []}
-    source, poisoned_keys, true_labels, attacks, params, fresh = args.data, set(), {}, [], {}, False
+    source, poisoned_keys, truths, attacks, params, fresh = args.data, set(), [], [], {}, False
     for index, name in enumerate(attack_name.split("+")):
         # Cached per dataset, and for Label-Consistent per surrogate architecture too.
         surrogate = f"-{args.arch}" if name == "label_consistent" else ""
@@ -180,13 +180,22 @@ def prepare_data(args, attack_name: str, rate: float) -> dict:
             print(f"poisoned {name} {rate} (target {target}) in {time.perf_counter() - start:.1f}s", flush=True)
             truth = json.loads((out / "truth.json").read_text())
         poisoned_keys |= set(truth["poisoned"])
-        for key, label in truth["true_labels"].items():  # a sample both picked: its label before the first
-            true_labels.setdefault(key, label)
+        truths.append(truth)
         attacks.append((make_attack(name, **truth["params"]), target))
         params[name] = truth["params"]
         source = out
-    return {"path": source, "truth": {"poisoned": sorted(poisoned_keys), "true_labels": true_labels},
+    return {"path": source, "truth": {"poisoned": sorted(poisoned_keys), "true_labels": first_true_labels(truths)},
             "attacks": attacks, "params": params}
+
+
+def first_true_labels(truths: list[dict]) -> dict[str, int]:
+    """The poisons' true labels over the truth.json of copies poisoned one on top of the other, in that order:
+    a sample several attacks picked keeps the label it had before the first."""
+    found: dict[str, int] = {}
+    for truth in truths:
+        for key, label in truth["true_labels"].items():
+            found.setdefault(key, label)
+    return found
 
 
 def cached_truth(out: Path, wanted: dict) -> dict | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import relabeled_figures
+from bench import first_true_labels, relabeled_figures
 
 
 def parse_args():
@@ -31,17 +31,13 @@ def parse_args():
 def true_labels(copies: Path, copy: str) -> dict[str, int] | None:
     """The poisons' true labels of the poisoned copy ``copy`` (None for a copy that is not one: the clean set).
     A copy of two attacks (``a+b-<rate>``) was poisoned in steps, ``a-<rate>`` first: a sample both picked
-    keeps the label it had before the first, as in ``bench.prepare_data``."""
+    keeps the label it had before the first (``bench.first_true_labels``)."""
     attacks, _, rest = copy.partition("-")
     names = attacks.split("+")
     steps = [copies / ("+".join(names[:index + 1]) + "-" + rest) for index in range(len(names))]
     if not all((step / "truth.json").is_file() for step in steps):
         return None
-    found: dict[str, int] = {}
-    for step in steps:
-        for key, label in json.loads((step / "truth.json").read_text())["true_labels"].items():
-            found.setdefault(key, label)
-    return found
+    return first_true_labels([json.loads((step / "truth.json").read_text()) for step in steps])
 
 
 def main() -> None:
