@@ -12,7 +12,9 @@ measures each final model on the test shard as bench.py does (ACC, ASR, ACC by c
 ``--poisoned`` is the poisoned copy bench.py wrote into its ``--work`` folder (``data/<attack>-<rate>``,
 with its truth.json); ``--arch``, ``--quick`` and ``--set`` must be those of the kept run for the
 default variant to reproduce it. Variants may change stage-7 options only (``relabel_prior``,
-``finetune_rebalance``, ``finetune_epochs``, ``finetune_lr``): the clean model is shared. Prints one
+``finetune_rebalance``, ``finetune_epochs``, ``finetune_lr``, ``finetune_unlearn``): the clean model is
+shared. A clean set (no truth.json beside the shards: ``--poisoned`` the data bench.py read) is replayed
+too, without an ASR. Prints one
 JSON line per variant, with how the target class's flagged clean samples were labeled after the
 clean model and at the end.
 """
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from bench import evaluate, parse_variants
-from sanitize import methods
+from sanitize import methods, train
 from sanitize.attacks import make_attack
 from sanitize.data import Bank
 from sanitize.formats import read_dataset
@@ -38,7 +40,7 @@ from sanitize.methods import advrbd
 from sanitize.methods.base import StageClock
 from sanitize.train import resolve_device
 
-STAGE_7 = frozenset({"relabel_prior", "finetune_rebalance", "finetune_epochs", "finetune_lr"})
+STAGE_7 = frozenset({"relabel_prior", "finetune_rebalance", "finetune_epochs", "finetune_lr", "finetune_unlearn"})
 
 
 def parse_args(argv=None):
@@ -59,41 +61,56 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     variants = parse_variants(args.variants, STAGE_7, "stage-7")
     device = resolve_device(args.device)
-    truth = json.loads((args.poisoned / "truth.json").read_text())
+    truth_file = args.poisoned / "truth.json"
+    truth = json.loads(truth_file.read_text()) if truth_file.exists() else {"attack": None, "target": 0}
     ingested = read_dataset(args.poisoned)
     bank = Bank.from_arrays(ingested.images, ingested.labels, ingested.classes, device)
-    suspected, poisoned = kept_detection(args.scores, [sample.key for sample in ingested.samples])
-    attack = make_attack(truth["attack"], **truth["params"])
+    suspected, poisoned, score = kept_detection(args.scores, [sample.key for sample in ingested.samples])
+    attacks = [(make_attack(truth["attack"], **truth["params"]), truth["target"])] if truth["attack"] else []
     test = read_dataset(args.test)
     options = {**methods.parse_assignments(args.sets), "arch": args.arch, "quick": args.quick}
     base = methods.resolve_options("advrbd", **options)
     flagged = torch.as_tensor(suspected, device=device)
     clean_model = advrbd.train_clean(bank, base, flagged, StageClock(device))
     target_clean = suspected & ~poisoned & (bank.labels.cpu().numpy() == truth["target"])
+    given = bank.labels.cpu().numpy()
+    fit_before = fit_by_label(train.predict_logits(clean_model, bank.images).argmax(1).cpu().numpy(), given,
+                              ~suspected, bank.num_classes)
     records = []
     for variant in variants:
         start = time.perf_counter()
         model = copy.deepcopy(clean_model)
         opts = methods.resolve_options("advrbd", **options, **variant)
-        relearned = advrbd.relearn(model, bank, opts, flagged, StageClock(device))
+        relearned = advrbd.relearn(model, bank, opts, torch.as_tensor(score), flagged, StageClock(device))
         kept, labels = relearned.kept.cpu().numpy(), relearned.finetune_label.cpu().numpy()
         final = relearned.relabel.cpu().numpy()
         records.append({
-            "variant": variant, **evaluate(model, test, [(attack, truth["target"])], device),
+            "variant": variant, **evaluate(model, test, attacks, device),
             "seconds": round(time.perf_counter() - start, 1),
             "finetune_kept_by_label": np.bincount(labels[kept], minlength=bank.num_classes).tolist(),
             "poisons_kept": int((kept & poisoned).sum()),
+            "unlearned": [int(relearned.unlearned.sum()), int((relearned.unlearned.cpu().numpy() & poisoned).sum())],
             "target_clean_flagged": int(target_clean.sum()),
             # of those, how many the clean model (before fine-tuning) and the final model call the target
             "target_clean_called_target": [int((labels[target_clean] == truth["target"]).sum()),
                                            int((final[target_clean] == truth["target"]).sum())],
+            # the samples the split left, each class's share fitted with its label by the clean model and by
+            # the final one: unlearning a class's own images (not a trigger) takes that class down with them
+            "unflagged_fit_by_label": [fit_before, fit_by_label(final, given, ~suspected, bank.num_classes)],
             "metrics": relearned.metrics})
         print(json.dumps(records[-1]), flush=True)
     return records
 
 
-def kept_detection(path: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(suspected, poisoned) bool [N] in the order of ``keys``, from a bench.py --keep-scores file."""
+def fit_by_label(predicted: np.ndarray, given: np.ndarray, chosen: np.ndarray, num_classes: int) -> list:
+    """For each class, the share (%) of the ``chosen`` samples labeled so whose ``predicted`` label is it."""
+    return [round(float((predicted[chosen & (given == label)] == label).mean() * 100), 1)
+            if (chosen & (given == label)).any() else None for label in range(num_classes)]
+
+
+def kept_detection(path: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(suspected, poisoned) bool [N] and score float64 [N] in the order of ``keys``, from a bench.py
+    --keep-scores file."""
     with gzip.open(path, "rt", newline="", encoding="utf-8") as file:
         rows = {row["key"]: row for row in csv.DictReader(file)}
     missing = [key for key in keys if key not in rows]
@@ -101,7 +118,8 @@ def kept_detection(path: Path, keys: list[str]) -> tuple[np.ndarray, np.ndarray]
         raise SystemExit(f"{path} is not a detection of this data: {len(missing)} of its samples are missing, "
                          f"first {missing[0]!r}")
     return (np.array([rows[key]["suspected"] == "1" for key in keys]),
-            np.array([rows[key]["poisoned"] == "1" for key in keys]))
+            np.array([rows[key]["poisoned"] == "1" for key in keys]),
+            np.array([float(rows[key]["score"]) for key in keys]))
 
 
 if __name__ == "__main__":

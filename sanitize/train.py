@@ -148,7 +148,8 @@ def all_indices(bank: Bank) -> torch.Tensor:
 def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, epochs: int = 20, batch_size: int = 512,
                      lr: float = 0.2, weight_decay: float = 5e-4, seed: int = 0, augmentation: str = "crop",
-                     logit_shift: torch.Tensor | None = None, progress: Progress | None = None) -> dict:
+                     logit_shift: torch.Tensor | None = None, forget: torch.Tensor | None = None,
+                     forget_share: float = 0.125, progress: Progress | None = None) -> dict:
     """Cross-entropy training on ``indices`` (default: all samples), each batch augmented as ``augmentation``
     (``sanitize.data.AUGMENTATIONS``; "none" for none).
 
@@ -156,6 +157,9 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
     ``logit_shift`` [K], if given, is added to the logits in the loss only (logit-adjusted loss, Menon et
     al. 2021): with ``prior_shift(trained_on, meant_for)`` the model learns the class prior of the labels
     it is meant for, not of the ones it sees.
+    ``forget``, if given, is a set of sample indices unlearned beside each batch (``unlearning_loss`` of the
+    bank's given labels, weight 1; a batch drawn as ``unlearn_relearn`` draws its own). Its draws and
+    augmentation come from a generator of their own: the batches learned are the ones drawn without it.
     Returns ``{"loss": last-epoch mean loss, "steps": n}``.
     """
     indices = all_indices(bank) if indices is None else indices.to(bank.device)
@@ -163,6 +167,9 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
     if len(indices) < TRAIN_MIN_BATCH or epochs <= 0:  # BatchNorm cannot train on one sample
         return {"loss": float("nan"), "steps": 0}
     generator = make_generator(seed, bank.device)
+    forget = None if forget is None or len(forget) == 0 else forget.to(bank.device)
+    forget_generator = make_generator(seed + 1, bank.device)
+    forget_size = 0 if forget is None else unlearn_batch_size(batch_size, len(forget), len(indices), forget_share)
     drop_last = len(indices) >= 2 * batch_size  # avoids a 1-sample BatchNorm batch
     # The schedule decays to zero over the steps actually taken: counted without the dropped
     # remainder (it used to be counted, so the rate ended at up to a sixth of its peak on small sets).
@@ -175,12 +182,19 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
         loss_sum.zero_()
         count = 0
         for batch in batches(indices, batch_size, generator, drop_last, TRAIN_MIN_BATCH):
-            inputs = _layout(augment(bank.images[batch], generator, augmentation))
+            inputs = augment(bank.images[batch], generator, augmentation)
+            if forget is not None:
+                picked = forget[torch.randint(0, len(forget), (forget_size,), generator=forget_generator,
+                                              device=bank.device)]
+                inputs = torch.cat([inputs, augment(bank.images[picked], forget_generator, augmentation)])
             with autocast(bank.device):
-                logits = model(inputs)
+                logits = model(_layout(inputs))
+                learned = logits[:len(batch)]
                 if logit_shift is not None:
-                    logits = logits.float() + logit_shift
-                loss = F.cross_entropy(logits, labels[batch])
+                    learned = learned.float() + logit_shift
+                loss = F.cross_entropy(learned, labels[batch])
+                if forget is not None:
+                    loss = loss + unlearning_loss(logits[len(batch):], bank.labels[picked])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -241,6 +255,12 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)).mean()
 
 
+def unlearn_batch_size(batch_size: int, unlearn_count: int, learn_count: int, share: float) -> int:
+    """Samples unlearned beside a batch of ``batch_size`` learned: the unlearn set's share of both sets,
+    but at least ``share`` of the batch (and one), so that a small set is seen many times an epoch."""
+    return max(1, round(batch_size * unlearn_count / max(1, learn_count + unlearn_count)), round(batch_size * share))
+
+
 def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor, relearn: torch.Tensor,
                     epochs: int = 1, batch_size: int = 512, lr: float = 0.01, unlearn_weight: float = 1.0,
                     unlearn_share: float = 0.125, weight_decay: float = 5e-4, seed: int = 0,
@@ -256,8 +276,7 @@ def unlearn_relearn(model: torch.nn.Module, bank: Bank, *, unlearn: torch.Tensor
     batch_size = min(batch_size, len(relearn) + len(unlearn))  # a batch of 100,000 on 80 images took 24 GB
     generator = make_generator(seed, bank.device)
     optimizer = make_optimizer(model, lr, weight_decay)
-    unlearn_batch = max(1, round(batch_size * len(unlearn) / max(1, len(relearn) + len(unlearn))))
-    unlearn_batch = max(unlearn_batch, round(batch_size * unlearn_share))
+    unlearn_batch = unlearn_batch_size(batch_size, len(unlearn), len(relearn), unlearn_share)
     drop_last = len(relearn) >= 2 * batch_size
     total = epochs * batch_count(len(relearn), batch_size, drop_last, TRAIN_MIN_BATCH)
     model.train()

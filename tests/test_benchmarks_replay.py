@@ -2,6 +2,8 @@
 import csv
 import gzip
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -38,12 +40,26 @@ def test_the_default_variant_reproduces_the_kept_run_and_others_differ(kept_run,
     with gzip.open(scores, "rt") as file:
         rows = list(csv.DictReader(file))
     assert sum(default["finetune_kept_by_label"]) == sum(row["finetune_kept"] == "1" for row in rows)
-    assert default["metrics"] == {"finetune_excluded": record["diagnostics"]["metrics"]["finetune_excluded"]}
+    assert default["metrics"] == {key: record["diagnostics"]["metrics"][key]
+                                  for key in ("finetune_excluded", "finetune_unlearned")}
+    assert default["unlearned"][0] == sum(row["finetune_unlearned"] == "1" for row in rows)
     assert "finetune_prior_shift" in rebalanced["metrics"] and rebalanced["variant"] == {"finetune_rebalance": True}
     flagged_target = sum(row["suspected"] == "1" and row["poisoned"] == "0" and row["label"] == "0" for row in rows)
     assert default["target_clean_flagged"] == flagged_target
     assert all(0 <= count <= flagged_target for count in default["target_clean_called_target"])
     assert len(capsys.readouterr().out.strip().splitlines()) == 2  # one JSON line a variant
+
+
+def test_a_clean_set_replays_without_an_asr(kept_run, tmp_path):
+    """Without truth.json beside the shards (bench.py reads a clean set where it is) there is no trigger to test."""
+    _, args, _ = kept_run
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for shard in Path(args[1]).iterdir():
+        if shard.name != "truth.json":
+            shutil.copy(shard, clean / shard.name)
+    [record] = replay.main(["--poisoned", str(clean), *args[2:], "--variants", '[{"finetune_unlearn": 0}]'])
+    assert record["asr"] is None and "clean_to_target" not in record and record["unlearned"] == [0, 0]
 
 
 def test_variants_may_change_stage_7_only_and_the_scores_must_fit_the_data(kept_run, tmp_path):

@@ -187,6 +187,41 @@ def test_fine_tuning_obeyed_the_clean_label_rule(poisoned_bank, result):
     assert result.metrics["finetune_excluded"] == int(excluded.sum())
 
 
+def test_the_forget_set_is_the_top_share_by_score_less_the_samples_kept():
+    score = torch.tensor([0.9, 0.1, 0.99, 0.8, 0.95, 0.2, 0.3, 0.4, 0.5, 0.6])
+    kept = torch.tensor([True, True, False, False, True, False, False, False, False, False])
+    # the top 40%: samples 2, 4, 0, 3; of them 2 and 3 are not kept
+    assert advrbd.finetune_forget(score, kept, 0.4).tolist() == [2, 3]
+    assert advrbd.finetune_forget(score, kept, 0.0).tolist() == []
+    assert advrbd.finetune_forget(score, torch.ones(10, dtype=torch.bool), 0.5).tolist() == []
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05])
+def test_fine_tuning_is_given_the_forget_set_the_option_asks_for(poisoned_bank, monkeypatch, share):
+    """The suspects of class 1 keep their label (the clean model agrees); with finetune_unlearn the
+    top-scored of them are unlearned beside fine-tuning, never a sample fine-tuning learns."""
+    from sanitize import train
+
+    bank, _ = poisoned_bank
+    ones = (bank.labels == 1).nonzero().squeeze(1)
+    flagged = torch.zeros(bank.n, dtype=torch.bool)
+    flagged[ones[::2]] = True
+    score = flagged.float() * 0.5 + torch.linspace(0, 0.4, bank.n)  # the flagged samples first
+    monkeypatch.setattr(advrbd, "detect", lambda *a, **k: advrbd.Detection(
+        score, flagged, torch.zeros(bank.n), torch.full((bank.n,), -1, dtype=torch.int16)))
+    forgets = []
+    real = train.train_supervised
+    monkeypatch.setattr(train, "train_supervised", lambda *a, **k: forgets.append(k.get("forget")) or real(*a, **k))
+    found = advrbd.run(bank, advrbd.AdvrbdOptions(arch="small", quick=True, batch_size=64,
+                                                  finetune_unlearn=share).scaled())
+    assert forgets[0] is None  # the clean model learns, it unlearns nothing
+    kept = torch.from_numpy(found.details["finetune_kept"])
+    assert torch.equal(forgets[1], advrbd.finetune_forget(score, kept, share))
+    assert (len(forgets[1]) > 0) == (share > 0) and not kept[forgets[1]].any()
+    assert np.array_equal(found.details["finetune_unlearned"].nonzero()[0], forgets[1].numpy())
+    assert found.metrics["finetune_unlearned"] == len(forgets[1])
+
+
 def test_warm_up_and_enhancement_train_with_their_own_augmentation(poisoned_bank, monkeypatch):
     from sanitize import train
     from sanitize.methods.base import StageClock

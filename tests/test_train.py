@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,35 @@ def test_unlearn_relearn_drives_the_unlearn_set_away_from_its_labels(bank):
     fit_before = train.accuracy(model, bank.images[forget], bank.labels[forget])
     train.unlearn_relearn(model, bank, unlearn=forget, relearn=keep, epochs=2, batch_size=64, lr=0.02)
     assert train.accuracy(model, bank.images[forget], bank.labels[forget]) < fit_before / 2
+
+
+def test_supervised_training_unlearns_a_forget_set_beside_the_batches_it_learns(bank):
+    torch.manual_seed(0)
+    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
+    train.train_supervised(model, bank, epochs=4, batch_size=64, lr=0.05)
+    forget, keep = torch.arange(0, 30), torch.arange(30, bank.n)
+    fit_before = train.accuracy(model, bank.images[forget], bank.labels[forget])
+    plain, unlearned = copy.deepcopy(model), copy.deepcopy(model)
+    train.train_supervised(plain, bank, indices=keep, epochs=2, batch_size=64, lr=0.02)
+    train.train_supervised(unlearned, bank, indices=keep, epochs=2, batch_size=64, lr=0.02, forget=forget)
+    assert train.accuracy(unlearned, bank.images[forget], bank.labels[forget]) < fit_before / 2
+    assert train.accuracy(plain, bank.images[forget], bank.labels[forget]) > fit_before / 2
+    # the rest is still learned
+    assert train.accuracy(unlearned, bank.images[keep], bank.labels[keep]) > 0.5
+
+
+def test_an_empty_forget_set_trains_exactly_as_none(bank):
+    models = [build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    train.train_supervised(models[0], bank, epochs=1, batch_size=64, lr=0.05)
+    train.train_supervised(models[1], bank, epochs=1, batch_size=64, lr=0.05, forget=torch.empty(0, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+
+
+def test_an_unlearn_batch_is_the_set_s_share_but_at_least_the_share_asked_for():
+    assert train.unlearn_batch_size(128, 10, 990, 0.125) == 16
+    assert train.unlearn_batch_size(128, 500, 500, 0.125) == 64
+    assert train.unlearn_batch_size(128, 1, 10_000, 0.0) == 1
 
 
 def test_schedule_warms_up_then_decays_to_zero():
