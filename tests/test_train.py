@@ -43,23 +43,27 @@ def test_unlearning_loss_is_bounded_and_zero_when_unlearned():
     assert train.unlearning_loss(unlearned, labels) < 1e-6
 
 
-def test_unlearn_relearn_drives_the_unlearn_set_away_from_its_labels(bank):
+@pytest.fixture(scope="module")
+def fitted(bank):
+    """The small CNN after 4 epochs on the bank (copy it before training it further)."""
     torch.manual_seed(0)
     model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
     train.train_supervised(model, bank, epochs=4, batch_size=64, lr=0.05)
+    return model
+
+
+def test_unlearn_relearn_drives_the_unlearn_set_away_from_its_labels(bank, fitted):
+    model = copy.deepcopy(fitted)
     forget, keep = torch.arange(0, 60), torch.arange(60, bank.n)
     fit_before = train.accuracy(model, bank.images[forget], bank.labels[forget])
     train.unlearn_relearn(model, bank, unlearn=forget, relearn=keep, epochs=2, batch_size=64, lr=0.02)
     assert train.accuracy(model, bank.images[forget], bank.labels[forget]) < fit_before / 2
 
 
-def test_supervised_training_unlearns_a_forget_set_beside_the_batches_it_learns(bank):
-    torch.manual_seed(0)
-    model = build_model("small", bank.num_classes, bank.image_size, bank.mean, bank.std)
-    train.train_supervised(model, bank, epochs=4, batch_size=64, lr=0.05)
+def test_supervised_training_unlearns_a_forget_set_beside_the_batches_it_learns(bank, fitted):
     forget, keep = torch.arange(0, 30), torch.arange(30, bank.n)
-    fit_before = train.accuracy(model, bank.images[forget], bank.labels[forget])
-    plain, unlearned = copy.deepcopy(model), copy.deepcopy(model)
+    fit_before = train.accuracy(fitted, bank.images[forget], bank.labels[forget])
+    plain, unlearned = copy.deepcopy(fitted), copy.deepcopy(fitted)
     train.train_supervised(plain, bank, indices=keep, epochs=2, batch_size=64, lr=0.02)
     train.train_supervised(unlearned, bank, indices=keep, epochs=2, batch_size=64, lr=0.02, forget=forget)
     assert train.accuracy(unlearned, bank.images[forget], bank.labels[forget]) < fit_before / 2
