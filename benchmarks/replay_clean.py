@@ -14,9 +14,8 @@ with its truth.json); ``--arch``, ``--quick`` and ``--set`` must be those of the
 default variant to reproduce it. Variants may change stage-7 options only (``relabel_prior``,
 ``finetune_rebalance``, ``finetune_epochs``, ``finetune_lr``, ``finetune_unlearn``): the clean model is
 shared. A clean set (no truth.json beside the shards: ``--poisoned`` the data bench.py read) is replayed
-too, without an ASR. Prints one
-JSON line per variant, with how the target class's flagged clean samples were labeled after the
-clean model and at the end.
+too, without an ASR. Prints one JSON line per variant, with how the target class's flagged clean samples
+were labeled after the clean model and at the end.
 """
 from __future__ import annotations
 

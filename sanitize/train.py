@@ -158,8 +158,9 @@ def train_supervised(model: torch.nn.Module, bank: Bank, *, indices: torch.Tenso
     al. 2021): with ``prior_shift(trained_on, meant_for)`` the model learns the class prior of the labels
     it is meant for, not of the ones it sees.
     ``forget``, if given, is a set of sample indices unlearned beside each batch (``unlearning_loss`` of the
-    bank's given labels, weight 1; a batch drawn as ``unlearn_relearn`` draws its own). Its draws and
-    augmentation come from a generator of their own: the batches learned are the ones drawn without it.
+    bank's given labels, weight 1), as many a batch as ``unlearn_relearn`` unlearns (``unlearn_batch_size``).
+    Its draws and augmentation come from a generator of their own: the batches learned are the ones drawn
+    without it.
     Returns ``{"loss": last-epoch mean loss, "steps": n}``.
     """
     indices = all_indices(bank) if indices is None else indices.to(bank.device)
