@@ -8,6 +8,7 @@
 #
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 7    # DBD stages 3-4 variants, ~7.5 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 12   # matrix: BadNets, Blend at 20%, ~4 min
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 13   # finetune_unlearn on SIG, the clean set, ~5 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 9    # matrix: PhysicalBA, TaCT, Adaptive-Blend
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 10   # matrix: Adaptive-Patch, LC, BadNets+Blend
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 11   # matrix: BadNets, Blend at 1% and 10%
@@ -30,7 +31,7 @@
 # colour jitter both ways (benchmarks/bench_augment.py; ~50 s in all).
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
-PART=${1:?a part, 1 to 12, or tests}
+PART=${1:?a part, 1 to 13, or tests}
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl 2> /dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -155,8 +156,21 @@ elif [ "$PART" = 6 ]; then
     timeout 120 $BENCH --attacks badnets --methods advrbd --set relabel_prior=data --set finetune_rebalance=true \
         > "$OUT/bench.log" 2>&1
     exit 0
+elif [ "$PART" = 13 ]; then
+    # 15. finetune_unlearn on ResNet-18 (RESULTS.md, "Poisons the split missed"): AdvrBD's detection of SIG
+    #     and of the clean set, kept (~90 s each), then stage 7 replayed on one clean model each: off, 0.01,
+    #     0.01 with finetune_rebalance (~40 s each). On the CPU shard it removed SIG's backdoor (26.4 ->
+    #     0.0) but unlearned 88 memorised horses of the clean set (horse 56% -> 3% right). ~5 min
+    timeout 300 $BENCH --attacks sig,none --methods advrbd > "$OUT/bench.log" 2>&1
+    VARIANTS='[{}, {"finetune_unlearn": 0.01}, {"finetune_unlearn": 0.01, "finetune_rebalance": true}]'
+    for data in /tmp/bench/data/cifar10/sig-0.05 .data/train; do
+        kept=$(ls "$OUT"/"$(basename $data)"-*advrbd-*.csv.gz 2> /dev/null | head -n 1)
+        timeout 120 python3 benchmarks/replay_clean.py --poisoned $data --scores "$kept" \
+            --test .data/test/test-000000.tar.gz --variants "$VARIANTS" >> "$OUT/unlearn.jsonl" 2>> "$OUT/unlearn.log"
+    done
+    cut -c1-400 "$OUT/unlearn.jsonl"
 else
-    echo "no part $PART: 1 to 12, or tests" >&2
+    echo "no part $PART: 1 to 13, or tests" >&2
     exit 2
 fi
 grep -v '^{' "$OUT/bench.log" | tail -n 8

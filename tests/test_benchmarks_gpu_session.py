@@ -29,8 +29,24 @@ def run_part(tmp_path, part: str) -> tuple[subprocess.CompletedProcess, list[str
     return result, calls.read_text().splitlines() if calls.exists() else []
 
 
-def test_the_script_runs_parts_1_to_12_and_its_header_lists_all_but_the_first():
-    assert HANDLED == list(range(1, 13)) and LISTED == set(range(2, 13))  # part 1 (DBD on BadNets) is done
+def test_the_script_runs_parts_1_to_13_and_its_header_lists_all_but_the_first():
+    assert HANDLED == list(range(1, 14)) and LISTED == set(range(2, 14))  # part 1 (DBD on BadNets) is done
+
+
+def test_part_13_replays_the_detections_it_keeps(tmp_path):
+    """The kept detection of SIG and of the clean set, each replayed from the file bench.py names it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("sig-0.05-advrbd-0123456789.csv.gz", "train-advrbd-0123456789.csv.gz"):
+        (out / name).write_bytes(b"")
+    _, calls = run_part(tmp_path, "13")
+    [bench] = [call.split() for call in calls if call.startswith("benchmarks/bench.py")]
+    assert bench[bench.index("--attacks") + 1] == "sig,none" and str(out) in bench[bench.index("--keep-scores") + 1]
+    replays = [call.split() for call in calls if call.startswith("benchmarks/replay_clean.py")]
+    assert [call[call.index("--scores") + 1] for call in replays] == [
+        str(out / "sig-0.05-advrbd-0123456789.csv.gz"), str(out / "train-advrbd-0123456789.csv.gz")]
+    assert [call[call.index("--poisoned") + 1] for call in replays] == ["/tmp/bench/data/cifar10/sig-0.05",
+                                                                          ".data/train"]
 
 
 @pytest.mark.parametrize("part", [str(part) for part in HANDLED])
@@ -66,5 +82,5 @@ def test_the_matrix_parts_run_every_attack_and_badnets_and_blend_at_the_other_ra
 
 
 def test_an_unknown_part_is_refused(tmp_path):
-    result, calls = run_part(tmp_path, "13")
-    assert result.returncode == 2 and "1 to 12" in result.stderr
+    result, calls = run_part(tmp_path, "14")
+    assert result.returncode == 2 and "1 to 13" in result.stderr
