@@ -500,11 +500,11 @@ def keep_for_finetune(suspected: torch.Tensor, relabel: torch.Tensor, given: tor
 
 
 def finetune_forget(score: torch.Tensor, kept: torch.Tensor, share: float) -> torch.Tensor:
-    """Indices of the samples fine-tuning unlearns: of the ``share`` of all samples with the highest
+    """The samples fine-tuning unlearns, bool [N]: of the ``share`` of all samples with the highest
     ``score``, those not ``kept`` (the suspects the clean model gives their given label)."""
     top = torch.zeros_like(kept)
     top[score.argsort(descending=True, stable=True)[:round(share * len(score))]] = True
-    return (top & ~kept).nonzero().squeeze(1)
+    return top & ~kept
 
 
 def suspect_relabels(logits: torch.Tensor, bank: Bank, suspected: torch.Tensor, prior: str) -> torch.Tensor:
@@ -576,16 +576,14 @@ def relearn(clean_model, bank: Bank, opts: AdvrbdOptions, score: torch.Tensor, s
         train.train_supervised(clean_model, bank, indices=train.all_indices(bank)[keep], labels=finetune_label,
                                epochs=opts.finetune_epochs, batch_size=opts.batch_size, lr=opts.finetune_lr,
                                weight_decay=opts.weight_decay, seed=opts.seed + 2, logit_shift=shift,
-                               forget=forget, progress=clock.advance)
+                               forget=train.all_indices(bank)[forget], progress=clock.advance)
         # The label every sample gets comes from the fine-tuned clean model.
         relabel = train.predict_logits(clean_model, bank.images).argmax(1)
     clean_model.eval()
-    unlearned = torch.zeros_like(keep)
-    unlearned[forget] = True
-    metrics = {"finetune_excluded": int((~keep).sum()), "finetune_unlearned": len(forget)}
+    metrics = {"finetune_excluded": int((~keep).sum()), "finetune_unlearned": int(forget.sum())}
     if shift is not None:
         metrics["finetune_prior_shift"] = [round(float(value), 4) for value in shift]
-    return Relearned(relabel, finetune_label, keep, unlearned, metrics)
+    return Relearned(relabel, finetune_label, keep, forget, metrics)
 
 
 # A backdoor poisons a few percent of a dataset. AdvrBD flags no fixed share (unlike DBD), so
