@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -237,13 +238,14 @@ def published_tables(papers: list[dict]) -> str:
 
 
 def published_for(record: dict, papers: list[dict]) -> list[dict]:
-    """The papers' figures for ``record``'s attack and method (AdvrBD, DBD or no defense); a figure
+    """The papers' figures for ``record``'s attack, rate and method (AdvrBD, DBD or no defense); a figure
     printed in several tables comes once, with all of them in ``tables`` (and their variants in ``variant``)."""
     if record["method"] not in ("none", *PAPERS):
         return []
     merged = {}
     for p in papers:
-        if p["dataset"] == record["dataset"] and p["attack"] == record["attack"] and p["defense"] == record["method"]:
+        if (p["dataset"], p["attack"], p["defense"]) == (record["dataset"], record["attack"], record["method"]) \
+                and math.isclose(p["rate"], record["rate"]):
             key = (p["paper"], p.get("epsilon"), p["rate"], p["acc"], p["asr"])
             entry = merged.setdefault(key, {**p, "tables": [], "variant": None})
             entry["tables"].append(p["table"])

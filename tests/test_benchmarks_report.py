@@ -84,6 +84,11 @@ def test_a_runs_published_figures_merge_tables_and_leave_out_other_defenses():
     assert report.published_for(record(method="dbd"), papers) == []
     assert report.published_for(record(attack="badnets+blend"), papers) == []
     assert report.published_for(record(dataset="gtsrb"), papers) == []
+    # A figure at another poisoning rate is not set beside a run's.
+    twenty = published(table="V", variant="without relabeling and relearning", rate=0.2, acc=82.2)
+    assert [(p["tables"], p["acc"]) for p in report.published_for(record(rate=0.2), [*papers, twenty])] == [
+        (["V"], 82.2)]
+    assert twenty not in report.published_for(record(), [*papers, twenty])
 
 
 def test_published_tables_put_defenses_down_attacks_across_and_number_the_notes():
@@ -171,8 +176,9 @@ def test_papers_json_holds_the_requested_tables_whole_and_well_formed():
     for p in papers:
         sizes[p["paper"], p["table"]] = sizes.get((p["paper"], p["table"]), 0) + 1
     assert sizes == {("advrbd", "II"): 45, ("advrbd", "III"): 27, ("advrbd", "IV"): 16,
-                     ("dbd", "1"): 18, ("dbd", "2"): 12, ("dbd", "3"): 24}
-    cells = [(p["paper"], p["table"], p["attack"], p["paper_defense"], p["variant"], p["epsilon"]) for p in papers]
+                     ("advrbd", "V"): 21, ("dbd", "1"): 18, ("dbd", "2"): 12, ("dbd", "3"): 24}
+    cells = [(p["paper"], p["table"], p["attack"], p["rate"], p["paper_defense"], p["variant"], p["epsilon"])
+             for p in papers]
     assert len(set(cells)) == len(cells)
     ours = {"badnets", "blend", "wanet", "sig", "physicalba", "tact", "adaptive_blend", "adaptive_patch",
             "label_consistent"}
@@ -192,6 +198,10 @@ def test_papers_json_matches_the_papers_averages_and_spot_checks():
             for offset, metric in enumerate(("acc", "asr")):
                 mean = sum(p[metric] for p in column) / len(column)
                 assert abs(mean - averages[2 * index + offset]) < 0.0051, (number, defense, metric)
+    # Table V's ratio-0.2 column against its printed average (81.98 / 0.00; the column sums to 81.947...)
+    column = [p for p in papers if (p["table"], p["rate"]) == ("V", 0.2)]
+    assert len(column) == 7 and abs(sum(p["acc"] for p in column) / 7 - 81.98) < 0.05
+    assert {p["asr"] for p in papers if p["table"] == "V"} == {0.0}
 
     def find(paper, table, attack, defense, variant=None, epsilon=None):
         hits = [(p["acc"], p["asr"]) for p in papers if (p["paper"], p["table"], p["attack"], p["defense"],
@@ -202,6 +212,8 @@ def test_papers_json_matches_the_papers_averages_and_spot_checks():
     assert find("advrbd", "II", "badnets", "advrbd") == (85.72, 0.0)
     assert find("advrbd", "III", "tact", "none") == (82.10, 63.20)
     assert find("advrbd", "IV", "sig", "advrbd", "with relabeling and relearning") == (86.59, 0.22)
+    assert [(p["rate"], p["acc"]) for p in papers if (p["table"], p["attack"]) == ("V", "badnets")] == [
+        (0.1, 85.82), (0.15, 85.38), (0.2, 82.2)]
     assert find("dbd", "1", "wanet", "dbd") == find("dbd", "3", "wanet", "dbd") == (91.20, 0.39)
     assert find("dbd", "2", "label_consistent", "dbd", epsilon=16) == (89.67, 0.01)
     assert find("dbd", "3", "label_consistent", "none", epsilon=32) == (94.82, 99.19)
