@@ -1,5 +1,6 @@
 """benchmarks/gpu_session.sh: each part its header lists runs what it says, with python3 replaced by a
 recorder (the device time is too scarce to find a broken part there)."""
+import json
 import os
 import re
 import subprocess
@@ -29,8 +30,19 @@ def run_part(tmp_path, part: str) -> tuple[subprocess.CompletedProcess, list[str
     return result, calls.read_text().splitlines() if calls.exists() else []
 
 
-def test_the_script_runs_parts_1_to_13_and_its_header_lists_all_but_the_first():
-    assert HANDLED == list(range(1, 14)) and LISTED == set(range(2, 14))  # part 1 (DBD on BadNets) is done
+def test_the_script_runs_parts_1_to_14_and_its_header_lists_all_not_yet_run():
+    assert HANDLED == list(range(1, 15)) and LISTED == set(range(2, 15)) - {7, 12}  # 1, 7 and 12 have run
+
+
+def test_part_14_runs_advrbd_on_badnets_at_20_percent_two_ways_then_sig_and_the_clean_set(tmp_path):
+    _, calls = run_part(tmp_path, "14")
+    cells = []
+    for call in (call.split() for call in calls if call.startswith("benchmarks/bench.py")):
+        assert call[call.index("--methods") + 1] == "advrbd"
+        rates = call[call.index("--rates") + 1] if "--rates" in call else "0.05"
+        cells.append((call[call.index("--attacks") + 1], rates, call[call.index("--set") + 1]))
+    assert cells == [("badnets", "0.2", "unlearn_pool=0.5"), ("badnets", "0.2", "enhance_augment=flip"),
+                     ("sig,none", "0.05", "unlearn_pool=0.5")]
 
 
 def test_part_13_replays_the_detections_it_keeps(tmp_path):
@@ -47,6 +59,9 @@ def test_part_13_replays_the_detections_it_keeps(tmp_path):
         str(out / "sig-0.05-advrbd-0123456789.csv.gz"), str(out / "train-advrbd-0123456789.csv.gz")]
     assert [call[call.index("--poisoned") + 1] for call in replays] == ["/tmp/bench/data/cifar10/sig-0.05",
                                                                           ".data/train"]
+    variants = [line.split(" --variants ", 1)[1] for line in calls if line.startswith("benchmarks/replay_clean.py")]
+    shares = [[variant.get("finetune_unlearn") for variant in json.loads(text)] for text in variants]
+    assert shares == [[None, 0.02, 0.03], [None, 0.01, 0.03]]
 
 
 @pytest.mark.parametrize("part", [str(part) for part in HANDLED])
@@ -82,5 +97,5 @@ def test_the_matrix_parts_run_every_attack_and_badnets_and_blend_at_the_other_ra
 
 
 def test_an_unknown_part_is_refused(tmp_path):
-    result, calls = run_part(tmp_path, "14")
-    assert result.returncode == 2 and "1 to 13" in result.stderr
+    result, calls = run_part(tmp_path, "15")
+    assert result.returncode == 2 and "1 to 14" in result.stderr
