@@ -12,6 +12,7 @@
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 14   # AdvrBD: BadNets 20% three ways, SIG; ~5 min
 #     OUT=$OUT COMMIT=<short hash> ATTACK=blend bash benchmarks/gpu_session.sh 3   # DBD, one attack a call, ~5 min:
 #     OUT=$OUT COMMIT=<short hash> ATTACK=sig bash benchmarks/gpu_session.sh 3     # then none, wanet, badnets
+#     OUT=$OUT bash benchmarks/gpu_session.sh tests   # the GPU tests (~50 s; not run since 2026-11-27)
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 9    # matrix: PhysicalBA, TaCT, Adaptive-Blend
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 11   # matrix: BadNets, Blend at 1% and 10%
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 10   # matrix: Adaptive-Patch, LC, BadNets+Blend
