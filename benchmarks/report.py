@@ -254,10 +254,19 @@ def published_for(record: dict, papers: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
+def latest(records: list[dict]) -> list[dict]:
+    """The last run (in ``records``' order) of each cell, model and setting: a rerun stands for the runs it
+    repeats where one row of ours is set beside the papers'."""
+    last = {}
+    for r in records:
+        last[r["dataset"], r["attack"], r["rate"], arch(r), label(r)] = r
+    return list(last.values())
+
+
 def comparison_table(records: list[dict], papers: list[dict]) -> str:
-    """Our ACC / ASR beside the papers' for the same attack and method."""
+    """Our ACC / ASR beside the papers' for the same attack and method (the latest run of each setting)."""
     lines = []
-    for r in ordered(records):
+    for r in ordered(latest(records)):
         for p in published_for(r, papers):
             lines.append(f"| {r['attack']} | {100 * r['rate']:g}% | {label(r)} | {fmt(r['acc'])} | "
                          f"{fmt(r['asr'])} | {PAPERS.get(p['paper'], p['paper'])} {', '.join(p['tables'])} | "

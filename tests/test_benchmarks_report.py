@@ -91,6 +91,16 @@ def test_a_runs_published_figures_merge_tables_and_leave_out_other_defenses():
     assert twenty not in report.published_for(record(), [*papers, twenty])
 
 
+def test_a_rerun_stands_for_the_runs_it_repeats_beside_the_papers():
+    papers = [published(), published(attack="blend", acc=85.71)]
+    first, rerun = record(acc=80.0, commit="aaa1111"), record(acc=81.0, commit="bbb2222")
+    other = record(acc=70.0, set={"split_margin": 0.6})
+    text = report.comparison_table([first, rerun, other, record(attack="blend", acc=60.0)], papers)
+    rows = [line for line in text.splitlines() if line.startswith("| badnets |")]
+    assert sorted(row.split(" | ")[3] for row in rows) == ["70.0", "81.0"]  # the rerun, and the other setting
+    assert "| blend | 5% | advrbd | 60.0 |" in text
+
+
 def test_published_tables_put_defenses_down_attacks_across_and_number_the_notes():
     papers = [published(defense="none", acc=92.0, asr=95.2), published(),
               published(attack="sig", acc=87.69, asr=2.64, note="first note"),
