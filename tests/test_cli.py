@@ -293,7 +293,13 @@ def test_the_summary_names_the_class_the_suspects_point_to_and_how_many_are_rela
                              input_warnings=[])
     _report(result, as_json=False)
     assert ("  suspects point to class 'frog': 69% of suspects carry it, 6.9x its share of the data; the clean "
-            "model gives 4% of those another label\n") in capsys.readouterr().out
+            "model gives 4% of those another label: hard or memorised 'frog' images, a clean-label backdoor, or a "
+            "backdoor the clean model learned from poisons the split missed (then model.onnx carries it too)\n"
+            ) in capsys.readouterr().out
+    # Most relabeled away: what a dirty-label backdoor's poisons look like to a clean model; nothing to add.
+    result.suspect_target = {**target, "relabeled_away": 0.9}
+    _report(result, as_json=False)
+    assert "the clean model gives 90% of those another label\n" in capsys.readouterr().out
 
 
 def test_the_summary_counts_the_skipped_files_by_reason(make_imagefolder, tmp_path, capsys):
