@@ -246,7 +246,7 @@ def published_for(record: dict, papers: list[dict]) -> list[dict]:
     for p in papers:
         if (p["dataset"], p["attack"], p["defense"]) == (record["dataset"], record["attack"], record["method"]) \
                 and math.isclose(p["rate"], record["rate"]):
-            key = (p["paper"], p.get("epsilon"), p["rate"], p["acc"], p["asr"])
+            key = (p["paper"], p.get("epsilon"), p["acc"], p["asr"])  # the rate is the record's
             entry = merged.setdefault(key, {**p, "tables": [], "variant": None})
             entry["tables"].append(p["table"])
             if p.get("variant") and p["variant"] != entry["variant"]:
