@@ -5,17 +5,19 @@
 # WaNet and SIG. On the H100 (2026-11-27, later): DBD at full scale on BadNets and WaNet with the
 # paper's global head filter (parts 1 and 3), and the GPU tests. On the H200 (2026-11-28): part 7
 # (DBD's filter by class), part 12 (BadNets and Blend at 20%) and part 13's SIG with
-# finetune_unlearn 0.01. Next, in this order (a session fits about 13 minutes of runs: two calls,
-# or three short ones; parts 8 and 14 together take about 13.5):
+# finetune_unlearn 0.01. Next, in this order: first what issues 4 and 5 still need measured (DBD
+# through bench.py on every attack; the matrix), since a GPU is lent to few sessions; then the
+# studies that may change a default (8, 14), whose winner would be measured again. A session fits
+# about 13 minutes of runs: two calls, or three short ones.
 #
-#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 8    # DBD: 120 epochs; filter_ratio 0.7, ~8 min
-#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 14   # AdvrBD: BadNets 20% three ways, SIG; ~5 min
 #     OUT=$OUT COMMIT=<short hash> ATTACK=blend bash benchmarks/gpu_session.sh 3   # DBD, one attack a call, ~5 min:
-#     OUT=$OUT COMMIT=<short hash> ATTACK=sig bash benchmarks/gpu_session.sh 3     # then none, wanet, badnets
+#     OUT=$OUT COMMIT=<short hash> ATTACK=sig bash benchmarks/gpu_session.sh 3     # blend, sig, none, wanet, badnets
 #     OUT=$OUT bash benchmarks/gpu_session.sh tests   # the GPU tests (~50 s; not run since 2026-11-27)
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 9    # matrix: PhysicalBA, TaCT, Adaptive-Blend
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 11   # matrix: BadNets, Blend at 1% and 10%
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 10   # matrix: Adaptive-Patch, LC, BadNets+Blend
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 8    # DBD: 120 epochs; filter_ratio 0.7, ~8 min
+#     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 14   # AdvrBD: BadNets 20% three ways, SIG; ~5 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 13   # finetune_unlearn on SIG, the clean set, ~4 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 2    # short checks, about 4 min
 #     OUT=$OUT COMMIT=<short hash> bash benchmarks/gpu_session.sh 4    # unlearn_pool, long-tailed data, ~9 min
