@@ -152,9 +152,9 @@ class AdvrbdOptions:
     # set 3.2 / 6.8% flagged -> 9.1 / 8.2% (robust clean samples kept out of the unlearn set stay
     # fitted) and BadNets FPR 2.4 -> 6.4. ResNet-18 on 5,000 CPU images, BadNets 20%: recall / FPR 87.6 /
     # 4.1 -> 95.6 / 6.3 (poisons unlearned 74 -> 36). Off until ResNet-18 at full scale shows which
-    # failure it meets. A round
-    # re-scores only the pool's rest: with 0.5, 8 rounds and p = 0.05 that is 2.1 instead of 5.6
-    # times the data, most of the enhancement's time on a GPU. Must exceed partition_rate.
+    # failure it meets. A round re-scores only the pool's rest: with 0.5, 8 rounds and p = 0.05 that
+    # is 2.1 instead of 5.6 times the data, most of the enhancement's time on a GPU. Must exceed
+    # partition_rate.
     unlearn_pool: float = 1.0
     # Logit adjustment (tau; train.class_log_prior): the detection takes tau * log(class share) from
     # the model's logits before each given-label margin (post hoc, Menon et al. 2021), so the split
