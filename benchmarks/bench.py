@@ -359,7 +359,9 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
     true = None
     if truth is not None and "true_labels" in truth:
         true = np.array([truth["true_labels"].get(row["key"], -1) for row in scores])
-    found.update(relabeled_figures(labels, flagged, np.array([row["relabel"] for row in scores]), is_poison, true))
+    doubt = result.details.get("relabel_doubt")
+    found.update(relabeled_figures(labels, flagged, np.array([row["relabel"] for row in scores]), is_poison, true,
+                                   None if doubt is None else np.asarray(doubt)))
     if "split_margin" in result.manifest.get("options", {}):
         found["split_at"] = split_at(score, is_poison)
     if truth is None:
@@ -377,15 +379,28 @@ def diagnostics(result, scores: list[dict], truth: dict | None) -> dict:
     return found
 
 
+# A suspect could keep its given label unless the clean model doubts it enough: 1 - the probability it gives
+# that label (the methods' ``relabel_doubt`` detail). relabeled_figures reports the relabeled set under each.
+DOUBT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
 def relabeled_figures(labels: np.ndarray, suspected: np.ndarray, relabel: np.ndarray, is_poison: np.ndarray,
-                      true: np.ndarray | None) -> dict:
+                      true: np.ndarray | None, doubt: np.ndarray | None = None) -> dict:
     """The relabeled set's labels (the clean model's for a suspect, the given one for the rest), in percent:
     ``clean_labels_changed``, of the clean samples (their given label is the dataset's: a change is for the
-    worse), and with the poisons' ``true`` labels, ``poisons_relabeled_true``, of the poisons."""
+    worse), and with the poisons' ``true`` labels, ``poisons_relabeled_true`` and ``poisons_keep_given``, of
+    the poisons (a dirty-label poison that keeps its given label still teaches the backdoor). With the clean
+    model's ``doubt`` in each given label, ``relabel_by_doubt``: the same figures had only the suspects it
+    doubts by at least each of DOUBT_THRESHOLDS been relabeled, the others keeping their given label."""
     final = np.where(suspected, relabel, labels)
     found = {"clean_labels_changed": _percent((final != labels)[~is_poison])}
     if true is not None:
         found["poisons_relabeled_true"] = _percent((final == true)[is_poison])
+        found["poisons_keep_given"] = _percent((final == labels)[is_poison])
+    if doubt is not None:
+        found["relabel_by_doubt"] = {str(threshold): relabeled_figures(labels, suspected & (doubt >= threshold),
+                                                                       relabel, is_poison, true)
+                                     for threshold in DOUBT_THRESHOLDS}
     return found
 
 

@@ -1,6 +1,7 @@
 """The relabeled set's labels of runs already made, from the per-sample files ``bench.py --keep-scores`` kept:
-how many clean samples the set changes, how many poisons it gives their true label back (what
-``bench.diagnostics`` now records with each run).
+how many clean samples the set changes, how many poisons it gives their true label back or leaves with their
+given one, and, from the files that hold the clean model's ``relabel_doubt``, the same had a suspect kept its
+given label unless that doubt reached a threshold (what ``bench.diagnostics`` now records with each run).
 
 Prints one JSON line per file: the file's name, and the figures in percent.
 
@@ -50,8 +51,9 @@ def main() -> None:
                                                                                  "poisoned")}
         truth = true_labels(args.copies, copy)
         true = np.array([truth.get(row["key"], -1) for row in rows]) if truth is not None else None
+        doubt = np.array([float(row["relabel_doubt"]) for row in rows]) if "relabel_doubt" in rows[0] else None
         figures = relabeled_figures(column["label"], column["suspected"].astype(bool), column["relabel"],
-                                    column["poisoned"].astype(bool), true)
+                                    column["poisoned"].astype(bool), true, doubt)
         print(json.dumps({"file": path.name, **figures}))
 
 

@@ -314,6 +314,15 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     return torch.cat(outputs) if outputs else torch.zeros(0, 0, device=images.device)
 
 
+def relabel_with_doubt(model: torch.nn.Module, images: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's label for each uint8 image, int64 [N], and its doubt in the given ``labels``, float32 [N]:
+    one minus the softmax probability it gives the given label (higher = the label is less likely right)."""
+    logits = predict_logits(model, images)
+    given = logits.softmax(1).gather(1, labels.to(logits.device).view(-1, 1)).squeeze(1)
+    return logits.argmax(1), 1 - given
+
+
 def predictor(model: torch.nn.Module, device: torch.device):
     """``model`` as a function: uint8 numpy images [N, H, W, 3] -> predicted labels, numpy int64 [N]."""
     def predict(images: np.ndarray) -> np.ndarray:

@@ -67,6 +67,27 @@ def test_the_relabeled_sets_labels_are_counted_against_the_given_and_the_true_on
     found = bench.diagnostics(result, scores, truth)
     assert found["clean_labels_changed"] == 25.0 and found["poisons_relabeled_true"] == pytest.approx(33.33)
     assert bench.diagnostics(result, scores, None)["clean_labels_changed"] == pytest.approx(100 * 3 / 7, abs=0.01)
+    assert found["poisons_keep_given"] == pytest.approx(33.33)  # p2, missed
+    assert "relabel_by_doubt" not in found
+
+
+def test_the_relabeled_set_under_each_doubt_threshold():
+    """A suspect keeps its given label unless the clean model's doubt in it reaches the threshold."""
+    labels, relabel = np.array([0, 1, 0, 0, 0]), np.array([1, 0, 2, 2, 2])
+    suspected = np.array([True, True, True, True, False])
+    is_poison = np.array([False, False, True, True, True])
+    true = np.array([-1, -1, 2, 2, 2])
+    doubt = np.array([0.6, 0.95, 0.99, 0.85, 1.0])  # c0 doubted a little; p1 less than the tight thresholds
+    found = bench.relabeled_figures(labels, suspected, relabel, is_poison, true, doubt)
+    assert (found["clean_labels_changed"], found["poisons_relabeled_true"]) == (100.0, pytest.approx(66.67))
+    by = found["relabel_by_doubt"]
+    assert list(by) == [str(threshold) for threshold in bench.DOUBT_THRESHOLDS]
+    assert by["0.5"] == {"clean_labels_changed": 100.0, "poisons_relabeled_true": pytest.approx(66.67),
+                         "poisons_keep_given": pytest.approx(33.33)}
+    assert by["0.9"] == {"clean_labels_changed": 50.0, "poisons_relabeled_true": pytest.approx(33.33),
+                         "poisons_keep_given": pytest.approx(66.67)}  # c0 and p1 keep their given labels
+    assert by["0.99"] == {"clean_labels_changed": 0.0, "poisons_relabeled_true": pytest.approx(33.33),
+                          "poisons_keep_given": pytest.approx(66.67)}
 
 
 def test_split_at_other_margins_for_advrbd_runs_with_and_without_poisons():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from sanitize import train
 from sanitize.data import Bank, make_generator
 from sanitize.methods import advrbd
 from sanitize.models import build_model
@@ -185,6 +186,16 @@ def test_fine_tuning_obeyed_the_clean_label_rule(poisoned_bank, result):
     excluded = result.suspected & (label == bank.labels.numpy())
     assert np.array_equal(kept, ~excluded)
     assert result.metrics["finetune_excluded"] == int(excluded.sum())
+
+
+def test_the_returned_models_doubt_in_each_given_label_is_kept(poisoned_bank, result):
+    bank, _ = poisoned_bank
+    doubt = result.details["relabel_doubt"]
+    assert doubt.shape == (bank.n,) and ((doubt >= 0) & (doubt <= 1)).all()
+    relabeled = result.relabel != bank.labels.numpy()  # another class outranks the given one: p(given) <= 1/2
+    assert relabeled.any() and (doubt[relabeled] >= 0.5 - 1e-6).all()
+    logits = train.predict_logits(result.model, bank.images[:8])
+    assert np.allclose(doubt[:8], 1 - logits.softmax(1)[torch.arange(8), bank.labels[:8]].numpy(), atol=1e-5)
 
 
 def test_the_forget_set_is_the_top_share_by_score_less_the_samples_kept():

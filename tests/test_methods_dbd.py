@@ -355,6 +355,10 @@ def test_run_returns_the_method_contract(bank):
     assert len(result.metrics["labeled_changed"]) == 2  # re-filtered after every MixMatch epoch
     json.dumps(result.metrics)
     assert result.details["head_labeled"].sum() == quota.sum()
+    doubt = result.details["relabel_doubt"]  # the final model's: 1 - p(given label), highest where it relabels
+    assert doubt.shape == (n,) and ((doubt >= 0) & (doubt <= 1)).all()
+    relabeled = result.relabel != labels  # another class outranks the given one: p(given) <= 1/2
+    assert relabeled.any() and (doubt[relabeled] >= 0.5 - 1e-6).all() and doubt[relabeled].mean() > doubt.mean()
 
 
 def test_the_papers_global_filters_suspect_the_half_with_the_highest_score(bank):

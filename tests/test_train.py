@@ -175,6 +175,19 @@ def test_predictor_takes_numpy_images_as_they_are_stored(cifar_arrays):
     assert predicted.shape == (40,) and (predicted == expected.numpy()).all()
 
 
+def test_relabel_with_doubt_is_the_argmax_and_one_minus_the_given_labels_probability(cifar_arrays):
+    images, _ = cifar_arrays
+    torch.manual_seed(0)
+    model = build_model("small", 10, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    batch = torch.from_numpy(images[:40]).permute(0, 3, 1, 2).contiguous()
+    probs = train.predict_logits(model, batch).softmax(1)
+    given = torch.arange(40) % 10
+    relabel, doubt = train.relabel_with_doubt(model, batch, given)
+    assert relabel.dtype == torch.int64 and torch.equal(relabel, probs.argmax(1))
+    assert torch.allclose(doubt, 1 - probs[torch.arange(40), given])
+    assert (doubt[given != relabel] >= 0.5 - 1e-6).all()  # another class outranks the given one
+
+
 def test_class_log_prior_is_the_log_of_each_class_share():
     labels = torch.tensor([0] * 6 + [1] * 3 + [2])
     prior = train.class_log_prior(labels, 4, tau=0.5)

@@ -539,7 +539,8 @@ def run(bank: Bank, options: AdvrbdOptions, progress=None) -> MethodResult:
                                  "unlearn_round": found.unlearn_round.cpu().numpy(),
                                  "finetune_kept": relearned.kept.cpu().numpy(),
                                  "finetune_label": relearned.finetune_label.cpu().numpy(),
-                                 "finetune_unlearned": relearned.unlearned.cpu().numpy()})
+                                 "finetune_unlearned": relearned.unlearned.cpu().numpy(),
+                                 "relabel_doubt": relearned.doubt.cpu().numpy()})
 
 
 def train_clean(bank: Bank, opts: AdvrbdOptions, suspected: torch.Tensor, clock: StageClock):
@@ -556,13 +557,15 @@ def train_clean(bank: Bank, opts: AdvrbdOptions, suspected: torch.Tensor, clock:
 class Relearned:
     """Stage 7. relabel: the fine-tuned model's label for every sample [N]; finetune_label: the labels
     fine-tuning used (suspects relabeled by the clean model) [N]; kept: the samples it used [N];
-    unlearned: the samples it unlearned (``finetune_forget``) [N]."""
+    unlearned: the samples it unlearned (``finetune_forget``) [N]; doubt: one minus the probability the
+    fine-tuned model gives each sample's given label [N]."""
 
     relabel: torch.Tensor
     finetune_label: torch.Tensor
     kept: torch.Tensor
     unlearned: torch.Tensor
     metrics: dict
+    doubt: torch.Tensor
 
 
 def relearn(clean_model, bank: Bank, opts: AdvrbdOptions, score: torch.Tensor, suspected: torch.Tensor,
@@ -582,12 +585,12 @@ def relearn(clean_model, bank: Bank, opts: AdvrbdOptions, score: torch.Tensor, s
                                weight_decay=opts.weight_decay, seed=opts.seed + 2, logit_shift=shift,
                                forget=train.all_indices(bank)[forget], progress=clock.advance)
         # The label every sample gets comes from the fine-tuned clean model.
-        relabel = train.predict_logits(clean_model, bank.images).argmax(1)
+        relabel, doubt = train.relabel_with_doubt(clean_model, bank.images, bank.labels)
     clean_model.eval()
     metrics = {"finetune_excluded": int((~keep).sum()), "finetune_unlearned": int(forget.sum())}
     if shift is not None:
         metrics["finetune_prior_shift"] = [round(float(value), 4) for value in shift]
-    return Relearned(relabel, finetune_label, keep, forget, metrics)
+    return Relearned(relabel, finetune_label, keep, forget, metrics, doubt)
 
 
 # A backdoor poisons a few percent of a dataset. AdvrBD flags no fixed share (unlike DBD), so

@@ -474,7 +474,7 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
     model, ss_loss, head_loss, first_loss = decouple(bank, opts, clock)
     with clock("mixmatch"):
         final = mixmatch_finetune(model, bank, first_loss, opts, clock.advance)
-        relabel = train.predict_logits(model, bank.images).argmax(1)
+        relabel, doubt = train.relabel_with_doubt(model, bank.images, bank.labels)
     model.eval()
 
     suspected = torch.ones(bank.n, dtype=torch.bool, device=bank.device)
@@ -491,7 +491,8 @@ def run(bank: Bank, options: DbdOptions, progress=None) -> MethodResult:
                         relabel=relabel.cpu().numpy().astype(np.int64), model=model,
                         timings_s=clock.timings_s, metrics=metrics,
                         warnings=unlabeled_classes_warning(bank.labels, suspected, bank.classes),
-                        details={"head_loss": first_loss.cpu().numpy(), "head_labeled": head_labeled.cpu().numpy()})
+                        details={"head_loss": first_loss.cpu().numpy(), "head_labeled": head_labeled.cpu().numpy(),
+                                 "relabel_doubt": doubt.cpu().numpy()})
 
 
 # The paper's filter (filter_by_class=False) ranks all samples at once, so where one class holds most
