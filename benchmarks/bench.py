@@ -388,14 +388,15 @@ def relabeled_figures(labels: np.ndarray, suspected: np.ndarray, relabel: np.nda
                       true: np.ndarray | None, doubt: np.ndarray | None = None) -> dict:
     """The relabeled set's labels (the clean model's for a suspect, the given one for the rest), in percent:
     ``clean_labels_changed``, of the clean samples (their given label is the dataset's: a change is for the
-    worse), and with the poisons' ``true`` labels, ``poisons_relabeled_true`` and ``poisons_keep_given``, of
-    the poisons (a dirty-label poison that keeps its given label still teaches the backdoor). With the clean
+    worse); with poisons, ``poisons_keep_given``, of the poisons (a dirty-label poison that keeps its given
+    label still teaches the backdoor), and with their ``true`` labels ``poisons_relabeled_true``. With the clean
     model's ``doubt`` in each given label, ``relabel_by_doubt``: the same figures had only the suspects it
     doubts by at least each of DOUBT_THRESHOLDS been relabeled, the others keeping their given label."""
     final = np.where(suspected, relabel, labels)
     found = {"clean_labels_changed": _percent((final != labels)[~is_poison])}
     if true is not None:
         found["poisons_relabeled_true"] = _percent((final == true)[is_poison])
+    if is_poison.any():
         found["poisons_keep_given"] = _percent((final == labels)[is_poison])
     if doubt is not None:
         found["relabel_by_doubt"] = {str(threshold): relabeled_figures(labels, suspected & (doubt >= threshold),

@@ -11,7 +11,9 @@ bench.py does. Variants may change the options of stages 3-4 only (``STAGES_3_4`
 applies to every stage. Prints one JSON line per variant: ACC, ASR, ACC by class, the labeled
 samples of each class after the head's filter and at the end, the poisons among them, the share
 of the clean samples the head's filter left unlabeled that the final model labels right, and the
-final score's recall, FPR and AUROC. Like calibrate_advrbd.py it writes nothing and exports no model.
+final score's recall, FPR and AUROC, and the relabeled set's figures (``bench.relabeled_figures``:
+clean labels changed, poisons left their given label, and both by the final model's doubt). Like
+calibrate_advrbd.py it writes nothing and exports no model.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bench import by_label, detection_rates, evaluate, parse_variants, percent_auroc, poisoned_bank
+from bench import by_label, detection_rates, evaluate, parse_variants, percent_auroc, poisoned_bank, relabeled_figures
 from sanitize import methods, train
 from sanitize.data import Bank
 from sanitize.formats import read_dataset
@@ -84,7 +86,7 @@ def finetune(model, bank: Bank, opts: dbd.DbdOptions, head_loss: torch.Tensor, p
     seconds = time.perf_counter() - start
     head_labeled = np.zeros(bank.n, bool)
     head_labeled[final["head_labeled"].cpu().numpy()] = True
-    relabel = train.predict_logits(model, bank.images).argmax(1).cpu().numpy()
+    relabel, doubt = (values.cpu().numpy() for values in train.relabel_with_doubt(model, bank.images, bank.labels))
     labeled = np.zeros(bank.n, bool)
     labeled[final["labeled"].cpu().numpy()] = True
     score = final["loss"].double().cpu().numpy()
@@ -102,6 +104,7 @@ def finetune(model, bank: Bank, opts: dbd.DbdOptions, head_loss: torch.Tensor, p
             "head_unlabeled_clean_right": round(100 * float((relabel == labels)[head_unlabeled].mean()), 2)
             if head_unlabeled.any() else None,
             **detection_rates(score, ~labeled, positive),
+            "relabeled": relabeled_figures(labels, ~labeled, relabel, positive, None, doubt),
             "mixmatch_loss_x": dbd.rounded(history[:, 0]), "mixmatch_s": round(seconds, 1)}
 
 

@@ -29,6 +29,11 @@ def test_each_variant_filters_and_finetunes_the_same_head(make_shards, tmp_path,
                 == record["head_labeled_by_class"][0] + record["head_labeled_poisons"])
         assert 0 <= record["acc"] <= 100 and 0 <= record["asr"] <= 100 and len(record["acc_by_class"]) == 10
         assert 0 <= record["head_unlabeled_clean_right"] <= 100 and record["recall"] is not None
+        relabeled = record["relabeled"]  # no true labels here: the poisons' given ones only
+        assert set(relabeled) == {"clean_labels_changed", "poisons_keep_given", "relabel_by_doubt"}
+        tight = relabeled["relabel_by_doubt"]["0.99"]  # fewer suspects relabeled: no more labels changed
+        assert tight["clean_labels_changed"] <= relabeled["clean_labels_changed"]
+        assert tight["poisons_keep_given"] >= relabeled["poisons_keep_given"]
     assert len(by_class["mixmatch_loss_x"]) == 4 and len(global_["mixmatch_loss_x"]) == 1  # --quick: 4 epochs
     json.dumps([by_class, global_])
 
