@@ -268,9 +268,12 @@ def _stage_order(pipeline: dict[str, float], method: dict[str, float], wall_s: f
 
 
 def _environment(device: torch.device) -> dict:
+    """What a run's results depend on beyond its input and options. ``cpu_threads``: torch's thread count
+    orders the CPU's float sums, and a small model's run can change with it (benchmarks/RESULTS.md, "DBD on
+    SIG and on the clean set": AdvrBD found 85.8% of SIG's poisons on 2 threads, 97.8% on 1)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "device": f"{device.type}: {name}", "sanitize": __version__}
+            "device": f"{device.type}: {name}", "cpu_threads": torch.get_num_threads(), "sanitize": __version__}
 
 
 def _jsonable(options: dict) -> dict:

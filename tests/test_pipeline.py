@@ -6,6 +6,7 @@ import typing
 import numpy as np
 import onnxruntime
 import pytest
+import torch
 import torchvision
 import webdataset
 
@@ -71,6 +72,7 @@ def test_manifest_agrees_with_scores_and_the_method(shard_run):
     assert manifest["model"] == {"file": "model.onnx", "arch": "small", "input_size": [32, 32]}
     assert manifest["metrics"]["onnx_check"]["argmax_agree"] is True
     assert result.per_class == manifest["per_class"]
+    assert manifest["environment"]["cpu_threads"] == torch.get_num_threads()  # a CPU run depends on it
 
 
 def test_the_exported_model_reproduces_the_relabels(shard_run, cifar_samples):
