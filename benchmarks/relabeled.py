@@ -46,12 +46,13 @@ def main() -> None:
     for path in sorted(args.scores.glob("*.csv.gz")):
         copy = path.name.removesuffix(".csv.gz").rsplit("-", 2)[0]
         with gzip.open(path, "rt", newline="", encoding="utf-8") as file:
-            rows = list(csv.DictReader(file))
+            reader = csv.DictReader(file)
+            rows = list(reader)
         column = {name: np.array([int(row[name]) for row in rows]) for name in ("label", "suspected", "relabel",
                                                                                  "poisoned")}
         truth = true_labels(args.copies, copy)
         true = np.array([truth.get(row["key"], -1) for row in rows]) if truth is not None else None
-        doubt = np.array([float(row["relabel_doubt"]) for row in rows]) if "relabel_doubt" in rows[0] else None
+        doubt = np.array([float(row["relabel_doubt"]) for row in rows]) if "relabel_doubt" in reader.fieldnames else None
         figures = relabeled_figures(column["label"], column["suspected"].astype(bool), column["relabel"],
                                     column["poisoned"].astype(bool), true, doubt)
         print(json.dumps({"file": path.name, **figures}))
