@@ -52,7 +52,9 @@ def main() -> None:
                                                                                  "poisoned")}
         truth = true_labels(args.copies, copy)
         true = np.array([truth.get(row["key"], -1) for row in rows]) if truth is not None else None
-        doubt = np.array([float(row["relabel_doubt"]) for row in rows]) if "relabel_doubt" in reader.fieldnames else None
+        doubt = None
+        if "relabel_doubt" in reader.fieldnames:
+            doubt = np.array([float(row["relabel_doubt"]) for row in rows])
         figures = relabeled_figures(column["label"], column["suspected"].astype(bool), column["relabel"],
                                     column["poisoned"].astype(bool), true, doubt)
         print(json.dumps({"file": path.name, **figures}))
